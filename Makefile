@@ -1,0 +1,32 @@
+# Every target sets up its own environment on first use: a fresh machine needs only python3.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The quickstart: DeCAF, DLoRA and Local on a non-IID ring, then one plot of all three.
+run: $(STAMP)
+	rm -rf runs/quickstart
+	for alg in decaf dlora local; do \
+	  $(VENV)/bin/decaf-ray run sweeps/quickstart.yaml --set algorithm=$$alg --set name=$$alg \
+	    --out runs/quickstart/$$alg || exit 1; \
+	done
+	$(VENV)/bin/decaf-ray plot runs/quickstart --metric test_accuracy --out runs/quickstart/test_accuracy.png
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/bench_consensus.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,177 @@
+"""A group of agents that share one task (one frozen base model): the unit every runtime drives.
+
+The in-process runtime holds one group with every agent; the Ray runtime holds one group per
+host actor. Both call the same methods in the same order, so they compute the same numbers:
+
+    for t in 1..T:                                   # Algorithm 1
+        if t % tau:  group.local_step(t)             # g at w_t, w_{t+1} = w_t + update(g)
+        else:        payloads = group.grads_and_payloads(t)      # g at w_t; publish w_t
+                     group.mix_and_apply(t, inbox)   # w_{t+1/2} = mix(neighbours' w_t);
+                                                     # w_{t+1} = w_{t+1/2} + update(g)
+
+Every source of randomness is per agent (its batch order, its dropout seed per step), so the
+numbers do not depend on which agents share a group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from decaf_ray.algorithms import Algorithm, MixOptions, diagnostics
+from decaf_ray.factors import Factors, Grads, init_factors
+from decaf_ray.optim import Optimizer, State, apply_updates
+
+Inbox = dict[int, tuple[tuple[int, ...], tuple[float, ...], list[Factors]]]
+"""agent id -> (neighbour ids incl. self, their weights pi_ij, their published adapters)."""
+
+
+class Diverged(RuntimeError):
+    """An agent's loss became NaN or inf at step ``t``."""
+
+    def __init__(self, t: int, agent: int, loss: float):
+        super().__init__(f"agent {agent} diverged at step {t} (loss {loss})")
+        self.t, self.agent, self.loss = t, agent, loss
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes and Python versions."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def seed_dropout(seed: int) -> None:
+    """Seed the generators dropout draws from (per agent and step, so numbers do not depend on
+    which agents share a process). Not ``torch.manual_seed``: that also queues a seed for every
+    CUDA device, which costs milliseconds per call even on a CPU run."""
+    torch.random.default_generator.manual_seed(seed)
+    if torch.cuda.is_initialized():
+        torch.cuda.default_generators[torch.cuda.current_device()].manual_seed(seed)
+
+
+class Sampler:
+    """Epoch-shuffled minibatches of one agent's shard, drawn from the agent's own RNG."""
+
+    def __init__(self, shard: np.ndarray, batch_size: int, seed: int):
+        self.shard, self.batch_size = shard, min(batch_size, len(shard))
+        self.rng = np.random.default_rng(seed)
+        self.order, self.pos = self.rng.permutation(shard), 0
+
+    def next(self) -> np.ndarray:
+        """(batch_size,) training indices; a new permutation at each epoch's end."""
+        if self.pos + self.batch_size > len(self.order):
+            self.order, self.pos = self.rng.permutation(self.shard), 0
+        batch = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return batch
+
+
+@dataclass
+class Agent:
+    id: int
+    factors: Factors
+    opt_state: State
+    sampler: Sampler
+    pending: Grads | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+class AgentGroup:
+    """Agents hosted together; see the module docstring for the call order."""
+
+    def __init__(self, task, algorithm: Algorithm, optimizer: Optimizer, agents: list[Agent],
+                 seed: int, mix_options: MixOptions):
+        self.task, self.algorithm, self.optimizer = task, algorithm, optimizer
+        self.agents = {a.id: a for a in agents}
+        self.seed, self.mix_options = seed, mix_options
+
+    @classmethod
+    def build(cls, cfg, task, algorithm: Algorithm, optimizer: Optimizer,
+              shards: dict[int, np.ndarray]) -> "AgentGroup":
+        """Agents ``shards.keys()`` with the paper's shared initialisation (A Gaussian from the
+        experiment seed, B zero): every agent, on every host, starts from the same adapter."""
+        init = init_factors(task.lora_shapes(), cfg.lora.rank,
+                            torch.Generator().manual_seed(derive_seed(cfg.seed, 1)),
+                            cfg.lora.init_std)
+        agents = [Agent(i, init, optimizer.init(init),
+                        Sampler(shard, cfg.data.batch_size, derive_seed(cfg.seed, 2, i)))
+                  for i, shard in shards.items()]
+        return cls(task, algorithm, optimizer, agents, cfg.seed,
+                   MixOptions(split=cfg.consensus.split))
+
+    # ------------------------------------------------------------------ training steps
+
+    def _grads(self, agent: Agent, t: int) -> Grads:
+        batch = agent.sampler.next()
+        seed_dropout(derive_seed(self.seed, 3, agent.id, t))
+        loss, grads = self.task.loss_and_grads(agent.factors, batch, self.algorithm.train_A)
+        if not math.isfinite(loss):
+            raise Diverged(t, agent.id, loss)
+        agent.losses.append(loss)
+        return grads
+
+    def _step(self, agent: Agent, grads: Grads, point: Factors, t: int) -> None:
+        updates, agent.opt_state = self.optimizer.update(grads, agent.opt_state, point, t)
+        agent.factors = apply_updates(point, updates)
+
+    def local_step(self, t: int) -> None:
+        """Steps without communication: w_{t+1} = w_t + update(g_t)."""
+        for agent in self.agents.values():
+            self._step(agent, self._grads(agent, t), agent.factors, t)
+
+    def grads_and_payloads(self, t: int) -> dict[int, Factors]:
+        """Take each agent's gradient at w_t, hold it, and return what each agent publishes."""
+        out = {}
+        for agent in self.agents.values():
+            agent.pending = self._grads(agent, t)
+            out[agent.id] = self.algorithm.payload(agent.factors)
+        return out
+
+    def mix_and_apply(self, t: int, inbox: Inbox, diagnose: bool = False
+                      ) -> dict[int, dict[str, float]]:
+        """w_{t+1/2} = mix(neighbours' w_t), w_{t+1} = w_{t+1/2} + update(g_t) for each agent.
+
+        Agents with the same neighbours and weights (e.g. all of them under FedAvg) share one
+        mix, which is exact because a mix reads only the payloads (and the shared frozen A).
+        Returns consensus diagnostics per agent when ``diagnose``.
+        """
+        cache: dict[tuple, Factors] = {}
+        diags = {}
+        for aid, (ids, weights, payloads) in inbox.items():
+            agent = self.agents[aid]
+            key = (ids, weights)
+            if key not in cache:
+                w = torch.tensor(weights, dtype=torch.float32)
+                cache[key] = self.algorithm.mix(agent.factors, payloads, w, self.mix_options)
+            mixed = cache[key]
+            if diagnose:
+                diags[aid] = diagnostics(agent.factors, payloads,
+                                         torch.tensor(weights, dtype=torch.float32), mixed)
+            self._step(agent, agent.pending, mixed, t)
+            agent.pending = None
+        return diags
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[int, dict[str, float]]:
+        """Test metrics and mean training loss since the last evaluation, per agent."""
+        out = {}
+        for agent in self.agents.values():
+            metrics = dict(self.task.evaluate(agent.factors))
+            if agent.losses:
+                metrics["train_loss"] = float(np.mean(agent.losses))
+            agent.losses = []
+            out[agent.id] = metrics
+        return out
+
+    def factors(self) -> dict[int, Factors]:
+        return {a.id: a.factors for a in self.agents.values()}
+
+    def full_grads(self, factors: Factors) -> dict[int, Grads]:
+        """Each agent's full-shard gradient of f_i at the given adapter (for grad f at v-bar)."""
+        seed_dropout(derive_seed(self.seed, 4))
+        return {a.id: self.task.loss_and_grads(factors, a.sampler.shard, self.algorithm.train_A)[1]
+                for a in self.agents.values()}
+

@@ -1,0 +1,159 @@
+"""The algorithms of the paper, one registry entry each: what is trained, what travels, how it
+is mixed, and which mixing matrix is used.
+
+| name        | trains | travels | mix                          | Pi                 |
+|-------------|--------|---------|------------------------------|--------------------|
+| decaf       | A, B   | A, B    | TSVD of sum pi_ij B_j A_j    | the graph's        |
+| dlora       | A, B   | A, B    | sum pi_ij A_j, sum pi_ij B_j | the graph's        |
+| dlora_fa    | B      | B       | sum pi_ij B_j                | the graph's        |
+| fedavg      | A, B   | A, B    | as dlora                     | (1/N) 1 1^T        |
+| fedavg_fa   | B      | B       | as dlora_fa                  | (1/N) 1 1^T        |
+| local       | A, B   | nothing | none                         | I                  |
+| local_fa    | B      | nothing | none                         | I                  |
+| centralized | A, B   | nothing | none                         | one agent, all data|
+
+A mix function is pure: ``mix(own, payloads, weights, options) -> Factors``, where ``payloads``
+are the neighbours' published adapters (self included) in the order of ``weights``. Modules of
+equal shape are mixed in one batched call. Adding an algorithm is one ``register`` call here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from decaf_ray import consensus
+from decaf_ray.factors import Factors, param_count, shape_groups, stack
+
+MixFn = Callable[[Factors, list[Factors], Tensor, "MixOptions"], Factors]
+
+
+@dataclass(frozen=True)
+class MixOptions:
+    """Options a mix may read: the TSVD split of DeCAF and its target rank."""
+
+    split: str = "balanced"
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One algorithm of the paper (see the module table)."""
+
+    name: str
+    train_A: bool
+    mix: MixFn | None
+    pi: Literal["graph", "server", "identity"]
+    paper: str
+    centralized: bool = False
+
+    @property
+    def communicates(self) -> bool:
+        return self.mix is not None
+
+    def payload(self, factors: Factors) -> Factors:
+        """What an agent publishes: its factors, or only B (A as None) for the FA variants."""
+        if self.train_A:
+            return factors
+        return {n: (None, b) for n, (_, b) in factors.items()}  # type: ignore[misc]
+
+    def mixing(self, graph_pi: np.ndarray) -> np.ndarray:
+        """The Pi this algorithm uses given the graph's (N, N) Pi."""
+        n = graph_pi.shape[0]
+        if self.pi == "server":
+            return np.full((n, n), 1.0 / n)
+        if self.pi == "identity":
+            return np.eye(n)
+        return graph_pi
+
+    def floats_per_message(self, shapes: dict[str, tuple[int, int]], rank: int) -> int:
+        """Floats in one published adapter: sum (d + k) r, or d r for the FA variants."""
+        if not self.communicates:
+            return 0
+        return param_count(shapes, rank, self.train_A)
+
+    def floats_sent_per_round(self, shapes: dict[str, tuple[int, int]], rank: int,
+                              degree: int) -> int:
+        """Floats one agent sends per communication round: one message to each of its
+        ``degree`` graph neighbours, or one upload to the server for FedAvg."""
+        recipients = 1 if self.pi == "server" else degree
+        return self.floats_per_message(shapes, rank) * recipients
+
+
+ALGORITHMS: dict[str, Algorithm] = {}
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def register(algorithm: Algorithm) -> Algorithm:
+    """Add an algorithm; duplicate or malformed names are refused loudly."""
+    if not _NAME.match(algorithm.name):
+        raise ValueError(f"algorithm name {algorithm.name!r} must be lower_snake_case")
+    if algorithm.name in ALGORITHMS:
+        raise ValueError(f"algorithm {algorithm.name!r} is already registered")
+    ALGORITHMS[algorithm.name] = algorithm
+    return algorithm
+
+
+def _by_group(own: Factors, payloads: list[Factors], fn) -> Factors:
+    """Apply ``fn(names, As (m, L, r, k) | None, Bs (m, L, d, r)) -> (A (L, ., k) | None, B)``
+    to each group of equally shaped modules and reassemble the adapter."""
+    out: Factors = {}
+    for names in shape_groups(own).values():
+        Bs = torch.stack([torch.stack([p[n][1] for n in names]) for p in payloads])
+        As = None if payloads[0][names[0]][0] is None else stack(payloads, names)[0]
+        A, B = fn(names, As, Bs)
+        for i, n in enumerate(names):
+            out[n] = (own[n][0] if A is None else A[i], B[i])
+    return out
+
+
+def mix_dlora(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOptions) -> Factors:
+    """Algorithm 1, lines 6-7: A_i <- sum_j pi_ij A_j, B_i <- sum_j pi_ij B_j."""
+    return _by_group(own, payloads, lambda _, As, Bs: consensus.dlora_mix(As, Bs, weights))
+
+
+def mix_decaf(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOptions) -> Factors:
+    """Algorithm 1, lines 9-10: (B_i, A_i) <- rank-r TSVD of sum_j pi_ij B_j A_j (factored)."""
+    return _by_group(own, payloads, lambda _, As, Bs: consensus.decaf_mix(
+        As, Bs, weights, rank=opt.rank, split=opt.split))
+
+
+def mix_fa(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOptions) -> Factors:
+    """Algorithm 2, line 6: B_i <- sum_j pi_ij B_j; A stays the shared frozen A_0."""
+    return _by_group(own, payloads, lambda _, As, Bs: (None, consensus.fa_mix(Bs, weights)))
+
+
+def diagnostics(own: Factors, payloads: list[Factors], weights: Tensor, mixed: Factors
+                ) -> dict[str, float]:
+    """Consensus diagnostics of one agent's mix, as Frobenius norms over all its modules.
+
+    ``interference``: ||sum pi B_j A_j - (sum pi B_j)(sum pi A_j)||_F (Definition 1, Theorem 2);
+    ``tsvd_error``: ||sum pi B_j A_j - B_i A_i||_F of the mixed factors (Proposition 1), and
+    ``prop1_bound``: its bound sqrt((|Nb(i)| - 1) r) c^2. Empty when A does not travel.
+    """
+    if payloads[0][next(iter(own))][0] is None:
+        return {}
+    sq = {"interference": 0.0, "tsvd_error": 0.0, "prop1_bound": 0.0}
+    for names in shape_groups(own).values():
+        As, Bs = stack(payloads, names)
+        A, B = stack([mixed], names)
+        sq["interference"] += float((consensus.interference(As, Bs, weights) ** 2).sum())
+        sq["tsvd_error"] += float((consensus.tsvd_error(As, Bs, weights, A[0], B[0]) ** 2).sum())
+        sq["prop1_bound"] += float((consensus.prop1_bound(As, Bs, weights) ** 2).sum())
+    return {k: v ** 0.5 for k, v in sq.items()}
+
+
+register(Algorithm("decaf", True, mix_decaf, "graph", "DeCAF, Algorithm 1 (lines 9-10)"))
+register(Algorithm("dlora", True, mix_dlora, "graph", "DLoRA / Dec-LoRA, Algorithm 1 (lines 6-7)"))
+register(Algorithm("dlora_fa", False, mix_fa, "graph", "DLoRA-FA, Algorithm 2"))
+register(Algorithm("fedavg", True, mix_dlora, "server", "FedAvg of A and B (Table 2)"))
+register(Algorithm("fedavg_fa", False, mix_fa, "server", "FedAvg-FA (Table 2)"))
+register(Algorithm("local", True, None, "identity", "Local fine-tuning (Table 2)"))
+register(Algorithm("local_fa", False, None, "identity", "Local-FA (Table 2)"))
+register(Algorithm("centralized", True, None, "identity", "Centralized: one agent, all data",
+                   centralized=True))

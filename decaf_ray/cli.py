@@ -1,0 +1,129 @@
+"""``decaf-ray``: run, describe and plot experiments. Thin: build, run, save.
+
+Bad input exits with status 2 and one line on stderr naming the field; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from decaf_ray.config import ConfigError, ExperimentConfig, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"decaf-ray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("decaf-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="decaf-ray", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sets = dict(action="append", default=[], metavar="KEY=VALUE",
+                help="override a config key, e.g. --set lora.rank=8 (repeatable)")
+
+    run = sub.add_parser("run", help="run one experiment and save its results")
+    run.add_argument("config")
+    run.add_argument("--set", dest="overrides", **sets)
+    run.add_argument("--out", help="results directory (default runs/<name>-<time>)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(func=cmd_run)
+
+    desc = sub.add_parser("describe", help="print the resolved config, graph and data facts")
+    desc.add_argument("config")
+    desc.add_argument("--set", dest="overrides", **sets)
+    desc.set_defaults(func=cmd_describe)
+
+    plot = sub.add_parser("plot", help="plot saved runs (a run directory or a folder of runs)")
+    plot.add_argument("results")
+    plot.add_argument("--metric", default="test_accuracy")
+    plot.add_argument("--out", required=True, help="image file to write (.png, .pdf, .svg)")
+    plot.set_defaults(func=cmd_plot)
+    return p
+
+
+def cmd_run(args) -> int:
+    from decaf_ray.experiment import prepare, run
+    from decaf_ray.results import RunWriter
+
+    cfg = load_config(args.config, args.overrides)
+    plan = prepare(cfg)  # every config error surfaces here, before anything is written
+    for line in _warnings(cfg):
+        print(f"decaf-ray: warning: {line}", file=sys.stderr)
+    out = Path(args.out or f"runs/{cfg.name or cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
+    writer = RunWriter(out).open(cfg)
+    try:
+        result = run(cfg, plan=plan, on_rows=writer.rows, progress=not args.quiet)
+    except BaseException as e:
+        writer.fail(e)
+        raise
+    writer.close(result)
+    final = result.summary["final"]
+    shown = ", ".join(f"{k} {final[k]:.4g}" for k in ("test_accuracy", "test_loss") if k in final)
+    note = "" if result.status == "completed" else f" at {result.summary['diverged_at']}"
+    print(f"{result.status}{note}: {cfg.algorithm}, {result.summary['rounds_completed']} rounds"
+          f" in {result.summary['wall_time_s']:.1f}s; {shown}\nresults: {out}")
+    return 0
+
+
+def cmd_describe(args) -> int:
+    from decaf_ray import partition, topology
+    from decaf_ray.experiment import prepare
+    from decaf_ray.factors import param_count
+
+    cfg = load_config(args.config, args.overrides)
+    plan = prepare(cfg)
+    print("# resolved config")
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+    print("\n# graph")
+    for k, v in topology.graph_facts(plan.graph, plan.pi).items():
+        print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
+    print("\n# label histogram (rows: agents, columns: labels)")
+    labels = np.asarray(plan.task.train_labels)
+    hist = partition.label_histogram(labels, plan.shards, plan.task.num_classes)
+    for i, row in enumerate(hist):
+        print(f"agent {i:>3}: {' '.join(f'{c:>4}' for c in row)}  (n={row.sum()})")
+    shapes, rank = plan.task.lora_shapes(), cfg.lora.rank
+    degrees = [plan.degree(i) for i in range(plan.agents)]
+    sent = [plan.algorithm.floats_sent_per_round(shapes, rank, d) for d in degrees]
+    print(f"\nadapted_modules: {len(shapes)}")
+    print(f"floats_per_message: {plan.algorithm.floats_per_message(shapes, rank)}")
+    print(f"floats_sent_per_round_per_agent: min {min(sent)}, mean {np.mean(sent):.6g}, max {max(sent)}")
+    print(f"trainable_params: {param_count(shapes, rank, plan.algorithm.train_A)}")
+    for line in _warnings(cfg):
+        print(f"warning: {line}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from analysis import plot_runs
+
+    path = plot_runs(args.results, args.metric, args.out)
+    print(f"plot: {path}")
+    return 0
+
+
+def _warnings(cfg: ExperimentConfig) -> list[str]:
+    """Configurations that run but are known not to learn."""
+    if cfg.algorithm == "decaf" and cfg.local_steps == 1 and cfg.optim.name == "sgd":
+        return ["decaf with local_steps 1 and plain SGD from B = 0 keeps B A = 0 forever: each "
+                "step leaves one of A, B zero, so every TSVD of the mixed product is zero "
+                "(Algorithm 1's order). Use local_steps >= 2 or momentum/adam."]
+    return []
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,365 @@
+"""Experiment config: YAML or dict -> frozen dataclasses, validated once at the edge.
+
+Every section is a frozen dataclass. ``load_config`` / ``from_dict`` reject unknown keys, wrong
+types and impossible values with a ``ConfigError`` whose text names the field and what would be
+valid; past this module the config is trusted. A task's own section (``task:``) is the dataclass
+its module registers in ``decaf_ray.tasks.TASKS``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value: ``field`` is the dotted path, ``message`` what would be valid."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field, self.message = field, message
+
+    def under(self, prefix: str) -> "ConfigError":
+        return ConfigError(f"{prefix}.{self.field}" if self.field else prefix, self.message)
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(name, message)
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    """The communication graph: a name from ``topology.TOPOLOGIES`` plus its parameters.
+
+    YAML: ``topology: ring`` or ``topology: {name: erdos_renyi, p: 0.3, seed: 1}``.
+    """
+
+    name: str = "complete"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MixingConfig:
+    """How Pi is built: ``uniform`` (the paper's A.4.1, regular graphs), ``metropolis``,
+    ``max_degree``, or ``matrix`` (a user matrix: nested list or a .npy/.csv/.txt path).
+
+    Metropolis-Hastings is the default because on a regular graph it equals the paper's uniform
+    weights and, unlike them, is doubly stochastic on any graph.
+    """
+
+    scheme: Literal["uniform", "metropolis", "max_degree", "matrix"] = "metropolis"
+    matrix: Any = None
+
+    def __post_init__(self):
+        _check((self.scheme == "matrix") == (self.matrix is not None), "matrix",
+               "give a matrix (nested list or file path) exactly when scheme is 'matrix'")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How the training set is cut into agents' shards (``decaf_ray.partition``)."""
+
+    partition: Literal["iid", "classes_per_agent", "dirichlet", "shards"] = "iid"
+    shots: int | None = None
+    """Few-shot subsample per class taken before partitioning (the paper: 40); None = all."""
+    classes_per_agent: int = 1
+    alpha: float = 0.5
+    min_size: int = 1
+    shards_per_agent: int = 2
+    batch_size: int = 32
+
+    def __post_init__(self):
+        _check(self.shots is None or self.shots >= 1, "shots", "must be >= 1 or null (all)")
+        _check(self.classes_per_agent >= 1, "classes_per_agent", "must be >= 1")
+        _check(self.alpha > 0, "alpha", "must be > 0")
+        _check(self.min_size >= 1, "min_size", "must be >= 1")
+        _check(self.shards_per_agent >= 1, "shards_per_agent", "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+    def partition_params(self) -> dict[str, Any]:
+        """The keyword arguments of the chosen partitioner."""
+        return {"iid": {},
+                "classes_per_agent": {"classes_per_agent": self.classes_per_agent},
+                "dirichlet": {"alpha": self.alpha, "min_size": self.min_size},
+                "shards": {"shards_per_agent": self.shards_per_agent}}[self.partition]
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters: W = W0 + s B A with A (r, k), B (d, r) (paper, Eq. 1)."""
+
+    rank: int = 4
+    alpha: float = 8.0
+    dropout: float = 0.0
+    scaling: Literal["alpha/r", "alpha/sqrt(r)"] = "alpha/r"
+    init_std: float | None = None
+    """Std of the Gaussian A at init; null = 1/sqrt(3k), the scale of peft's default init."""
+
+    def __post_init__(self):
+        _check(self.rank >= 1, "rank", f"must be >= 1 (got {self.rank})")
+        _check(self.alpha > 0, "alpha", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        _check(self.init_std is None or self.init_std > 0, "init_std", "must be > 0 or null")
+
+    @property
+    def scale(self) -> float:
+        """s in W0 + s B A: alpha / r, or alpha / sqrt(r) (rank-stabilised LoRA)."""
+        r = self.rank if self.scaling == "alpha/r" else math.sqrt(self.rank)
+        return self.alpha / r
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Per-agent optimizer (Algorithms 1, 3, 4): sgd, momentum (heavy ball), adam, adamw."""
+
+    name: Literal["sgd", "momentum", "adam", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+
+    def __post_init__(self):
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
+        _check(all(0.0 <= b < 1.0 for b in self.betas), "betas", "both must be in [0, 1)")
+        _check(self.eps > 0, "eps", "must be > 0")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(0.0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]")
+
+
+@dataclass(frozen=True)
+class ConsensusConfig:
+    """DeCAF's re-factorization: which split of the TSVD each agent keeps."""
+
+    split: Literal["balanced", "left"] = "balanced"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where agents live. ``inprocess``: all agents in this process (the reference)."""
+
+    kind: Literal["inprocess"] = "inprocess"
+    threads: int | None = None
+    """torch threads for this process; null leaves torch's default."""
+
+    def __post_init__(self):
+        _check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: N agents, a graph, an algorithm and a task, run for ``rounds`` rounds.
+
+    A round is ``local_steps`` (tau) gradient steps, the last of which communicates; evaluation
+    happens every ``eval_every`` rounds and after the last.
+    """
+
+    task: Any
+    algorithm: str = "decaf"
+    agents: int = 10
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    rounds: int = 100
+    local_steps: int = 1
+    eval_every: int = 1
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    grad_norm: bool = True
+    """Evaluate ||grad f||^2 at the network-average adapter (Theorem 1's measure); it costs a
+    full-shard gradient per agent per evaluation, so turn it off for large models."""
+    name: str | None = None
+
+    def __post_init__(self):
+        from decaf_ray.algorithms import ALGORITHMS
+
+        _check(self.algorithm in ALGORITHMS, "algorithm",
+               f"unknown algorithm {self.algorithm!r}; valid: {', '.join(ALGORITHMS)}")
+        _check(self.agents >= 1, "agents", f"must be >= 1 (got {self.agents})")
+        _check(self.rounds >= 1, "rounds", "must be >= 1")
+        _check(self.local_steps >= 1, "local_steps", "must be >= 1")
+        _check(self.eval_every >= 1, "eval_every", "must be >= 1")
+
+    @property
+    def total_steps(self) -> int:
+        """T in Algorithm 1: rounds x local_steps."""
+        return self.rounds * self.local_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-ready) that ``from_dict`` reads back to an equal config."""
+        out = dataclasses.asdict(self)
+        out["topology"] = {"name": self.topology.name, **self.topology.params}
+        out["optim"]["betas"] = list(self.optim.betas)
+        return out
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(source: str | Path | Mapping[str, Any],
+                overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML file (safe loader) or a mapping, apply ``key.path=value`` overrides, validate.
+
+    Raises:
+        ConfigError: naming the field (or the file) and what would be valid.
+    """
+    data = read_yaml(source) if isinstance(source, (str, Path)) else dict(source)
+    for item in overrides or []:
+        data = apply_override(data, item)
+    return from_dict(ExperimentConfig, data)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file, with file-level errors as ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "no such config file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), f"not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "must hold a YAML mapping of config keys")
+    return data
+
+
+def apply_override(data: dict[str, Any], item: str) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``a.b.c=value`` set; the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError("--set", f"expected key.path=value, got {item!r}")
+    value = yaml.safe_load(raw) if raw else None
+    out = dict(data)
+    node = out
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and part in ("topology", "mixing", "task"):
+            child = {"name" if part == "topology" else ("scheme" if part == "mixing" else "kind"): child}
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is not a section; cannot set a key under it")
+        node[part] = child = dict(child)
+        node = child
+    node[parts[-1]] = value
+    return out
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, checking keys and types; errors name the field."""
+    data = _normalise_section(cls, data, path)
+    if not isinstance(data, Mapping):
+        raise ConfigError(path, f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(_join(path, str(key)), f"unknown key; valid: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], _join(path, name), cls, name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(_join(path, name), "is required")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise (e.under(path) if path else e) from None
+
+
+def _normalise_section(cls: type, data: Any, path: str) -> Any:
+    """Shorthands: ``topology: ring``, ``mixing: uniform``, ``task: synthetic``; topology
+    parameters live beside ``name``."""
+    if cls is TopologyConfig:
+        if isinstance(data, str):
+            return {"name": data}
+        if isinstance(data, Mapping):
+            _check("params" not in data, _join(path, "params"),
+                   "put graph parameters beside name (e.g. {name: erdos_renyi, p: 0.3})")
+            return {"name": data.get("name", "complete"),
+                    "params": {k: v for k, v in data.items() if k != "name"}}
+    if cls is MixingConfig and isinstance(data, str):
+        return {"scheme": data}
+    return data
+
+
+def _task_class(value: Any, path: str) -> type:
+    from decaf_ray.tasks import TASKS, task_config_class
+
+    kind = value if isinstance(value, str) else (value or {}).get("kind")
+    if kind not in TASKS:
+        raise ConfigError(_join(path, "kind"),
+                          f"unknown task kind {kind!r}; valid: {', '.join(TASKS)}")
+    return task_config_class(kind)
+
+
+def _coerce(value: Any, tp: Any, path: str, owner: type, name: str) -> Any:
+    if owner is ExperimentConfig and name == "task":
+        cls = _task_class(value, path)
+        return from_dict(cls, {"kind": value} if isinstance(value, str) else value, path)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path, owner, name)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(path, f"got {value!r}; valid: {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(path, f"expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, f"{path}[{i}]", owner, name) for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (list, dict) or tp is Any:
+        if origin is list and not isinstance(value, list):
+            raise ConfigError(path, f"expected a list, got {value!r}")
+        if origin is dict and not isinstance(value, Mapping):
+            raise ConfigError(path, f"expected a mapping, got {value!r}")
+        return value
+    return _scalar(value, tp, path)
+
+
+def _scalar(value: Any, tp: Any, path: str) -> Any:
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(path, f"expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {path} has unsupported type {tp!r}")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key

@@ -1,0 +1,246 @@
+"""Consensus steps of DLoRA, DLoRA-FA and DeCAF, and the paper's error quantities.
+
+Agent i mixes the LoRA factors of its neighbours j in Nb(i) with the weights pi_ij of its row of
+the mixing matrix Pi. Throughout, the first dim of ``As`` (m, *b, r, k) and ``Bs`` (m, *b, d, r)
+indexes the m neighbours (self included), ``*b`` are optional batch dims (many LoRA modules of one
+shape mixed in one call) and ``weights`` is (m,).
+
+* DLoRA (Algorithm 1, lines 6-8) mixes each factor on its own:
+  A = sum_j pi_ij A_j,  B = sum_j pi_ij B_j.
+* DLoRA-FA (Algorithm 2) freezes a shared A and mixes only B.
+* DeCAF (Algorithm 1, lines 10-11) mixes the product M = sum_j pi_ij B_j A_j and re-factorizes
+  its rank-r truncated SVD T(M) = U_r S_r V_r^T.
+
+``decaf_mix`` never forms the d x k matrix M. It writes M = P Q^T with the thin factors
+P = [pi_i1 B_1 ... pi_im B_m] (d, mr) and Q = [A_1^T ... A_m^T] (k, mr); two thin QRs and the SVD of
+a core of at most mr x mr give the SVD of M in O((d + k)(mr)^2) time and O((d + k) mr) memory,
+instead of O(dk min(d, k)) time and O(dk) memory for the dense SVD (``decaf_mix_dense``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SPLITS = ("balanced", "left")
+"""How DeCAF splits T(M) = U_r S_r V_r^T into (A, B): ``balanced`` (the paper) gives
+B = U_r S_r^{1/2}, A = S_r^{1/2} V_r^T; ``left`` gives B = U_r S_r, A = V_r^T."""
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # LAPACK has no half-precision QR/SVD, and half precision would drown the small singular values.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check(As: Tensor, Bs: Tensor, weights: Tensor) -> None:
+    """Raise ValueError unless As (m, *b, r, k), Bs (m, *b, d, r) and weights (m,) fit together."""
+    if As.ndim < 3 or Bs.ndim != As.ndim:
+        raise ValueError(f"As (m, *b, r, k) and Bs (m, *b, d, r) expected, got "
+                         f"{tuple(As.shape)} and {tuple(Bs.shape)}")
+    m = As.shape[0]
+    if m == 0 or Bs.shape[0] != m or tuple(weights.shape) != (m,):
+        raise ValueError(f"need m >= 1 neighbours with As, Bs and weights (m,) agreeing on m, got "
+                         f"{tuple(As.shape)}, {tuple(Bs.shape)}, {tuple(weights.shape)}")
+    if As.shape[1:-2] != Bs.shape[1:-2] or As.shape[-2] != Bs.shape[-1]:
+        raise ValueError(f"As {tuple(As.shape)} and Bs {tuple(Bs.shape)} disagree on *b or r")
+
+
+def _weighted_sum(Xs: Tensor, weights: Tensor, dtype: torch.dtype) -> Tensor:
+    """sum_j w_j X_j over the leading dim, in ``dtype``: Xs (m, *s) -> (*s)."""
+    return torch.tensordot(weights.to(Xs.device, dtype), Xs.to(dtype), dims=1)
+
+
+def _thin_factors(As: Tensor, Bs: Tensor, weights: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The factors of M = sum_j w_j B_j A_j = P Q^T.
+
+    Returns:
+        P = [w_1 B_1 ... w_m B_m] (*b, d, mr) and Q = [A_1^T ... A_m^T] (*b, k, mr), in ``dtype``.
+    """
+    m, r, k = As.shape[0], As.shape[-2], As.shape[-1]
+    w = weights.to(Bs.device, dtype).reshape(m, *([1] * (Bs.ndim - 1)))
+    P = torch.movedim(Bs.to(dtype) * w, 0, -2)  # (*b, d, m, r): column j*r + c is w_j B_j[:, c]
+    P = P.reshape(*P.shape[:-2], m * r)
+    Q = torch.movedim(As.to(dtype), 0, -3).reshape(*As.shape[1:-2], m * r, k).mT
+    return P, Q
+
+
+def _lowrank_svd(P: Tensor, Q: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``rank`` SVD of P Q^T without forming it: P (*b, d, n), Q (*b, k, n).
+
+    With P = Q_P R_P, Q = Q_Q R_Q (reduced QR), P Q^T = Q_P (R_P R_Q^T) Q_Q^T, and Q_P, Q_Q have
+    orthonormal columns, so the SVD of the core C = R_P R_Q^T (min(d, n) x min(k, n)) is that of P Q^T.
+
+    Returns:
+        U (*b, d, s), S (*b, s), Vh (*b, s, k) with s = min(rank, d, k, n), S descending.
+    """
+    Qp, Rp = torch.linalg.qr(P)
+    Qq, Rq = torch.linalg.qr(Q)
+    Uc, S, Vhc = torch.linalg.svd(Rp @ Rq.mT, full_matrices=False)
+    # Truncate before lifting back, so the (d, k)-sized products only carry `rank` columns.
+    return Qp @ Uc[..., :rank], S[..., :rank], Vhc[..., :rank, :] @ Qq.mT
+
+
+def _lowrank_fro(U: Tensor, V: Tensor) -> Tensor:
+    """||U V^T||_F for U (*b, d, n), V (*b, k, n), in O((d + k) n^2) without forming d x k.
+
+    ||U V^T||_F = ||R_U R_V^T||_F since the Q factors have orthonormal columns. Unlike
+    sqrt(tr(U^T U V^T V)), no large terms cancel, so a zero difference comes out at rounding level.
+    """
+    Ru = torch.linalg.qr(U, mode="r").R
+    Rv = torch.linalg.qr(V, mode="r").R
+    return torch.linalg.matrix_norm(Ru @ Rv.mT)
+
+
+def _split(U: Tensor, S: Tensor, Vh: Tensor, rank: int, split: str) -> tuple[Tensor, Tensor]:
+    """T(M) = U_r S_r V_r^T -> (A (*b, rank, k), B (*b, d, rank)) as ``split`` says.
+
+    When M has fewer than ``rank`` singular values the missing directions carry S = 0: they are
+    padded with zero columns of B and zero rows of A, so the shapes never depend on the data.
+    """
+    U, S, Vh = U[..., :rank], S[..., :rank], Vh[..., :rank, :]
+    pad = rank - S.shape[-1]
+    if pad > 0:
+        U, S, Vh = F.pad(U, (0, pad)), F.pad(S, (0, pad)), F.pad(Vh, (0, 0, 0, pad))
+    if split == "balanced":
+        root = S.sqrt()
+        return root.unsqueeze(-1) * Vh, U * root.unsqueeze(-2)
+    return Vh, U * S.unsqueeze(-2)
+
+
+def _prepare(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None, split: str) -> int:
+    """Validate DeCAF's inputs; returns the target rank (r when ``rank`` is None)."""
+    _check(As, Bs, weights)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    rank = As.shape[-2] if rank is None else int(rank)
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    return rank
+
+
+def dlora_mix(As: Tensor, Bs: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """DLoRA's individual consensus (Algorithm 1, lines 6-8): A = sum_j w_j A_j, B = sum_j w_j B_j.
+
+    Args:
+        As: (m, *b, r, k). Bs: (m, *b, d, r). weights: (m,), the pi_ij of j in Nb(i).
+    Returns:
+        A (*b, r, k), B (*b, d, r) in the input dtypes (half inputs are summed in float32).
+    """
+    _check(As, Bs, weights)
+    ct = _compute_dtype(As.dtype)
+    return (_weighted_sum(As, weights, ct).to(As.dtype),
+            _weighted_sum(Bs, weights, ct).to(Bs.dtype))
+
+
+def fa_mix(Bs: Tensor, weights: Tensor) -> Tensor:
+    """DLoRA-FA's consensus (Algorithm 2): A is frozen and shared, so B = sum_j w_j B_j.
+
+    It is exact on the product, (sum_j w_j B_j) A = sum_j w_j B_j A (no interference, Theorem 6).
+
+    Args:
+        Bs: (m, *b, d, r). weights: (m,).
+    Returns:
+        B (*b, d, r) in the input dtype.
+    """
+    if Bs.ndim < 3 or Bs.shape[0] == 0 or tuple(weights.shape) != (Bs.shape[0],):
+        raise ValueError(f"Bs (m, *b, d, r) and weights (m,) expected, got "
+                         f"{tuple(Bs.shape)} and {tuple(weights.shape)}")
+    return _weighted_sum(Bs, weights, _compute_dtype(Bs.dtype)).to(Bs.dtype)
+
+
+def decaf_mix(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None,
+              split: str = "balanced") -> tuple[Tensor, Tensor]:
+    """DeCAF's product consensus and TSVD (Algorithm 1, lines 10-11), factored.
+
+    B A = T(M), the best rank-``rank`` approximation of M = sum_j w_j B_j A_j (Eckart-Young),
+    computed without forming the d x k matrix M (see the module docstring).
+
+    Args:
+        As: (m, *b, r, k). Bs: (m, *b, d, r). weights: (m,).
+        rank: rank of the output; None keeps r.
+        split: one of ``SPLITS``.
+    Returns:
+        A (*b, rank, k), B (*b, d, rank) in the input dtype; QR/SVD run in float32 for half inputs.
+    Raises:
+        ValueError: mismatched shapes, rank < 1 or an unknown split.
+    """
+    rank = _prepare(As, Bs, weights, rank, split)
+    P, Q = _thin_factors(As, Bs, weights, _compute_dtype(As.dtype))
+    A, B = _split(*_lowrank_svd(P, Q, rank), rank, split)
+    return A.to(As.dtype), B.to(Bs.dtype)
+
+
+def decaf_mix_dense(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None,
+                    split: str = "balanced") -> tuple[Tensor, Tensor]:
+    """The paper's DeCAF step: form M = sum_j w_j B_j A_j (d x k) and take its dense SVD.
+
+    The reference for ``decaf_mix``: same arguments, returns and errors. It costs O(dk min(d, k))
+    time and O(dk) memory.
+    """
+    rank = _prepare(As, Bs, weights, rank, split)
+    P, Q = _thin_factors(As, Bs, weights, _compute_dtype(As.dtype))
+    U, S, Vh = torch.linalg.svd(P @ Q.mT, full_matrices=False)
+    A, B = _split(U, S, Vh, rank, split)
+    return A.to(As.dtype), B.to(Bs.dtype)
+
+
+def interference(As: Tensor, Bs: Tensor, weights: Tensor) -> Tensor:
+    """Model consensus interference (Definition 1; the E_T of Theorem 2) of one agent's mix.
+
+    ||sum_j w_j B_j A_j - (sum_j w_j B_j)(sum_j w_j A_j)||_F, as ||U V^T||_F with
+    U = [w_1 B_1 ... w_m B_m, -Bbar] (d, (m+1)r) and V = [A_1^T ... A_m^T, Abar^T] (k, (m+1)r).
+
+    Args:
+        As: (m, *b, r, k). Bs: (m, *b, d, r). weights: (m,).
+    Returns:
+        (*b,), in float32 for half inputs, else the input dtype.
+    """
+    _check(As, Bs, weights)
+    ct = _compute_dtype(As.dtype)
+    P, Q = _thin_factors(As, Bs, weights, ct)
+    Abar, Bbar = _weighted_sum(As, weights, ct), _weighted_sum(Bs, weights, ct)
+    return _lowrank_fro(torch.cat([P, -Bbar], -1), torch.cat([Q, Abar.mT], -1))
+
+
+def tsvd_error(As: Tensor, Bs: Tensor, weights: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """||sum_j w_j B_j A_j - B A||_F, the left side of Proposition 1, without forming d x k.
+
+    Args:
+        As: (m, *b, r, k). Bs: (m, *b, d, r). weights: (m,).
+        A: (*b, s, k). B: (*b, d, s), e.g. the output of ``decaf_mix`` (any s).
+    Returns:
+        (*b,), in float32 for half inputs, else the input dtype.
+    """
+    _check(As, Bs, weights)
+    if (A.shape[:-2] != As.shape[1:-2] or A.shape[-1] != As.shape[-1]
+            or B.shape[:-1] != Bs.shape[1:-1] or B.shape[-1] != A.shape[-2]):
+        raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not match As {tuple(As.shape)}")
+    ct = _compute_dtype(As.dtype)
+    P, Q = _thin_factors(As, Bs, weights, ct)
+    return _lowrank_fro(torch.cat([P, -B.to(ct)], -1), torch.cat([Q, A.to(ct).mT], -1))
+
+
+def prop1_bound(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None) -> Tensor:
+    """Proposition 1's bound on the TSVD error: sqrt((m - 1) r) c^2.
+
+    c = max_j max(sigma_1(A_j), sigma_1(B_j)) over the m neighbours (Assumption 2) and m = |Nb(i)|
+    counts agent i itself. The proof bounds the error by sqrt(#discarded singular values) sigma_1(M),
+    with sigma_1(M) <= sum_j w_j sigma_1(B_j) sigma_1(A_j) <= c^2, which needs weights >= 0 summing
+    to 1. For a TSVD rank other than r the discarded count is at most mr - rank, so the factor is
+    sqrt(max(mr - rank, 0)); rank None (= r) gives the paper's sqrt((m - 1) r).
+
+    Args:
+        As: (m, *b, r, k). Bs: (m, *b, d, r). weights: (m,), only checked for shape.
+    Returns:
+        (*b,), in float32 for half inputs, else the input dtype.
+    """
+    _check(As, Bs, weights)
+    m, r = As.shape[0], As.shape[-2]
+    rank = r if rank is None else int(rank)
+    ct = _compute_dtype(As.dtype)
+    sigma = torch.maximum(torch.linalg.matrix_norm(As.to(ct), ord=2),
+                          torch.linalg.matrix_norm(Bs.to(ct), ord=2))
+    return math.sqrt(max(m * r - rank, 0)) * sigma.amax(0) ** 2

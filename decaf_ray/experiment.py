@@ -1,0 +1,109 @@
+"""``run(cfg) -> RunResult``: the one entry point that the CLI, the tests and sweeps call.
+
+``prepare`` resolves everything a config implies that can still be wrong (the graph, Pi, the
+partition) before anything runs or is written, so bad input fails fast as a ``ConfigError``.
+A runtime then drives the agents and returns a ``RunResult``; ``decaf_ray.results`` saves it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import networkx as nx
+import numpy as np
+
+from decaf_ray import partition, topology
+from decaf_ray.algorithms import ALGORITHMS, Algorithm
+from decaf_ray.config import ConfigError, ExperimentConfig
+from decaf_ray.factors import Factors
+from decaf_ray.tasks import Task, build_task
+
+Row = dict[str, Any]
+"""One long-form metric row: round, step, agent (-1 for network-level), metric, value."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a config resolves to before training: every runtime runs a Plan."""
+
+    config: ExperimentConfig
+    algorithm: Algorithm
+    graph: nx.Graph
+    pi: np.ndarray
+    """(N, N) mixing matrix the algorithm uses (FedAvg: 1/N everywhere, Local: identity)."""
+    shards: list[np.ndarray]
+    """Training indices of each agent."""
+    task: Task = field(repr=False, compare=False)
+
+    @property
+    def agents(self) -> int:
+        return len(self.shards)
+
+    def neighbours(self, i: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """Agent i's neighbours j with pi_ij > 0 (self included) and their weights."""
+        ids, w = topology.neighbours(self.pi, i)
+        return tuple(int(j) for j in ids), tuple(float(x) for x in w)
+
+    def degree(self, i: int) -> int:
+        return int(self.graph.degree(i)) if self.graph.number_of_nodes() > i else 0
+
+
+@dataclass
+class RunResult:
+    """What a run returns; ``results.save`` writes it, the analysis reads what was written."""
+
+    config: ExperimentConfig
+    status: str
+    """``completed`` or ``diverged``."""
+    rows: list[Row]
+    summary: dict[str, Any]
+    factors: dict[int, Factors]
+
+
+def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
+    """Build the graph, Pi, the task's labels and the partition; errors name the config field."""
+    algorithm = ALGORITHMS[cfg.algorithm]
+    n = 1 if algorithm.centralized else cfg.agents
+    try:
+        graph = topology.build_topology(cfg.topology.name, n, **cfg.topology.params)
+    except (ValueError, TypeError) as e:
+        raise ConfigError("topology", str(e)) from None
+    try:
+        graph_pi = topology.mixing_matrix(graph, cfg.mixing.scheme, cfg.mixing.matrix)
+    except (ValueError, OSError) as e:
+        raise ConfigError("mixing", str(e)) from None
+    task = task if task is not None else build_task(cfg.task, cfg.lora, cfg.seed)
+    return Plan(cfg, algorithm, graph, algorithm.mixing(graph_pi), make_shards(cfg, task, n), task)
+
+
+def make_shards(cfg: ExperimentConfig, task: Task, n: int) -> list[np.ndarray]:
+    """Few-shot subsample, then the configured partition into ``n`` shards (one for
+    Centralized, which trains one agent on everything)."""
+    labels = np.asarray(task.train_labels)
+    try:
+        pool = partition.few_shot(labels, cfg.data.shots, cfg.seed)
+        if n == 1:
+            return [pool]
+        parts = partition.partition(labels[pool], n, cfg.data.partition, cfg.seed,
+                                    **cfg.data.partition_params())
+    except ValueError as e:
+        raise ConfigError("data", str(e)) from None
+    return [pool[p] for p in parts]
+
+
+def run(cfg: ExperimentConfig, *, on_rows: Callable[[list[Row]], None] | None = None,
+        progress: bool = True, plan: Plan | None = None) -> RunResult:
+    """Run one experiment on the runtime its config names.
+
+    Args:
+        cfg: a validated config.
+        on_rows: called with each batch of metric rows as they are produced (streaming).
+        progress: show a progress bar over rounds.
+        plan: a plan already made by ``prepare`` (saves rebuilding the task).
+    """
+    plan = plan or prepare(cfg)
+    from decaf_ray.runtime.inprocess import InProcessHosts
+    from decaf_ray.runtime.loop import drive
+
+    return drive(plan, InProcessHosts(plan), on_rows=on_rows, progress=progress)

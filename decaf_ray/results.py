@@ -1,0 +1,102 @@
+"""The one writer of run results, and their readers.
+
+A run directory holds:
+
+- ``config.json``: the resolved config (reads back with ``load_config``);
+- ``metrics.csv``: long-form rows ``round, step, agent, metric, value`` (agent -1: network-level),
+  appended as the run goes, so a long run can be watched;
+- ``summary.json``: status (completed / diverged / failed), final network metrics, timing,
+  floats sent, trainable parameters;
+- ``adapters.safetensors``: every agent's final factors, keys ``agent{i}/{module}/A|B``
+  (safetensors: reading it back executes no code).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from decaf_ray.config import ConfigError, ExperimentConfig, load_config
+from decaf_ray.experiment import Row, RunResult
+from decaf_ray.factors import Factors
+
+COLUMNS = ("round", "step", "agent", "metric", "value")
+
+
+class RunWriter:
+    """Streams one run into ``out``; ``open`` refuses a non-empty directory."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self._csv = None
+
+    def open(self, cfg: ExperimentConfig) -> "RunWriter":
+        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
+            raise ConfigError("--out", f"{self.out} exists and is not an empty directory")
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        self._file = open(self.out / "metrics.csv", "w", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        self._csv.writeheader()
+        return self
+
+    def rows(self, rows: list[Row]) -> None:
+        self._csv.writerows(rows)
+        self._file.flush()
+
+    def close(self, result: RunResult) -> None:
+        self._file.close()
+        _write_json(self.out / "summary.json", result.summary)
+        save_adapters(self.out / "adapters.safetensors", result.factors)
+
+    def fail(self, error: BaseException) -> None:
+        """Record a crash: the rows so far stay, the summary says why it stopped."""
+        if self._csv is not None:
+            self._file.close()
+        _write_json(self.out / "summary.json",
+                    {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    # NaN/inf are not JSON: a diverged metric is written as null.
+    clean = json.loads(json.dumps(data, default=str), parse_constant=lambda _: None)
+    path.write_text(json.dumps(_finite(clean), indent=2) + "\n")
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def save_adapters(path: str | Path, adapters: dict[int, Factors]) -> None:
+    """Write every agent's factors as one safetensors file."""
+    tensors = {f"agent{i}/{name}/{part}": t.detach().contiguous().cpu()
+               for i, f in adapters.items() for name, (a, b) in f.items()
+               for part, t in (("A", a), ("B", b))}
+    save_file(tensors, str(path))
+
+
+def load_adapters(path: str | Path) -> dict[int, Factors]:
+    """Read ``save_adapters``' file back: agent -> {module: (A, B)}."""
+    parts: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, t in load_file(str(path)).items():
+        agent, rest = key.split("/", 1)
+        name, part = rest.rsplit("/", 1)
+        parts.setdefault(int(agent[5:]), {}).setdefault(name, {})[part] = t
+    return {i: {n: (p["A"], p["B"]) for n, p in mods.items()} for i, mods in sorted(parts.items())}
+
+
+def load_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The config a run directory was made with."""
+    return load_config(json.loads((Path(run_dir) / "config.json").read_text()))

@@ -1,0 +1,47 @@
+"""In-process runtime: every agent in this process, one ``AgentGroup``. The reference that other
+runtimes must match number for number."""
+
+from __future__ import annotations
+
+import torch
+
+from decaf_ray.agents import AgentGroup, Inbox
+from decaf_ray.experiment import Plan
+from decaf_ray.factors import Factors, Grads
+from decaf_ray.optim import build_optimizer
+
+
+class InProcessHosts:
+    """``Hosts`` (see ``runtime.loop``) backed by one local group; payloads pass by reference."""
+
+    def __init__(self, plan: Plan):
+        cfg = plan.config
+        if cfg.runtime.threads:
+            torch.set_num_threads(cfg.runtime.threads)
+        self.plan = plan
+        self.group = AgentGroup.build(cfg, plan.task, plan.algorithm,
+                                      build_optimizer(cfg.optim, cfg.total_steps),
+                                      dict(enumerate(plan.shards)))
+
+    def local_step(self, t: int) -> None:
+        self.group.local_step(t)
+
+    def communicate(self, t: int, diagnose: bool) -> dict[int, dict[str, float]]:
+        payloads = self.group.grads_and_payloads(t)
+        inbox: Inbox = {}
+        for i in payloads:
+            ids, weights = self.plan.neighbours(i)
+            inbox[i] = (ids, weights, [payloads[j] for j in ids])
+        return self.group.mix_and_apply(t, inbox, diagnose)
+
+    def evaluate(self) -> dict[int, dict[str, float]]:
+        return self.group.evaluate()
+
+    def factors(self) -> dict[int, Factors]:
+        return self.group.factors()
+
+    def full_grads(self, factors: Factors) -> dict[int, Grads]:
+        return self.group.full_grads(factors)
+
+    def close(self) -> None:
+        pass

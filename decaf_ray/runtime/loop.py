@@ -1,0 +1,133 @@
+"""The round loop every runtime shares: Algorithm 1's schedule, evaluation, divergence.
+
+A runtime supplies ``Hosts``: where the agents live and how payloads move. The loop decides
+when to step, communicate and evaluate, and turns what the hosts report into metric rows, so
+every runtime produces the same rows in the same order.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Protocol
+
+from tqdm.auto import tqdm
+
+from decaf_ray import factors as F
+from decaf_ray import metrics
+from decaf_ray.agents import Diverged
+from decaf_ray.experiment import Plan, Row, RunResult
+from decaf_ray.factors import Factors, Grads
+
+
+class Hosts(Protocol):
+    """Agents wherever they live; every call covers all agents."""
+
+    def local_step(self, t: int) -> None: ...
+
+    def communicate(self, t: int, diagnose: bool) -> dict[int, dict[str, float]]:
+        """Gradients at w_t, exchange w_t, mix, apply; diagnostics per agent if asked."""
+
+    def evaluate(self) -> dict[int, dict[str, float]]: ...
+
+    def factors(self) -> dict[int, Factors]: ...
+
+    def full_grads(self, factors: Factors) -> dict[int, Grads]: ...
+
+    def close(self) -> None: ...
+
+
+def drive(plan: Plan, hosts: Hosts, *, on_rows: Callable[[list[Row]], None] | None = None,
+          progress: bool = True) -> RunResult:
+    """Run ``plan.config.rounds`` rounds of ``local_steps`` steps on ``hosts``."""
+    cfg, rows, t = plan.config, [], 0
+    emit = _emitter(rows, on_rows)
+    start, status, diverged = time.perf_counter(), "completed", None
+    bar = tqdm(total=cfg.rounds, desc=cfg.algorithm, disable=not progress, leave=False)
+    rnd = 0
+    try:
+        emit(_eval_rows(plan, hosts, 0, 0, {}))
+        for rnd in range(1, cfg.rounds + 1):
+            evaluate = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
+            for _ in range(cfg.local_steps - 1):
+                t += 1
+                hosts.local_step(t)
+            t += 1
+            if plan.algorithm.communicates:
+                diags = hosts.communicate(t, diagnose=evaluate)
+            else:
+                hosts.local_step(t)
+                diags = {}
+            if evaluate:
+                new = _eval_rows(plan, hosts, rnd, t, diags)
+                emit(new)
+                bar.set_postfix(_postfix(new), refresh=False)
+            bar.update(1)
+    except Diverged as e:
+        status, diverged = "diverged", {"round": rnd, "step": e.t, "agent": e.agent}
+    finally:
+        bar.close()
+    final = {r["metric"]: r["value"] for r in rows if r["agent"] == -1 and r["round"] == rows[-1]["round"]}
+    factors = hosts.factors()
+    hosts.close()
+    wall = time.perf_counter() - start
+    done = rnd if status == "completed" else rnd - 1
+    summary = _summary(plan, status, done, t, diverged, final, wall)
+    return RunResult(cfg, status, rows, summary, factors)
+
+
+def _emitter(rows: list[Row], on_rows):
+    def emit(new: list[Row]) -> None:
+        rows.extend(new)
+        if on_rows is not None:
+            on_rows(new)
+    return emit
+
+
+def _eval_rows(plan: Plan, hosts: Hosts, rnd: int, t: int,
+               diags: dict[int, dict[str, float]]) -> list[Row]:
+    """Per-agent test metrics and diagnostics, then network rows (agent -1): their means,
+    consensus distance, parameter distance, ||grad f(v-bar)||^2 and floats sent so far."""
+    per_agent = hosts.evaluate()
+    for i, d in diags.items():
+        per_agent[i].update(d)
+    adapters = [a for _, a in sorted(hosts.factors().items())]
+    net = metrics.means(per_agent)
+    net["consensus_distance"] = metrics.consensus_distance(adapters, plan.config.lora.scale)
+    net["param_distance"] = metrics.param_distance(adapters)
+    if plan.config.grad_norm:
+        grads = hosts.full_grads(F.mean(adapters))
+        net["grad_norm_sq"] = metrics.grad_norm_sq([g for _, g in sorted(grads.items())])
+    net["floats_sent"] = rnd * _floats_per_round(plan)
+    out = [_row(rnd, t, i, k, v) for i, m in sorted(per_agent.items()) for k, v in sorted(m.items())]
+    return out + [_row(rnd, t, -1, k, v) for k, v in sorted(net.items())]
+
+
+def _row(rnd: int, t: int, agent: int, metric: str, value: float) -> Row:
+    return {"round": rnd, "step": t, "agent": agent, "metric": metric, "value": float(value)}
+
+
+def _floats_per_round(plan: Plan) -> float:
+    """Mean over agents of the floats each sends per communication round."""
+    shapes, rank = plan.task.lora_shapes(), plan.config.lora.rank
+    return sum(plan.algorithm.floats_sent_per_round(shapes, rank, plan.degree(i))
+               for i in range(plan.agents)) / plan.agents
+
+
+def _postfix(rows: list[Row]) -> dict[str, str]:
+    net = {r["metric"]: r["value"] for r in rows if r["agent"] == -1}
+    keys = [k for k in ("test_accuracy", "test_loss", "train_loss") if k in net][:2]
+    return {k.replace("test_", ""): f"{net[k]:.4g}" for k in keys}
+
+
+def _summary(plan: Plan, status: str, rounds: int, steps: int, diverged: Any,
+             final: dict[str, float], wall: float) -> dict[str, Any]:
+    cfg = plan.config
+    return {
+        "status": status, "algorithm": cfg.algorithm, "agents": plan.agents,
+        "rounds_completed": rounds, "steps_completed": steps, "diverged_at": diverged,
+        "final": final, "wall_time_s": wall,
+        "time_per_round_s": wall / max(rounds, 1),
+        "floats_sent_per_round_per_agent": _floats_per_round(plan),
+        "trainable_params_per_agent": F.param_count(plan.task.lora_shapes(), cfg.lora.rank,
+                                                     plan.algorithm.train_A),
+    }

@@ -1,0 +1,60 @@
+"""Tasks: a task owns the frozen model, the data, the loss and the evaluation.
+
+A task is built from its config by every host that needs it (so hosts load their own data), and
+exposes only what the algorithms need: the shapes of the adapted weights, the labels the
+partitioners split, and a loss-and-gradient call on an adapter and a list of training indices.
+Adding a model is one module here with a config dataclass and a ``build`` function, plus one row in
+``TASKS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+import numpy as np
+
+from decaf_ray.factors import Factors, Grads
+
+
+class Task(Protocol):
+    """The contract every task meets. Shapes: A (r, k), B (d, r) per adapted module."""
+
+    num_classes: int | None
+    train_labels: np.ndarray
+    """(n_train,) int labels (a class or a cluster), what the partitioners split."""
+
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """Adapted module name -> (d, k) of its frozen weight, in a fixed order."""
+        ...
+
+    def loss_and_grads(self, factors: Factors, indices: np.ndarray, train_A: bool = True
+                       ) -> tuple[float, Grads]:
+        """Mean training loss on ``indices`` at ``factors`` and its gradient per factor.
+
+        The gradient of A is None when ``train_A`` is False (the FA variants).
+        """
+        ...
+
+    def evaluate(self, factors: Factors) -> dict[str, float]:
+        """Test metrics of one adapter, e.g. ``{"test_loss": ..., "test_accuracy": ...}``."""
+        ...
+
+
+# kind -> "module:ConfigClass"; modules are imported only when their kind is used, so a
+# synthetic run never imports open_clip or transformers.
+TASKS: dict[str, str] = {
+    "synthetic": "decaf_ray.tasks.synthetic:SyntheticConfig",
+}
+
+
+def task_config_class(kind: str) -> type:
+    """The config dataclass of a task kind (raises KeyError for an unknown kind)."""
+    module, cls = TASKS[kind].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_task(task_cfg: Any, lora_cfg: Any, seed: int) -> Task:
+    """Build the task named by ``task_cfg.kind``: its module's ``build(task_cfg, lora_cfg, seed)``."""
+    module = importlib.import_module(TASKS[task_cfg.kind].split(":")[0])
+    return module.build(task_cfg, lora_cfg, seed)

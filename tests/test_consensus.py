@@ -1,0 +1,244 @@
+"""Tests of decaf_ray.consensus against dense references (float64) and the paper's statements."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from decaf_ray.consensus import (
+    SPLITS,
+    decaf_mix,
+    decaf_mix_dense,
+    dlora_mix,
+    fa_mix,
+    interference,
+    prop1_bound,
+    tsvd_error,
+)
+
+F64 = torch.float64
+
+
+def make(m, d, k, r, batch=(), seed=0, dtype=F64):
+    """Random As (m, *batch, r, k), Bs (m, *batch, d, r) and positive weights (m,) summing to 1."""
+    g = torch.Generator().manual_seed(seed)
+    As = torch.randn(m, *batch, r, k, generator=g, dtype=dtype)
+    Bs = torch.randn(m, *batch, d, r, generator=g, dtype=dtype)
+    w = torch.rand(m, generator=g, dtype=F64) + 0.1
+    return As, Bs, (w / w.sum()).to(dtype)
+
+
+def dense_M(As, Bs, w):
+    """sum_j w_j B_j A_j, formed explicitly."""
+    return torch.einsum("m,m...dr,m...rk->...dk", w, Bs, As)
+
+
+def best_rank(M, rank):
+    """Eckart-Young: the best rank-`rank` approximation of M (d, k) and its singular values."""
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U[:, :rank] @ torch.diag(S[:rank]) @ Vh[:rank], S
+
+
+def rel(X, Y):
+    return ((X - Y).norm() / Y.norm().clamp_min(1e-300)).item()
+
+
+# (m, d, k, r, rank): generic, mr > d, mr > k, rank > available singular values, rank < r.
+CASES = [
+    (4, 30, 20, 3, None),
+    (5, 6, 40, 2, None),
+    (5, 40, 6, 2, None),
+    (1, 12, 9, 3, None),
+    (1, 12, 9, 2, 5),
+    (4, 3, 4, 2, 6),
+    (3, 25, 25, 4, 2),
+]
+
+
+@pytest.mark.parametrize("m,d,k,r,rank", CASES)
+@pytest.mark.parametrize("split", SPLITS)
+def test_decaf_mix_is_best_rank_approximation(m, d, k, r, rank, split):
+    As, Bs, w = make(m, d, k, r, seed=m * d + k)
+    A, B = decaf_mix(As, Bs, w, rank=rank, split=split)
+    rk = r if rank is None else rank
+    assert A.shape == (rk, k) and B.shape == (d, rk) and A.dtype == B.dtype == F64
+    M = dense_M(As, Bs, w)
+    ref, S = best_rank(M, rk)
+    assert rel(B @ A, ref) < 1e-10
+    n = min(rk, d, k, m * r)  # singular values the factored core can have; the rest are padding
+    S_ref = torch.cat([S[:n], S.new_zeros(rk - n)])
+    if split == "balanced":
+        # B^T B = A A^T = S: the paper's symmetric split.
+        assert torch.allclose(B.mT @ B, torch.diag(S_ref), atol=1e-10 * S[0])
+        assert torch.allclose(A @ A.mT, torch.diag(S_ref), atol=1e-10 * S[0])
+    else:
+        assert torch.allclose(B.norm(dim=0), S_ref, atol=1e-10 * S[0])
+        assert torch.allclose(A[:n] @ A[:n].mT, torch.eye(n, dtype=F64), atol=1e-12)
+        assert torch.all(A[n:] == 0)
+
+
+def test_single_neighbour_is_exact():
+    As, Bs, w = make(1, 15, 11, 3, seed=1)
+    w = torch.ones(1, dtype=F64)
+    A, B = decaf_mix(As, Bs, w)
+    assert rel(B @ A, Bs[0] @ As[0]) < 1e-12
+    assert tsvd_error(As, Bs, w, A, B).item() < 1e-12 * (Bs[0] @ As[0]).norm()
+    assert prop1_bound(As, Bs, w).item() == 0.0
+
+
+def test_identical_agents_rank_deficient():
+    As, Bs, _ = make(1, 20, 16, 3, seed=2)
+    As, Bs = As.expand(5, 3, 16).clone(), Bs.expand(5, 20, 3).clone()
+    w = torch.full((5,), 0.2, dtype=F64)
+    A, B = decaf_mix(As, Bs, w)
+    assert rel(B @ A, Bs[0] @ As[0]) < 1e-10
+    assert interference(As, Bs, w).item() < 1e-12 * (Bs[0] @ As[0]).norm()
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_zero_B_gives_zero_product(split):
+    As, Bs, w = make(4, 10, 7, 2, seed=3)
+    A, B = decaf_mix(As, torch.zeros_like(Bs), w, split=split)
+    assert A.shape == (2, 7) and B.shape == (10, 2)
+    assert torch.isfinite(A).all() and torch.isfinite(B).all()
+    assert (B @ A).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_batched_equals_loop(split):
+    As, Bs, w = make(4, 14, 9, 2, batch=(3,), seed=4)
+    A, B = decaf_mix(As, Bs, w, split=split)
+    assert A.shape == (3, 2, 9) and B.shape == (3, 14, 2)
+    for i in range(3):
+        Ai, Bi = decaf_mix(As[:, i], Bs[:, i], w, split=split)
+        assert rel(B[i] @ A[i], Bi @ Ai) < 1e-12
+    Ad, Bd = decaf_mix_dense(As, Bs, w, split=split)
+    assert rel(B @ A, Bd @ Ad) < 1e-10
+    for fn in (interference, prop1_bound):
+        out = fn(As, Bs, w)
+        assert out.shape == (3,)
+        assert torch.allclose(out, torch.stack([fn(As[:, i], Bs[:, i], w) for i in range(3)]))
+
+
+@pytest.mark.parametrize("m,d,k,r,rank", CASES)
+def test_dense_and_factored_agree(m, d, k, r, rank):
+    As, Bs, w = make(m, d, k, r, seed=10 + m)
+    A, B = decaf_mix(As, Bs, w, rank=rank)
+    Ad, Bd = decaf_mix_dense(As, Bs, w, rank=rank)
+    assert A.shape == Ad.shape and B.shape == Bd.shape
+    assert rel(B @ A, Bd @ Ad) < 1e-10
+
+
+def test_unknown_split_lists_valid_ones():
+    As, Bs, w = make(2, 5, 5, 1)
+    for fn in (decaf_mix, decaf_mix_dense):
+        with pytest.raises(ValueError, match="balanced, left"):
+            fn(As, Bs, w, split="right")
+
+
+def test_shape_mismatch_raises():
+    As, Bs, w = make(3, 5, 6, 2)
+    with pytest.raises(ValueError):
+        decaf_mix(As, Bs, w[:2])
+    with pytest.raises(ValueError):
+        dlora_mix(As, Bs[..., :1], w)
+    with pytest.raises(ValueError):
+        decaf_mix(As, Bs, w, rank=0)
+
+
+def test_interference_zero_with_shared_factor():
+    As, Bs, w = make(5, 18, 13, 3, seed=5)
+    scale = dense_M(As, Bs, w).norm().item()
+    shared_A = As[:1].expand_as(As).clone()
+    shared_B = Bs[:1].expand_as(Bs).clone()
+    # Theorem 6: freezing (sharing) A removes the interference; so does sharing B.
+    assert interference(shared_A, Bs, w).item() < 1e-12 * scale
+    assert interference(As, shared_B, w).item() < 1e-12 * scale
+    assert interference(As, Bs, w).item() > 1e-3 * scale
+
+
+@pytest.mark.parametrize("m,d,k,r", [(4, 30, 20, 3), (6, 5, 40, 2), (3, 8, 8, 4)])
+def test_interference_matches_dense(m, d, k, r):
+    As, Bs, w = make(m, d, k, r, seed=6 + m)
+    Abar, Bbar = dlora_mix(As, Bs, w)
+    ref = (dense_M(As, Bs, w) - Bbar @ Abar).norm()
+    assert abs(interference(As, Bs, w).item() - ref.item()) < 1e-10 * ref.item()
+
+
+@pytest.mark.parametrize("m,d,k,r,rank", CASES)
+def test_tsvd_error_matches_dense(m, d, k, r, rank):
+    As, Bs, w = make(m, d, k, r, seed=20 + d)
+    A, B = decaf_mix(As, Bs, w, rank=rank)
+    M = dense_M(As, Bs, w)
+    ref = (M - B @ A).norm().item()
+    assert abs(tsvd_error(As, Bs, w, A, B).item() - ref) < 1e-10 * M.norm().item()
+    # An arbitrary (A, B), not only the TSVD.
+    A2, B2 = dlora_mix(As, Bs, w)
+    ref2 = (M - B2 @ A2).norm().item()
+    assert abs(tsvd_error(As, Bs, w, A2, B2).item() - ref2) < 1e-10 * M.norm().item()
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(1, 8), d=st.integers(1, 24), k=st.integers(1, 24), r=st.integers(1, 6),
+       seed=st.integers(0, 2**31 - 1), scale=st.floats(1e-3, 1e3))
+def test_tsvd_error_within_prop1_bound(m, d, k, r, seed, scale):
+    As, Bs, w = make(m, d, k, r, seed=seed)
+    As, Bs = As * scale, Bs / scale**0.5
+    A, B = decaf_mix(As, Bs, w)
+    err = tsvd_error(As, Bs, w, A, B).item()
+    bound = prop1_bound(As, Bs, w).item()
+    c2 = max(torch.linalg.matrix_norm(As, 2).max().item(),
+             torch.linalg.matrix_norm(Bs, 2).max().item()) ** 2
+    assert bound == pytest.approx(((m - 1) * r) ** 0.5 * c2, rel=1e-12)
+    assert err <= bound + 1e-10 * c2
+
+
+def test_fa_mix_is_exact_on_the_product():
+    As, Bs, w = make(5, 16, 12, 3, seed=7)
+    A = As[0]
+    B = fa_mix(Bs, w)
+    ref = torch.einsum("m,mdr->dr", w, Bs) @ A
+    assert rel(B @ A, dense_M(A.expand_as(As), Bs, w)) < 1e-12
+    assert rel(B @ A, ref) < 1e-12
+
+
+def test_mixing_preserves_network_mean():
+    # Ring of 6 agents, each averaging itself and its two neighbours: Pi is doubly stochastic.
+    n, w = 6, torch.full((3,), 1 / 3, dtype=F64)
+    As, Bs, _ = make(n, 9, 7, 2, seed=8)
+    mixed = [dlora_mix(As[idx], Bs[idx], w) for idx in ([(i - 1) % n, i, (i + 1) % n]
+                                                       for i in range(n))]
+    A_new, B_new = torch.stack([a for a, _ in mixed]), torch.stack([b for _, b in mixed])
+    assert torch.allclose(A_new.mean(0), As.mean(0), atol=1e-13)
+    assert torch.allclose(B_new.mean(0), Bs.mean(0), atol=1e-13)
+    B_fa = torch.stack([fa_mix(Bs[[(i - 1) % n, i, (i + 1) % n]], w) for i in range(n)])
+    assert torch.allclose(B_fa.mean(0), Bs.mean(0), atol=1e-13)
+
+
+def test_complete_graph_uniform_is_exact_average():
+    As, Bs, _ = make(7, 10, 8, 3, batch=(2,), seed=9)
+    A, B = dlora_mix(As, Bs, torch.full((7,), 1 / 7, dtype=F64))
+    assert torch.allclose(A, As.mean(0), atol=1e-14)
+    assert torch.allclose(B, Bs.mean(0), atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_round_trip(dtype):
+    As, Bs, w = make(4, 32, 24, 2, batch=(2,), seed=11)
+    A, B = decaf_mix(As.to(dtype), Bs.to(dtype), w.to(dtype))
+    assert A.dtype == B.dtype == dtype
+    assert A.shape == (2, 2, 24) and B.shape == (2, 32, 2)
+    A64, B64 = decaf_mix(As, Bs, w)
+    assert rel(B.to(F64) @ A.to(F64), B64 @ A64) < 5e-2
+    Ad, Bd = dlora_mix(As.to(dtype), Bs.to(dtype), w.to(dtype))
+    assert Ad.dtype == Bd.dtype == dtype and Ad.shape == (2, 2, 24)
+    assert interference(As.to(dtype), Bs.to(dtype), w.to(dtype)).dtype == torch.float32
+
+
+def test_float32_stays_float32():
+    As, Bs, w = make(3, 20, 20, 2, seed=12, dtype=torch.float32)
+    A, B = decaf_mix(As, Bs, w)
+    assert A.dtype == B.dtype == torch.float32
+    Ad, Bd = decaf_mix_dense(As.double(), Bs.double(), w.double())
+    assert rel(B.double() @ A.double(), Bd @ Ad) < 1e-5

@@ -59,12 +59,13 @@ def _thin_factors(As: Tensor, Bs: Tensor, weights: Tensor, dtype: torch.dtype) -
     Returns:
         P = [w_1 B_1 ... w_m B_m] (*b, d, mr) and Q = [A_1^T ... A_m^T] (*b, k, mr), in ``dtype``.
     """
-    m, r, k = As.shape[0], As.shape[-2], As.shape[-1]
+    m, r, k, d = As.shape[0], As.shape[-2], As.shape[-1], Bs.shape[-2]
     w = weights.to(Bs.device, dtype).reshape(m, *([1] * (Bs.ndim - 1)))
-    P = torch.movedim(Bs.to(dtype) * w, 0, -2)  # (*b, d, m, r): column j*r + c is w_j B_j[:, c]
-    P = P.reshape(*P.shape[:-2], m * r)
-    Q = torch.movedim(As.to(dtype), 0, -3).reshape(*As.shape[1:-2], m * r, k).mT
-    return P, Q
+    # Both are built as transposes of contiguous (*b, mr, .) tensors, i.e. column-major, the
+    # layout LAPACK's QR wants, which saves it a copy. Row j*r + c of P^T is w_j B_j[:, c].
+    Pt = torch.movedim((Bs.to(dtype) * w).mT, 0, -3).reshape(*Bs.shape[1:-2], m * r, d)
+    Qt = torch.movedim(As.to(dtype), 0, -3).reshape(*As.shape[1:-2], m * r, k)
+    return Pt.mT, Qt.mT
 
 
 def _lowrank_svd(P: Tensor, Q: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:

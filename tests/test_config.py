@@ -49,6 +49,7 @@ def test_lora_scaling():
     ({"mixing": {"scheme": "matrix"}}, "mixing.matrix", "give a matrix"),
     ({"optim": {"betas": [0.9]}}, "optim.betas", "list of 2"),
     ({"lora": {"alpha": True}}, "lora.alpha", "expected a number"),
+    ({"lora": {"alpha": "big"}}, "lora.alpha", "expected a number"),
     ({"grad_norm": "yes"}, "grad_norm", "true or false"),
 ])
 def test_bad_values_name_the_field(data, field, words):
@@ -69,8 +70,8 @@ def test_overrides_parse_yaml_values():
     assert data == {"lora": {"rank": 8}}
     data = apply_override({"topology": "ring"}, "topology.name=star")
     assert data == {"topology": {"name": "star"}}
-    cfg = load_config({**BASE}, ["optim.lr=0.01", "algorithm=dlora", "data.shots=null"])
-    assert cfg.optim.lr == 0.01 and cfg.algorithm == "dlora" and cfg.data.shots is None
+    cfg = load_config({**BASE}, ["optim.lr=1e-4", "algorithm=dlora", "data.shots=null"])
+    assert cfg.optim.lr == 1e-4 and cfg.algorithm == "dlora" and cfg.data.shots is None
     with pytest.raises(ConfigError, match="--set"):
         apply_override({}, "novalue")
 

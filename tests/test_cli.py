@@ -1,0 +1,148 @@
+"""The real CLI in a subprocess, on tiny configs."""
+
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from decaf_ray.cli import main
+from decaf_ray.results import load_adapters, load_run_config
+
+TINY = {
+    "algorithm": "decaf", "agents": 4, "topology": "ring", "rounds": 6, "local_steps": 2,
+    "eval_every": 3, "seed": 1,
+    "task": {"kind": "synthetic", "d": 4, "k": 8, "samples": 200, "test_samples": 100},
+    "data": {"partition": "classes_per_agent", "batch_size": 8},
+    "lora": {"rank": 2, "alpha": 2.0},
+    "optim": {"name": "sgd", "lr": 0.3},
+    "runtime": {"threads": 1},
+}
+
+
+def cli(*args):
+    """``decaf-ray ARGS`` in this process (a subprocess would re-import torch each time)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def test_console_script_runs_in_a_subprocess(config, tmp_path):
+    exe = Path(sys.executable).parent / "decaf-ray"
+    res = subprocess.run([str(exe), "run", str(config), "--out", str(tmp_path / "r"), "--quiet",
+                          "--set", "agents=0"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr == "decaf-ray: error: agents: must be >= 1 (got 0)\n"
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def test_run_writes_config_metrics_summary_and_adapters(config, tmp_path):
+    out = tmp_path / "run"
+    res = cli("run", config, "--out", out, "--quiet", "--set", "lora.rank=1")
+    assert res.returncode == 0, res.stderr
+    assert f"results: {out}" in res.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 6
+    df = pd.read_csv(out / "metrics.csv")
+    assert list(df.columns) == ["round", "step", "agent", "metric", "value"]
+    assert sorted(df["round"].unique()) == [0, 3, 6]
+    cfg = load_run_config(out)
+    assert cfg.lora.rank == 1 and cfg.algorithm == "decaf"
+    adapters = load_adapters(out / "adapters.safetensors")
+    assert sorted(adapters) == [0, 1, 2, 3]
+    a, b = adapters[0]["linear"]
+    assert a.shape == (1, 8) and b.shape == (4, 1)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("lora.rank=0", "lora.rank"),
+    ("agents=0", "agents"),
+    ("algorithm=nope", "algorithm"),
+    ("topology.name=moebius", "topology"),
+    ("lora.rnak=3", "lora.rnak"),
+    ("mixing=uniform", "topology"),  # placeholder replaced below
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(config, tmp_path, override, field):
+    if override == "mixing=uniform":  # uniform weights on a star are not doubly stochastic
+        args = ["--set", "topology.name=star", "--set", "mixing=uniform"]
+        field = "mixing"
+    else:
+        args = ["--set", override]
+    out = tmp_path / "never"
+    res = cli("run", config, "--out", out, *args)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"decaf-ray: error: {field}")
+    assert "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_impossible_partition_and_bad_matrix_file(config, tmp_path):
+    res = cli("run", config, "--set", "agents=2", "--out", tmp_path / "x")
+    assert res.returncode == 2 and res.stderr.startswith("decaf-ray: error: data:")
+    matrix = tmp_path / "pi.csv"
+    matrix.write_text("0.5,0.5,0,0\n0.5,0.5,0,0\n0,0,0.5,0.5\n0,0,0.6,0.5\n")
+    res = cli("run", config, "--set", f"mixing.scheme=matrix", "--set", f"mixing.matrix={matrix}",
+              "--out", tmp_path / "x")
+    assert res.returncode == 2 and res.stderr.startswith("decaf-ray: error: mixing:")
+    assert not (tmp_path / "x").exists()
+    res = cli("run", tmp_path / "missing.yaml")
+    assert res.returncode == 2 and "no such config file" in res.stderr
+
+
+def test_out_directory_is_never_overwritten(config, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = cli("run", config, "--out", out, "--quiet")
+    assert res.returncode == 2 and "--out" in res.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_divergence_exits_0_and_is_recorded(config, tmp_path):
+    out = tmp_path / "run"
+    res = cli("run", config, "--out", out, "--quiet", "--set", "optim.lr=1e9",
+              "--set", "algorithm=dlora")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("diverged")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["diverged_at"]["step"] >= 1
+
+
+def test_describe_prints_graph_histogram_and_trainable_params(config):
+    res = cli("describe", config)
+    assert res.returncode == 0, res.stderr
+    assert "spectral_gap: 0.666667" in res.stdout  # ring of 4, weights 1/3: eigenvalues 1, 1/3, 1/3, -1/3
+    assert re.search(r"^agent +0: +\d+ +\d+ +\d+ +\d+  \(n=\d+\)$", res.stdout, re.M)
+    assert "trainable_params: 24" in res.stdout  # (d + k) r = (4 + 8) * 2
+    assert "floats_sent_per_round_per_agent: min 48, mean 48, max 48" in res.stdout
+    res = cli("describe", config, "--set", "algorithm=dlora_fa")
+    assert "trainable_params: 8" in res.stdout
+
+
+def test_plot_reads_saved_runs(config, tmp_path):
+    for alg in ["decaf", "local"]:
+        assert cli("run", config, "--out", tmp_path / "runs" / alg, "--quiet",
+                   "--set", f"algorithm={alg}").returncode == 0
+    res = cli("plot", tmp_path / "runs", "--out", tmp_path / "acc.png")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "acc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shipped_quickstart_describes(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    res = cli("describe", root / "sweeps" / "quickstart.yaml")
+    assert res.returncode == 0 and "trainable_params: 84" in res.stdout

@@ -31,15 +31,15 @@ def make(m: int, d: int, k: int, r: int, batch: tuple[int, ...] = (), seed: int 
     return As, Bs, torch.full((m,), 1.0 / m)
 
 
-def median_time(fn, repeats: int, warmup=None) -> float:
-    """Median wall time of fn() over ``repeats`` runs after one warm-up call."""
+def median_time(fn, repeats: int, warmup=None):
+    """(median wall time of fn() over ``repeats`` >= 1 runs after one warm-up call, last result)."""
     (warmup or fn)()
     times = []
-    for _ in range(repeats):
+    for _ in range(max(repeats, 1)):
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), out
 
 
 def rel_err(A, B, A_ref, B_ref) -> float:
@@ -51,11 +51,9 @@ def rel_err(A, B, A_ref, B_ref) -> float:
 def bench_single(name: str, d: int, r: int, repeats: int, dense_repeats: int) -> None:
     As, Bs, w = make(NEIGHBOURS, d, d, r)
     small = make(2, 64, 64, 2)
-    t_fact = median_time(lambda: decaf_mix(As, Bs, w), repeats)
-    t_dense = median_time(lambda: decaf_mix_dense(As, Bs, w), dense_repeats,
-                          warmup=lambda: decaf_mix_dense(*small))
-    A, B = decaf_mix(As, Bs, w)
-    Ad, Bd = decaf_mix_dense(As, Bs, w)
+    t_fact, (A, B) = median_time(lambda: decaf_mix(As, Bs, w), repeats)
+    t_dense, (Ad, Bd) = median_time(lambda: decaf_mix_dense(As, Bs, w), dense_repeats,
+                                    warmup=lambda: decaf_mix_dense(*small))
     A64, B64 = decaf_mix(As.double(), Bs.double(), w.double())
     print(f"{name:<10} d=k={d:<5} r={r} m={NEIGHBOURS}  factored {t_fact * 1e3:9.2f} ms  "
           f"dense {t_dense * 1e3:10.1f} ms  speed-up {t_dense / t_fact:8.0f}x")
@@ -71,11 +69,10 @@ def bench_batched(repeats: int) -> None:
     def loop():
         return [decaf_mix(As[:, i], Bs[:, i], w) for i in range(CLIP_MODULES)]
 
-    t_batch = median_time(lambda: decaf_mix(As, Bs, w), repeats)
-    t_loop = median_time(loop, repeats)
-    t_dense = median_time(lambda: decaf_mix_dense(As[:, 0], Bs[:, 0], w), repeats)
-    A, B = decaf_mix(As, Bs, w)
-    err = max(rel_err(A[i], B[i], a, b) for i, (a, b) in enumerate(loop()))
+    t_batch, (A, B) = median_time(lambda: decaf_mix(As, Bs, w), repeats)
+    t_loop, looped = median_time(loop, repeats)
+    t_dense, _ = median_time(lambda: decaf_mix_dense(As[:, 0], Bs[:, 0], w), repeats)
+    err = max(rel_err(A[i], B[i], a, b) for i, (a, b) in enumerate(looped))
     print(f"CLIP x{CLIP_MODULES} modules (d=k={d}, r={r}, m={NEIGHBOURS}): batched "
           f"{t_batch * 1e3:.1f} ms, loop {t_loop * 1e3:.1f} ms ({t_loop / t_batch:.1f}x), "
           f"dense loop ~{t_dense * CLIP_MODULES * 1e3:.0f} ms (72 x one module); "

@@ -14,7 +14,9 @@ shape mixed in one call) and ``weights`` is (m,).
 ``decaf_mix`` never forms the d x k matrix M. It writes M = P Q^T with the thin factors
 P = [pi_i1 B_1 ... pi_im B_m] (d, mr) and Q = [A_1^T ... A_m^T] (k, mr); two thin QRs and the SVD of
 a core of at most mr x mr give the SVD of M in O((d + k)(mr)^2) time and O((d + k) mr) memory,
-instead of O(dk min(d, k)) time and O(dk) memory for the dense SVD (``decaf_mix_dense``).
+instead of O(dk min(d, k)) time and O(dk) memory for the dense SVD (``decaf_mix_dense``). (The
+weights pi_ij are applied to the small R factor of P rather than to P itself.) ``interference`` and
+``tsvd_error`` take Frobenius norms of such low-rank differences the same way.
 """
 
 from __future__ import annotations
@@ -53,46 +55,49 @@ def _weighted_sum(Xs: Tensor, weights: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.tensordot(weights.to(Xs.device, dtype), Xs.to(dtype), dims=1)
 
 
-def _thin_factors(As: Tensor, Bs: Tensor, weights: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The factors of M = sum_j w_j B_j A_j = P Q^T.
+def _thin_factors(As: Tensor, Bs: Tensor, weights: Tensor,
+                  dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """The factors of M = sum_j w_j B_j A_j = P diag(c) Q^T, in ``dtype``.
 
     Returns:
-        P = [w_1 B_1 ... w_m B_m] (*b, d, mr) and Q = [A_1^T ... A_m^T] (*b, k, mr), in ``dtype``.
+        P = [B_1 ... B_m] (*b, d, mr), Q = [A_1^T ... A_m^T] (*b, k, mr) and the column weights
+        c = (w_1 1_r, ..., w_m 1_r) (mr,). The weights stay out of P so they scale the small R
+        factor of P's QR instead of a (d, mr) copy.
     """
     m, r, k, d = As.shape[0], As.shape[-2], As.shape[-1], Bs.shape[-2]
-    w = weights.to(Bs.device, dtype).reshape(m, *([1] * (Bs.ndim - 1)))
-    # Both are built as transposes of contiguous (*b, mr, .) tensors, i.e. column-major, the
-    # layout LAPACK's QR wants, which saves it a copy. Row j*r + c of P^T is w_j B_j[:, c].
-    Pt = torch.movedim((Bs.to(dtype) * w).mT, 0, -3).reshape(*Bs.shape[1:-2], m * r, d)
+    # Built as transposes of contiguous (*b, mr, .) tensors, i.e. column-major, the layout
+    # LAPACK's QR works in, which saves it a transposing copy.
+    Pt = torch.movedim(Bs.to(dtype).mT, 0, -3).reshape(*Bs.shape[1:-2], m * r, d)
     Qt = torch.movedim(As.to(dtype), 0, -3).reshape(*As.shape[1:-2], m * r, k)
-    return Pt.mT, Qt.mT
+    return Pt.mT, Qt.mT, weights.to(Bs.device, dtype).repeat_interleave(r)
 
 
-def _lowrank_svd(P: Tensor, Q: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``rank`` SVD of P Q^T without forming it: P (*b, d, n), Q (*b, k, n).
+def _lowrank_svd(P: Tensor, Q: Tensor, c: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``rank`` SVD of P diag(c) Q^T without forming it: P (*b, d, n), Q (*b, k, n), c (n,).
 
-    With P = Q_P R_P, Q = Q_Q R_Q (reduced QR), P Q^T = Q_P (R_P R_Q^T) Q_Q^T, and Q_P, Q_Q have
-    orthonormal columns, so the SVD of the core C = R_P R_Q^T (min(d, n) x min(k, n)) is that of P Q^T.
+    With P = Q_P R_P, Q = Q_Q R_Q (reduced QR), P diag(c) Q^T = Q_P (R_P diag(c) R_Q^T) Q_Q^T and
+    Q_P, Q_Q have orthonormal columns, so the SVD of the core C = R_P diag(c) R_Q^T
+    (min(d, n) x min(k, n)) gives that of the product.
 
     Returns:
         U (*b, d, s), S (*b, s), Vh (*b, s, k) with s = min(rank, d, k, n), S descending.
     """
     Qp, Rp = torch.linalg.qr(P)
     Qq, Rq = torch.linalg.qr(Q)
-    Uc, S, Vhc = torch.linalg.svd(Rp @ Rq.mT, full_matrices=False)
+    Uc, S, Vhc = torch.linalg.svd((Rp * c) @ Rq.mT, full_matrices=False)
     # Truncate before lifting back, so the (d, k)-sized products only carry `rank` columns.
     return Qp @ Uc[..., :rank], S[..., :rank], Vhc[..., :rank, :] @ Qq.mT
 
 
-def _lowrank_fro(U: Tensor, V: Tensor) -> Tensor:
-    """||U V^T||_F for U (*b, d, n), V (*b, k, n), in O((d + k) n^2) without forming d x k.
+def _lowrank_fro(U: Tensor, V: Tensor, c: Tensor) -> Tensor:
+    """||U diag(c) V^T||_F for U (*b, d, n), V (*b, k, n), c (n,), in O((d + k) n^2), no d x k.
 
-    ||U V^T||_F = ||R_U R_V^T||_F since the Q factors have orthonormal columns. Unlike
-    sqrt(tr(U^T U V^T V)), no large terms cancel, so a zero difference comes out at rounding level.
+    It equals ||R_U diag(c) R_V^T||_F since the Q factors have orthonormal columns. Unlike
+    sqrt(tr(...)) of Gram matrices, no large terms cancel, so a zero difference stays at rounding level.
     """
     Ru = torch.linalg.qr(U, mode="r").R
     Rv = torch.linalg.qr(V, mode="r").R
-    return torch.linalg.matrix_norm(Ru @ Rv.mT)
+    return torch.linalg.matrix_norm((Ru * c) @ Rv.mT)
 
 
 def _split(U: Tensor, S: Tensor, Vh: Tensor, rank: int, split: str) -> tuple[Tensor, Tensor]:
@@ -169,8 +174,8 @@ def decaf_mix(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None,
         ValueError: mismatched shapes, rank < 1 or an unknown split.
     """
     rank = _prepare(As, Bs, weights, rank, split)
-    P, Q = _thin_factors(As, Bs, weights, _compute_dtype(As.dtype))
-    A, B = _split(*_lowrank_svd(P, Q, rank), rank, split)
+    P, Q, c = _thin_factors(As, Bs, weights, _compute_dtype(As.dtype))
+    A, B = _split(*_lowrank_svd(P, Q, c, rank), rank, split)
     return A.to(As.dtype), B.to(Bs.dtype)
 
 
@@ -182,8 +187,8 @@ def decaf_mix_dense(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = 
     time and O(dk) memory.
     """
     rank = _prepare(As, Bs, weights, rank, split)
-    P, Q = _thin_factors(As, Bs, weights, _compute_dtype(As.dtype))
-    U, S, Vh = torch.linalg.svd(P @ Q.mT, full_matrices=False)
+    P, Q, c = _thin_factors(As, Bs, weights, _compute_dtype(As.dtype))
+    U, S, Vh = torch.linalg.svd((P * c) @ Q.mT, full_matrices=False)
     A, B = _split(U, S, Vh, rank, split)
     return A.to(As.dtype), B.to(Bs.dtype)
 
@@ -201,9 +206,10 @@ def interference(As: Tensor, Bs: Tensor, weights: Tensor) -> Tensor:
     """
     _check(As, Bs, weights)
     ct = _compute_dtype(As.dtype)
-    P, Q = _thin_factors(As, Bs, weights, ct)
+    P, Q, c = _thin_factors(As, Bs, weights, ct)
     Abar, Bbar = _weighted_sum(As, weights, ct), _weighted_sum(Bs, weights, ct)
-    return _lowrank_fro(torch.cat([P, -Bbar], -1), torch.cat([Q, Abar.mT], -1))
+    return _lowrank_fro(torch.cat([P, Bbar], -1), torch.cat([Q, Abar.mT], -1),
+                        torch.cat([c, c.new_full((Bbar.shape[-1],), -1.0)]))
 
 
 def tsvd_error(As: Tensor, Bs: Tensor, weights: Tensor, A: Tensor, B: Tensor) -> Tensor:
@@ -220,8 +226,9 @@ def tsvd_error(As: Tensor, Bs: Tensor, weights: Tensor, A: Tensor, B: Tensor) ->
             or B.shape[:-1] != Bs.shape[1:-1] or B.shape[-1] != A.shape[-2]):
         raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not match As {tuple(As.shape)}")
     ct = _compute_dtype(As.dtype)
-    P, Q = _thin_factors(As, Bs, weights, ct)
-    return _lowrank_fro(torch.cat([P, -B.to(ct)], -1), torch.cat([Q, A.to(ct).mT], -1))
+    P, Q, c = _thin_factors(As, Bs, weights, ct)
+    return _lowrank_fro(torch.cat([P, B.to(ct)], -1), torch.cat([Q, A.to(ct).mT], -1),
+                        torch.cat([c, c.new_full((B.shape[-1],), -1.0)]))
 
 
 def prop1_bound(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None) -> Tensor:

@@ -45,6 +45,8 @@ class Task(Protocol):
 # synthetic run never imports open_clip or transformers.
 TASKS: dict[str, str] = {
     "synthetic": "decaf_ray.tasks.synthetic:SyntheticConfig",
+    "clip": "decaf_ray.tasks.clip:CLIPConfig",
+    "causal_lm": "decaf_ray.tasks.causal_lm:CausalLMConfig",
 }
 
 

@@ -1,0 +1,93 @@
+"""The bridge between peft LoRA layers and the core's adapters ``{module: (A, B)}``.
+
+peft keeps, for each adapted ``nn.Linear``, ``lora_A[name].weight`` (r, k) and
+``lora_B[name].weight`` (d, r): exactly the core's A and B. A task holds one peft model (one frozen
+base per host) and swaps agents in by copying their factors into these weights before each
+forward pass; gradients are read back from the same parameters. Copying r (d + k) floats per
+module is negligible next to a forward pass, and it lets every agent on a host share the base.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from decaf_ray.factors import Factors, Grads
+
+ADAPTER = "default"
+
+
+def peft_config(lora_cfg, target_modules: Iterable[str]):
+    """A peft ``LoraConfig`` from the experiment's ``LoRAConfig``: same rank, alpha, dropout, and
+    scaling (``alpha/sqrt(r)`` is peft's rsLoRA)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                      target_modules=list(target_modules), bias="none",
+                      use_rslora=lora_cfg.scaling == "alpha/sqrt(r)")
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Adapted module name (peft's ``base_model.model.`` prefix removed) -> its LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            out[name.removeprefix("base_model.model.")] = module
+    return out
+
+
+def shapes(layers: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
+    """Module name -> (d, k): out and in features of each adapted weight."""
+    return {n: (m.lora_B[ADAPTER].weight.shape[0], m.lora_A[ADAPTER].weight.shape[1])
+            for n, m in layers.items()}
+
+
+@torch.no_grad()
+def set_factors(layers: dict[str, nn.Module], factors: Factors) -> None:
+    """Copy an agent's factors into the peft weights (exact: same dtype round trip on float32)."""
+    for name, (a, b) in factors.items():
+        layer = layers[name]
+        layer.lora_A[ADAPTER].weight.copy_(a)
+        layer.lora_B[ADAPTER].weight.copy_(b)
+
+
+def get_factors(layers: dict[str, nn.Module]) -> Factors:
+    """The factors currently in the peft weights, as float32 CPU copies."""
+    return {n: (m.lora_A[ADAPTER].weight.detach().float().cpu().clone(),
+                m.lora_B[ADAPTER].weight.detach().float().cpu().clone()) for n, m in layers.items()}
+
+
+def set_trainable(layers: dict[str, nn.Module], train_A: bool) -> None:
+    """Only LoRA factors train; A too unless the algorithm freezes it (FA variants)."""
+    for m in layers.values():
+        m.lora_A[ADAPTER].weight.requires_grad_(train_A)
+        m.lora_B[ADAPTER].weight.requires_grad_(True)
+
+
+def zero_grads(layers: dict[str, nn.Module]) -> None:
+    for m in layers.values():
+        m.lora_A[ADAPTER].weight.grad = None
+        m.lora_B[ADAPTER].weight.grad = None
+
+
+def get_grads(layers: dict[str, nn.Module], train_A: bool) -> Grads:
+    """Gradients of the last backward pass per module, float32 on the CPU (None for frozen A)."""
+    out: Grads = {}
+    for n, m in layers.items():
+        ga = m.lora_A[ADAPTER].weight.grad
+        gb = m.lora_B[ADAPTER].weight.grad
+        gb = torch.zeros_like(m.lora_B[ADAPTER].weight) if gb is None else gb
+        if train_A and ga is None:
+            ga = torch.zeros_like(m.lora_A[ADAPTER].weight)
+        out[n] = (ga.detach().float().cpu().clone() if train_A else None,
+                  gb.detach().float().cpu().clone())
+    return out
+
+
+def merged_delta(layer: nn.Module) -> torch.Tensor:
+    """s B A of one layer, (d, k): what ``merge_and_unload`` adds to the frozen weight."""
+    return layer.scaling[ADAPTER] * (layer.lora_B[ADAPTER].weight @ layer.lora_A[ADAPTER].weight)

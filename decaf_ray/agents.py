@@ -35,6 +35,9 @@ class Diverged(RuntimeError):
         super().__init__(f"agent {agent} diverged at step {t} (loss {loss})")
         self.t, self.agent, self.loss = t, agent, loss
 
+    def __reduce__(self):  # crosses process boundaries on the Ray runtime
+        return Diverged, (self.t, self.agent, self.loss)
+
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers, stable across processes and Python versions."""
@@ -58,6 +61,13 @@ class Sampler:
         self.shard, self.batch_size = shard, min(batch_size, len(shard))
         self.rng = np.random.default_rng(seed)
         self.order, self.pos = self.rng.permutation(shard), 0
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "order": self.order.copy(), "pos": self.pos}
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order, self.pos = state["order"].copy(), state["pos"]
 
     def next(self) -> np.ndarray:
         """(batch_size,) training indices; a new permutation at each epoch's end."""
@@ -169,9 +179,26 @@ class AgentGroup:
     def factors(self) -> dict[int, Factors]:
         return {a.id: a.factors for a in self.agents.values()}
 
+    def snapshot(self) -> dict[int, dict]:
+        """Everything that makes each agent's future numbers: factors, optimizer state, batch
+        sampler, and the training losses not yet reported. Taken between rounds (no pending
+        gradient); ``restore`` of it replays the same numbers."""
+        return {a.id: {"factors": a.factors, "opt_state": a.opt_state,
+                       "sampler": a.sampler.state(), "losses": list(a.losses)}
+                for a in self.agents.values()}
+
+    def restore(self, snapshot: dict[int, dict]) -> None:
+        for aid, state in snapshot.items():
+            agent = self.agents[aid]
+            agent.factors, agent.opt_state = state["factors"], state["opt_state"]
+            agent.sampler.set_state(state["sampler"])
+            agent.losses, agent.pending = list(state["losses"]), None
+
     def full_grads(self, factors: Factors) -> dict[int, Grads]:
         """Each agent's full-shard gradient of f_i at the given adapter (for grad f at v-bar)."""
-        seed_dropout(derive_seed(self.seed, 4))
-        return {a.id: self.task.loss_and_grads(factors, a.sampler.shard, self.algorithm.train_A)[1]
-                for a in self.agents.values()}
+        out = {}
+        for a in self.agents.values():
+            seed_dropout(derive_seed(self.seed, 4, a.id))
+            out[a.id] = self.task.loss_and_grads(factors, a.sampler.shard, self.algorithm.train_A)[1]
+        return out
 

@@ -14,6 +14,7 @@ import numpy as np
 import yaml
 
 from decaf_ray.config import ConfigError, ExperimentConfig, load_config
+from decaf_ray.experiment import RunFailed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"decaf-ray: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"decaf-ray: error: run failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("decaf-ray: interrupted", file=sys.stderr)
         return 130

@@ -149,13 +149,33 @@ class ConsensusConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Where agents live. ``inprocess``: all agents in this process (the reference)."""
+    """Where agents live.
 
-    kind: Literal["inprocess"] = "inprocess"
+    ``ray`` (default): a Coordinator actor and AgentHost actors on the Ray cluster at
+    ``RAY_ADDRESS``, or on an embedded local Ray; ``inprocess``: every agent in this process (the
+    reference). Both give the same numbers for the same config and seed.
+    """
+
+    kind: Literal["ray", "inprocess"] = "ray"
+    agents_per_host: int = 1
+    """Agents sharing one host actor (one frozen base model); 1 is the paper's picture."""
+    cpus_per_host: float | None = None
+    """CPUs reserved per host; null shares the cluster's CPUs evenly, at most 1 per host."""
+    gpus_per_host: float = 0.0
+    max_host_restarts: int = 3
+    """Host deaths the run recovers from (restart, restore the last round, replay)."""
+    checkpoint_every: int = 1
+    """Rounds between the snapshots a crashed host is restored from."""
     threads: int | None = None
-    """torch threads for this process; null leaves torch's default."""
+    """torch threads per process; null: torch's default in-process, the host's CPUs on Ray."""
 
     def __post_init__(self):
+        _check(self.agents_per_host >= 1, "agents_per_host", "must be >= 1")
+        _check(self.cpus_per_host is None or self.cpus_per_host > 0, "cpus_per_host",
+               "must be > 0 or null")
+        _check(self.gpus_per_host >= 0, "gpus_per_host", "must be >= 0")
+        _check(self.max_host_restarts >= 0, "max_host_restarts", "must be >= 0")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         _check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
 
 

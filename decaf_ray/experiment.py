@@ -23,6 +23,10 @@ Row = dict[str, Any]
 """One long-form metric row: round, step, agent (-1 for network-level), metric, value."""
 
 
+class RunFailed(RuntimeError):
+    """A run that could not finish, e.g. hosts died more often than the runtime allows."""
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a config resolves to before training: every runtime runs a Plan."""
@@ -93,17 +97,27 @@ def make_shards(cfg: ExperimentConfig, task: Task, n: int) -> list[np.ndarray]:
 
 
 def run(cfg: ExperimentConfig, *, on_rows: Callable[[list[Row]], None] | None = None,
-        progress: bool = True, plan: Plan | None = None) -> RunResult:
-    """Run one experiment on the runtime its config names.
+        progress: bool = True, plan: Plan | None = None, run_id: str | None = None) -> RunResult:
+    """Run one experiment on the runtime its config names (``runtime.kind``).
 
     Args:
         cfg: a validated config.
         on_rows: called with each batch of metric rows as they are produced (streaming).
         progress: show a progress bar over rounds.
-        plan: a plan already made by ``prepare`` (saves rebuilding the task).
+        plan: a plan already made by ``prepare`` (in-process: saves rebuilding the task).
+        run_id: names the run's Ray actors (``<run_id>/host<k>``); random if not given.
     """
-    plan = plan or prepare(cfg)
-    from decaf_ray.runtime.inprocess import InProcessHosts
-    from decaf_ray.runtime.loop import drive
+    if cfg.runtime.kind == "ray":
+        from decaf_ray.runtime.ray_runtime import run_on_ray
 
-    return drive(plan, InProcessHosts(plan), on_rows=on_rows, progress=progress)
+        return run_on_ray(cfg, on_rows=on_rows, progress=progress, run_id=run_id)
+    from decaf_ray.runtime.inprocess import InProcessHosts
+    from decaf_ray.runtime.loop import follow, stream
+
+    plan = plan or prepare(cfg)
+    hosts = InProcessHosts(plan)
+    try:
+        return follow(stream(plan, hosts), cfg.rounds, cfg.algorithm, on_rows=on_rows,
+                      progress=progress)
+    finally:
+        hosts.close()

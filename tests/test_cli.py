@@ -22,7 +22,7 @@ TINY = {
     "data": {"partition": "classes_per_agent", "batch_size": 8},
     "lora": {"rank": 2, "alpha": 2.0},
     "optim": {"name": "sgd", "lr": 0.3},
-    "runtime": {"threads": 1},
+    "runtime": {"kind": "inprocess", "threads": 1},
 }
 
 

@@ -16,6 +16,7 @@ NONIID_RING = {
     "data": {"partition": "classes_per_agent", "batch_size": 16},
     "lora": {"rank": 2, "alpha": 2.0},
     "optim": {"name": "sgd", "lr": 0.5},
+    "runtime": {"kind": "inprocess"},
 }
 
 

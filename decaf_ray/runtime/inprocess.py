@@ -43,5 +43,8 @@ class InProcessHosts:
     def full_grads(self, factors: Factors) -> dict[int, Grads]:
         return self.group.full_grads(factors)
 
+    def end_round(self, rnd: int) -> None:
+        pass
+
     def close(self) -> None:
         pass

@@ -1,14 +1,15 @@
 """The round loop every runtime shares: Algorithm 1's schedule, evaluation, divergence.
 
-A runtime supplies ``Hosts``: where the agents live and how payloads move. The loop decides
+A runtime supplies ``Hosts``: where the agents live and how payloads move. ``stream`` decides
 when to step, communicate and evaluate, and turns what the hosts report into metric rows, so
-every runtime produces the same rows in the same order.
+every runtime produces the same rows in the same order; ``follow`` consumes the stream on the
+driver (callbacks, progress bar).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from tqdm.auto import tqdm
 
@@ -33,19 +34,25 @@ class Hosts(Protocol):
 
     def full_grads(self, factors: Factors) -> dict[int, Grads]: ...
 
+    def end_round(self, rnd: int) -> None:
+        """Every agent finished round ``rnd`` (a point a runtime may checkpoint at)."""
+
     def close(self) -> None: ...
 
 
-def drive(plan: Plan, hosts: Hosts, *, on_rows: Callable[[list[Row]], None] | None = None,
-          progress: bool = True) -> RunResult:
-    """Run ``plan.config.rounds`` rounds of ``local_steps`` steps on ``hosts``."""
-    cfg, rows, t = plan.config, [], 0
-    emit = _emitter(rows, on_rows)
+def stream(plan: Plan, hosts: Hosts) -> Iterator[tuple[int, list[Row]] | RunResult]:
+    """Run ``plan.config.rounds`` rounds of ``local_steps`` steps on ``hosts``.
+
+    Yields ``(round, rows)`` once per round (rows empty between evaluations; round 0 is the
+    evaluation before training), then the ``RunResult`` as the last item. Runtimes forward these
+    items to the driver as they come, which is how a remote run streams its metrics.
+    """
+    cfg, rows, t, rnd = plan.config, [], 0, 0
     start, status, diverged = time.perf_counter(), "completed", None
-    bar = tqdm(total=cfg.rounds, desc=cfg.algorithm, disable=not progress, leave=False)
-    rnd = 0
     try:
-        emit(_eval_rows(plan, hosts, 0, 0, {}))
+        rows += (new := _eval_rows(plan, hosts, 0, 0, {}))
+        hosts.end_round(0)
+        yield 0, new
         for rnd in range(1, cfg.rounds + 1):
             evaluate = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
             for _ in range(cfg.local_steps - 1):
@@ -57,30 +64,40 @@ def drive(plan: Plan, hosts: Hosts, *, on_rows: Callable[[list[Row]], None] | No
             else:
                 hosts.local_step(t)
                 diags = {}
-            if evaluate:
-                new = _eval_rows(plan, hosts, rnd, t, diags)
-                emit(new)
-                bar.set_postfix(_postfix(new), refresh=False)
-            bar.update(1)
+            new = _eval_rows(plan, hosts, rnd, t, diags) if evaluate else []
+            rows += new
+            hosts.end_round(rnd)
+            yield rnd, new
     except Diverged as e:
         status, diverged = "diverged", {"round": rnd, "step": e.t, "agent": e.agent}
+    last = rows[-1]["round"] if rows else 0
+    final = {r["metric"]: r["value"] for r in rows if r["agent"] == -1 and r["round"] == last}
+    factors = hosts.factors()
+    done = rnd if status == "completed" else rnd - 1
+    summary = _summary(plan, status, done, t, diverged, final, time.perf_counter() - start)
+    yield RunResult(cfg, status, rows, summary, factors)
+
+
+def follow(items: Iterable[tuple[int, list[Row]] | RunResult], rounds: int, desc: str, *,
+           on_rows: Callable[[list[Row]], None] | None = None, progress: bool = True
+           ) -> RunResult:
+    """Consume a ``stream``: pass rows to ``on_rows``, move a progress bar per round, return
+    the final ``RunResult``."""
+    bar = tqdm(total=rounds, desc=desc, disable=not progress, leave=False)
+    try:
+        for item in items:
+            if isinstance(item, RunResult):
+                return item
+            rnd, rows = item
+            if rows:
+                if on_rows is not None:
+                    on_rows(rows)
+                bar.set_postfix(_postfix(rows), refresh=False)
+            if rnd:
+                bar.update(1)
     finally:
         bar.close()
-    final = {r["metric"]: r["value"] for r in rows if r["agent"] == -1 and r["round"] == rows[-1]["round"]}
-    factors = hosts.factors()
-    hosts.close()
-    wall = time.perf_counter() - start
-    done = rnd if status == "completed" else rnd - 1
-    summary = _summary(plan, status, done, t, diverged, final, wall)
-    return RunResult(cfg, status, rows, summary, factors)
-
-
-def _emitter(rows: list[Row], on_rows):
-    def emit(new: list[Row]) -> None:
-        rows.extend(new)
-        if on_rows is not None:
-            on_rows(new)
-    return emit
+    raise RuntimeError("the run ended without a result")
 
 
 def _eval_rows(plan: Plan, hosts: Hosts, rnd: int, t: int,

@@ -1,0 +1,310 @@
+"""Ray runtime: a ``Coordinator`` actor drives ``AgentHost`` actors; factors move through the
+object store and never through the driver.
+
+- ``AgentHost`` builds the task itself (its own data and frozen base model, loaded once) and holds
+  an ``AgentGroup`` of ``runtime.agents_per_host`` agents.
+- ``Coordinator`` makes the plan (graph, Pi, shards), starts the hosts, and runs the shared round
+  loop (``runtime.loop.stream``) over ``RayHosts``. At a communication step each host returns
+  one object per agent (the agent's published factors, as numpy arrays so reads are zero-copy);
+  the coordinator hands every host the refs of its agents' neighbours and the host mixes
+  locally. Rows stream back to the driver through a Ray generator, one item per round.
+- Crash recovery: every ``checkpoint_every`` rounds each host returns a snapshot of its agents as
+  an object the coordinator owns (so it outlives the host's process). When a host dies, the
+  coordinator starts a replacement, restores every host to the last snapshot, and replays the
+  calls made since, which reproduces the same numbers because all randomness is seeded per
+  agent and step. ``max_host_restarts`` bounds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import ray
+import torch
+
+from decaf_ray.agents import AgentGroup, Diverged
+from decaf_ray.algorithms import ALGORITHMS
+from decaf_ray.config import ExperimentConfig, load_config
+from decaf_ray.experiment import Plan, Row, RunFailed, RunResult, prepare
+from decaf_ray.factors import Factors, Grads
+from decaf_ray.optim import build_optimizer
+from decaf_ray.runtime.loop import follow, stream
+
+NumpyFactors = dict[str, tuple[Any, np.ndarray]]
+
+
+def to_numpy(factors: Factors) -> NumpyFactors:
+    return {n: (None if a is None else a.numpy(), b.numpy()) for n, (a, b) in factors.items()}
+
+
+def from_numpy(factors: NumpyFactors) -> Factors:
+    # Arrays read from the object store are read-only views; the mix only reads them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return {n: (None if a is None else torch.from_numpy(a), torch.from_numpy(b))
+                for n, (a, b) in factors.items()}
+
+
+class HostFailure(RunFailed):
+    """A host died more often than ``runtime.max_host_restarts`` allows."""
+
+
+@ray.remote
+class AgentHost:
+    """Agents that share one frozen base model; methods mirror ``AgentGroup``'s."""
+
+    def __init__(self, config: dict, shards: dict[int, np.ndarray]):
+        self.config, self.shards, self.group = config, shards, None
+
+    def setup(self) -> None:
+        cfg = load_config(self.config)
+        torch.set_num_threads(cfg.runtime.threads or max(1, int(_cpus_per_host(cfg, 1))))
+        from decaf_ray.tasks import build_task
+
+        task = build_task(cfg.task, cfg.lora, cfg.seed)
+        self.group = AgentGroup.build(cfg, task, ALGORITHMS[cfg.algorithm],
+                                      build_optimizer(cfg.optim, cfg.total_steps), self.shards)
+
+    def where(self) -> dict[str, Any]:
+        """This host's node, process and agents (placement checks, fault injection in tests)."""
+        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "agents": sorted(self.shards)}
+
+    def local_step(self, t: int) -> None:
+        self.group.local_step(t)
+
+    def publish(self, t: int):
+        payloads = self.group.grads_and_payloads(t)
+        out = [to_numpy(payloads[i]) for i in sorted(payloads)]
+        return out[0] if len(out) == 1 else tuple(out)
+
+    def mix_and_apply(self, t: int, inbox: dict, diagnose: bool) -> dict[int, dict[str, float]]:
+        refs = sorted({r for _, _, rs in inbox.values() for r in rs}, key=lambda r: r.hex())
+        fetched = dict(zip(refs, ray.get(refs)))
+        local = {i: (ids, w, [from_numpy(fetched[r]) for r in rs])
+                 for i, (ids, w, rs) in inbox.items()}
+        return self.group.mix_and_apply(t, local, diagnose)
+
+    def evaluate(self) -> dict[int, dict[str, float]]:
+        return self.group.evaluate()
+
+    def factors(self) -> dict[int, NumpyFactors]:
+        return {i: to_numpy(f) for i, f in self.group.factors().items()}
+
+    def full_grads(self, factors: NumpyFactors) -> dict[int, Grads]:
+        return self.group.full_grads(from_numpy(factors))
+
+    def snapshot(self) -> dict[int, dict]:
+        return self.group.snapshot()
+
+    def restore(self, snapshot: dict[int, dict]) -> None:
+        self.group.restore(snapshot)
+
+
+def _cpus_per_host(cfg: ExperimentConfig, hosts: int) -> float:
+    if cfg.runtime.cpus_per_host is not None:
+        return cfg.runtime.cpus_per_host
+    total = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
+    return min(1.0, total / max(hosts, 1))
+
+
+class RayHosts:
+    """``Hosts`` (see ``runtime.loop``) over AgentHost actors, with crash recovery."""
+
+    def __init__(self, plan: Plan, run_id: str):
+        cfg = plan.config
+        self.plan, self.run_id, self.restarts = plan, run_id, 0
+        per = cfg.runtime.agents_per_host
+        ids = list(range(plan.agents))
+        self.members = [ids[k:k + per] for k in range(0, len(ids), per)]
+        self.cpus = _cpus_per_host(cfg, len(self.members))
+        total = ray.cluster_resources().get("CPU", 0.0)
+        if self.cpus * len(self.members) > total + 1e-9:
+            raise HostFailure(
+                f"runtime: {len(self.members)} hosts x {self.cpus} CPUs exceeds the cluster's "
+                f"{total:g} CPUs; raise agents_per_host or lower cpus_per_host")
+        self.hosts = [self._start(k, f"{run_id}/host{k}") for k in range(len(self.members))]
+        ray.get([h.setup.remote() for h in self.hosts])
+        self.log: list[tuple[str, tuple]] = []
+        self.snapshots = [h.snapshot.remote() for h in self.hosts]
+
+    def _start(self, k: int, name: str):
+        cfg = self.plan.config
+        shards = {i: self.plan.shards[i] for i in self.members[k]}
+        return AgentHost.options(
+            name=name, num_cpus=self.cpus, num_gpus=cfg.runtime.gpus_per_host,
+            scheduling_strategy="SPREAD", max_concurrency=1,
+        ).remote(cfg.to_dict(), shards)
+
+    # ------------------------------------------------------------ recovery
+
+    def _call(self, name: str, *args):
+        """Run one state-changing step on every host, recovering from host deaths."""
+        while True:
+            try:
+                with _unwrapped():
+                    out = getattr(self, f"_{name}")(*args)
+                self.log.append((name, args))
+                return out
+            except ray.exceptions.RayActorError as e:
+                self._recover(e)
+
+    def _recover(self, error: Exception) -> None:
+        """Replace dead hosts, restore every host to the last snapshot, replay the log."""
+        limit = self.plan.config.runtime.max_host_restarts
+        while True:
+            dead = [k for k, h in enumerate(self.hosts) if not _alive(h)]
+            self.restarts += len(dead)
+            if self.restarts > limit:
+                raise HostFailure(
+                    f"host(s) {dead} died ({type(error).__name__}); {self.restarts} restarts "
+                    f"exceed runtime.max_host_restarts={limit}")
+            try:
+                for k in dead:
+                    self.hosts[k] = self._start(k, f"{self.run_id}/host{k}-r{self.restarts}")
+                ray.get([self.hosts[k].setup.remote() for k in dead])
+                ray.get([h.restore.remote(s) for h, s in zip(self.hosts, self.snapshots)])
+                for name, args in self.log:  # back to where the failed call started
+                    getattr(self, f"_{name}")(*args)
+                return
+            except ray.exceptions.RayActorError as e:  # another death while recovering
+                error = e
+
+    # ------------------------------------------------------------ Hosts protocol
+
+    def local_step(self, t: int) -> None:
+        self._call("local_step", t)
+
+    def _local_step(self, t: int) -> None:
+        ray.get([h.local_step.remote(t) for h in self.hosts])
+
+    def communicate(self, t: int, diagnose: bool) -> dict[int, dict[str, float]]:
+        return self._call("communicate", t, diagnose)
+
+    def _communicate(self, t: int, diagnose: bool) -> dict[int, dict[str, float]]:
+        refs: dict[int, Any] = {}
+        for h, ids in zip(self.hosts, self.members):
+            out = h.publish.options(num_returns=len(ids)).remote(t)
+            refs.update(zip(ids, out if len(ids) > 1 else [out]))
+        calls = []
+        for h, ids in zip(self.hosts, self.members):
+            inbox = {}
+            for i in ids:
+                nbrs, weights = self.plan.neighbours(i)
+                inbox[i] = (nbrs, weights, [refs[j] for j in nbrs])
+            calls.append(h.mix_and_apply.remote(t, inbox, diagnose))
+        return {i: d for part in ray.get(calls) for i, d in part.items()}
+
+    def evaluate(self) -> dict[int, dict[str, float]]:
+        return self._call("evaluate")
+
+    def _evaluate(self) -> dict[int, dict[str, float]]:
+        return {i: m for part in ray.get([h.evaluate.remote() for h in self.hosts])
+                for i, m in part.items()}
+
+    def factors(self) -> dict[int, Factors]:
+        parts = self._read(lambda h: h.factors.remote())
+        return {i: {n: (torch.from_numpy(a.copy()), torch.from_numpy(b.copy()))
+                    for n, (a, b) in f.items()} for part in parts for i, f in part.items()}
+
+    def full_grads(self, factors: Factors) -> dict[int, Grads]:
+        ref = ray.put(to_numpy(factors))
+        return {i: g for part in self._read(lambda h: h.full_grads.remote(ref))
+                for i, g in part.items()}
+
+    def _read(self, call: Callable) -> list:
+        """A read-only call on every host, retried after recovery."""
+        while True:
+            try:
+                with _unwrapped():
+                    return ray.get([call(h) for h in self.hosts])
+            except ray.exceptions.RayActorError as e:
+                self._recover(e)
+
+    def end_round(self, rnd: int) -> None:
+        if rnd % self.plan.config.runtime.checkpoint_every == 0:
+            self.snapshots = [h.snapshot.remote() for h in self.hosts]
+            self.log = []
+
+    def where(self) -> list[dict[str, Any]]:
+        return ray.get([h.where.remote() for h in self.hosts])
+
+    def close(self) -> None:
+        for h in self.hosts:
+            ray.kill(h)
+
+
+@contextlib.contextmanager
+def _unwrapped():
+    """Re-raise a host's ``Diverged`` as itself, so the shared loop records the divergence."""
+    try:
+        yield
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, Diverged):
+            raise e.cause from None
+        raise
+
+
+def _alive(host) -> bool:
+    try:
+        ray.get(host.where.remote(), timeout=30)
+        return True
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return False
+
+
+@ray.remote(num_cpus=0)
+class Coordinator:
+    """Owns the plan and the hosts of one run; ``run`` streams (round, rows) then the result."""
+
+    def __init__(self, config: dict, run_id: str):
+        self.config, self.run_id = config, run_id
+
+    def run(self):
+        plan = prepare(load_config(self.config))
+        hosts = RayHosts(plan, self.run_id)
+        try:
+            for item in stream(plan, hosts):
+                if isinstance(item, RunResult):
+                    item.summary["hosts"] = len(hosts.members)
+                    item.summary["host_restarts"] = hosts.restarts
+                    item.summary["host_nodes"] = len({w["node"] for w in hosts.where()})
+                yield item
+        finally:
+            hosts.close()
+
+
+def connect() -> None:
+    """Join the cluster at ``RAY_ADDRESS`` if set, else start an embedded local Ray.
+
+    Authentication is left as the cluster (or Ray's local default) has it: never turned off here.
+    """
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="ERROR")
+    else:
+        ray.init(include_dashboard=False, logging_level="ERROR")
+
+
+def run_on_ray(cfg: ExperimentConfig, *, on_rows: Callable[[list[Row]], None] | None = None,
+               progress: bool = True, run_id: str | None = None) -> RunResult:
+    """Run ``cfg`` on Ray; rows reach ``on_rows`` as each evaluation round completes."""
+    connect()
+    run_id = run_id or f"decaf-ray-{uuid.uuid4().hex[:8]}"
+    coordinator = Coordinator.options(name=f"{run_id}/coordinator").remote(cfg.to_dict(), run_id)
+    try:
+        items = (ray.get(ref) for ref in coordinator.run.remote())
+        return follow(items, cfg.rounds, cfg.algorithm, on_rows=on_rows, progress=progress)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, RunFailed):
+            raise e.cause from None
+        raise
+    finally:
+        ray.kill(coordinator)

@@ -1,0 +1,95 @@
+"""The Ray runtime against the in-process reference: same numbers, crash recovery, placement."""
+
+import os
+import signal
+import threading
+
+import pytest
+
+from decaf_ray.config import load_config
+from decaf_ray.experiment import run
+
+pytestmark = pytest.mark.ray
+
+BASE = {
+    "agents": 6, "topology": "ring", "rounds": 12, "local_steps": 2, "eval_every": 3, "seed": 5,
+    "task": {"kind": "synthetic", "d": 6, "k": 16, "samples": 600, "test_samples": 200},
+    "data": {"partition": "classes_per_agent", "batch_size": 16},
+    "lora": {"rank": 2, "alpha": 2.0, "dropout": 0.1},
+    "optim": {"name": "adam", "lr": 0.05},
+}
+
+
+def _cfg(kind, **over):
+    runtime = {"kind": kind, "threads": 1, **over.pop("runtime", {})}
+    return load_config({**BASE, **over, "runtime": runtime})
+
+
+def _values(result):
+    return [(r["round"], r["step"], r["agent"], r["metric"], r["value"]) for r in result.rows]
+
+
+@pytest.mark.parametrize("algorithm, per_host", [("decaf", 3), ("dlora", 2), ("fedavg_fa", 6)])
+def test_ray_gives_the_inprocess_numbers_exactly(ray_session, algorithm, per_host):
+    ref = run(_cfg("inprocess", algorithm=algorithm), progress=False)
+    got = run(_cfg("ray", algorithm=algorithm, runtime={"agents_per_host": per_host}),
+              progress=False)
+    assert got.status == ref.status == "completed"
+    assert _values(got) == _values(ref)
+    for i in ref.factors:
+        for n, (a, b) in ref.factors[i].items():
+            assert got.factors[i][n][0].equal(a) and got.factors[i][n][1].equal(b)
+    assert got.summary["hosts"] == 6 // per_host
+
+
+def test_rows_stream_to_the_driver_during_the_run(ray_session):
+    seen = []
+    res = run(_cfg("ray", runtime={"agents_per_host": 3}), progress=False,
+              on_rows=lambda rows: seen.append(rows[0]["round"]))
+    assert seen == [0, 3, 6, 9, 12]
+    assert res.summary["rounds_completed"] == 12
+
+
+def _kill_at(round_, run_id, how):
+    """An on_rows callback that kills host 0 of ``run_id`` once round ``round_`` is reported."""
+    import ray
+
+    done = threading.Event()
+
+    def on_rows(rows):
+        if rows[0]["round"] >= round_ and not done.is_set():
+            done.set()
+            host = ray.get_actor(f"{run_id}/host0")
+            if how == "ray.kill":
+                ray.kill(host)
+            else:  # the process exits under the host
+                os.kill(ray.get(host.where.remote())["pid"], signal.SIGKILL)
+
+    return on_rows, done
+
+
+@pytest.mark.parametrize("how", ["ray.kill", "process exit"])
+def test_a_killed_host_is_restarted_and_the_run_ends_as_if_uninterrupted(ray_session, how):
+    cfg = _cfg("ray", algorithm="decaf", runtime={"agents_per_host": 3})
+    ref = run(_cfg("inprocess", algorithm="decaf"), progress=False)
+    run_id = f"crash-{how.replace(' ', '-').replace('.', '-')}"
+    on_rows, done = _kill_at(6, run_id, how)
+    got = run(cfg, progress=False, on_rows=on_rows, run_id=run_id)
+    assert done.is_set()
+    assert got.summary["host_restarts"] == 1
+    assert _values(got) == _values(ref)
+
+
+def test_past_max_host_restarts_the_run_fails_clearly(ray_session):
+    from decaf_ray.runtime.ray_runtime import HostFailure
+
+    cfg = _cfg("ray", runtime={"agents_per_host": 3, "max_host_restarts": 0})
+    on_rows, _ = _kill_at(3, "no-restarts", "ray.kill")
+    with pytest.raises(HostFailure, match="max_host_restarts=0"):
+        run(cfg, progress=False, on_rows=on_rows, run_id="no-restarts")
+
+
+def test_divergence_on_ray_is_recorded(ray_session):
+    res = run(_cfg("ray", algorithm="dlora", optim={"name": "sgd", "lr": 1e7},
+                   runtime={"agents_per_host": 6}), progress=False)
+    assert res.status == "diverged" and res.summary["diverged_at"]["step"] >= 1

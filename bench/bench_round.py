@@ -34,7 +34,7 @@ def time_rounds(algorithm: str, d: int, k: int, agents: int, rounds: int, topolo
     for _ in range(rounds):
         start = time.perf_counter()
         t += 1
-        hosts.local_step(t)
+        hosts.local_steps(t, 1)
         t += 1
         hosts.communicate(t, diagnose=False)
         times.append(time.perf_counter() - start)

@@ -164,8 +164,9 @@ class RuntimeConfig:
     gpus_per_host: float = 0.0
     max_host_restarts: int = 3
     """Host deaths the run recovers from (restart, restore the last round, replay)."""
-    checkpoint_every: int = 1
-    """Rounds between the snapshots a crashed host is restored from."""
+    checkpoint_every: int = 10
+    """Rounds between the snapshots a crashed host is restored from (recovery replays at most
+    this many rounds; the numbers are the same whatever its value)."""
     threads: int | None = None
     """torch threads per process; null: torch's default in-process, the host's CPUs on Ray."""
 

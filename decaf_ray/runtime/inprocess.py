@@ -23,8 +23,9 @@ class InProcessHosts:
                                       build_optimizer(cfg.optim, cfg.total_steps),
                                       dict(enumerate(plan.shards)))
 
-    def local_step(self, t: int) -> None:
-        self.group.local_step(t)
+    def local_steps(self, t: int, count: int) -> None:
+        for step in range(t, t + count):
+            self.group.local_step(step)
 
     def communicate(self, t: int, diagnose: bool) -> dict[int, dict[str, float]]:
         payloads = self.group.grads_and_payloads(t)

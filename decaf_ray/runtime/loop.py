@@ -23,7 +23,8 @@ from decaf_ray.factors import Factors, Grads
 class Hosts(Protocol):
     """Agents wherever they live; every call covers all agents."""
 
-    def local_step(self, t: int) -> None: ...
+    def local_steps(self, t: int, count: int) -> None:
+        """Steps t, t+1, ..., t+count-1 without communication."""
 
     def communicate(self, t: int, diagnose: bool) -> dict[int, dict[str, float]]:
         """Gradients at w_t, exchange w_t, mix, apply; diagnostics per agent if asked."""
@@ -55,15 +56,12 @@ def stream(plan: Plan, hosts: Hosts) -> Iterator[tuple[int, list[Row]] | RunResu
         yield 0, new
         for rnd in range(1, cfg.rounds + 1):
             evaluate = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
-            for _ in range(cfg.local_steps - 1):
-                t += 1
-                hosts.local_step(t)
-            t += 1
-            if plan.algorithm.communicates:
-                diags = hosts.communicate(t, diagnose=evaluate)
-            else:
-                hosts.local_step(t)
-                diags = {}
+            talk = plan.algorithm.communicates
+            quiet = cfg.local_steps - 1 if talk else cfg.local_steps
+            if quiet:
+                hosts.local_steps(t + 1, quiet)
+            t += cfg.local_steps
+            diags = hosts.communicate(t, diagnose=evaluate) if talk else {}
             new = _eval_rows(plan, hosts, rnd, t, diags) if evaluate else []
             rows += new
             hosts.end_round(rnd)

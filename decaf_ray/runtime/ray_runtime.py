@@ -75,8 +75,9 @@ class AgentHost:
         return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                 "agents": sorted(self.shards)}
 
-    def local_step(self, t: int) -> None:
-        self.group.local_step(t)
+    def local_steps(self, t: int, count: int) -> None:
+        for step in range(t, t + count):
+            self.group.local_step(step)
 
     def publish(self, t: int):
         payloads = self.group.grads_and_payloads(t)
@@ -122,6 +123,7 @@ class RayHosts:
         per = cfg.runtime.agents_per_host
         ids = list(range(plan.agents))
         self.members = [ids[k:k + per] for k in range(0, len(ids), per)]
+        self.neighbours = [plan.neighbours(i) for i in ids]
         self.cpus = _cpus_per_host(cfg, len(self.members))
         total = ray.cluster_resources().get("CPU", 0.0)
         if self.cpus * len(self.members) > total + 1e-9:
@@ -177,11 +179,11 @@ class RayHosts:
 
     # ------------------------------------------------------------ Hosts protocol
 
-    def local_step(self, t: int) -> None:
-        self._call("local_step", t)
+    def local_steps(self, t: int, count: int) -> None:
+        self._call("local_steps", t, count)
 
-    def _local_step(self, t: int) -> None:
-        ray.get([h.local_step.remote(t) for h in self.hosts])
+    def _local_steps(self, t: int, count: int) -> None:
+        ray.get([h.local_steps.remote(t, count) for h in self.hosts])
 
     def communicate(self, t: int, diagnose: bool) -> dict[int, dict[str, float]]:
         return self._call("communicate", t, diagnose)
@@ -195,7 +197,7 @@ class RayHosts:
         for h, ids in zip(self.hosts, self.members):
             inbox = {}
             for i in ids:
-                nbrs, weights = self.plan.neighbours(i)
+                nbrs, weights = self.neighbours[i]
                 inbox[i] = (nbrs, weights, [refs[j] for j in nbrs])
             calls.append(h.mix_and_apply.remote(t, inbox, diagnose))
         return {i: d for part in ray.get(calls) for i, d in part.items()}

@@ -1,0 +1,161 @@
+"""Ray runtime against the in-process runtime: time per round and peak memory.
+
+    python bench/bench_ray.py overhead            # near-zero-cost task, 10 / 40 / 100 agents
+    python bench/bench_ray.py compute             # tiny CLIP, 10 agents, agents_per_host 5
+    python bench/bench_ray.py memory              # peak memory against agents, per host 1 and 10
+    python bench/bench_ray.py case --runtime ray --agents 40 --per-host 10 --task synthetic
+
+Every case runs in a fresh subprocess (its own embedded Ray) and reports the median time of the
+rounds after the first two (start-up and warm-up excluded) and the peak proportional set size
+(PSS: shared library pages split between processes, so torch is not counted once per actor) of
+the whole process tree: driver, Ray's daemons and every actor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SYNTHETIC = {"kind": "synthetic", "d": 4, "k": 8, "true_rank": 1, "samples": 4000,
+             "test_samples": 50}
+TINY_CLIP = None  # filled from sweeps/clip-tiny-digits.yaml when the compute case runs
+
+
+def config(task: str, agents: int, runtime: str, per_host: int, rounds: int) -> dict:
+    if task == "clip":
+        import yaml
+
+        base = yaml.safe_load((ROOT / "sweeps" / "clip-tiny-digits.yaml").read_text())
+        base.update(agents=agents, rounds=rounds, eval_every=rounds, grad_norm=False)
+        base["runtime"] = {"kind": runtime, "agents_per_host": per_host}
+        return base
+    return {
+        "algorithm": "decaf", "agents": agents, "topology": "ring", "rounds": rounds,
+        "local_steps": 1, "eval_every": rounds, "grad_norm": False, "seed": 0,
+        "task": SYNTHETIC, "data": {"partition": "iid", "batch_size": 4},
+        "lora": {"rank": 1, "alpha": 1.0}, "optim": {"name": "momentum", "lr": 0.01},
+        "runtime": {"kind": runtime, "agents_per_host": per_host, "threads": 1},
+    }
+
+
+class PeakPSS:
+    """Samples the PSS of this process and all its descendants every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_case(args) -> dict:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from decaf_ray.config import load_config
+    from decaf_ray.experiment import run
+
+    cfg = load_config(config(args.task, args.agents, args.runtime, args.per_host, args.rounds))
+    stamps = []
+    with PeakPSS() as mem:
+        start = time.perf_counter()
+        result = run(cfg, progress=False, on_rows=lambda rows: stamps.append(time.perf_counter()))
+        total = time.perf_counter() - start
+    # rows arrive at round 0 and at the end; per-round time = (end - round 0) / rounds
+    per_round = (stamps[-1] - stamps[0]) / cfg.rounds
+    return {"runtime": args.runtime, "task": args.task, "agents": args.agents,
+            "per_host": args.per_host, "rounds": cfg.rounds, "per_round_ms": per_round * 1e3,
+            "total_s": total, "peak_pss_mb": mem.peak / 2 ** 20, "status": result.status}
+
+
+def case(runtime: str, task: str, agents: int, per_host: int, rounds: int) -> dict:
+    cmd = [sys.executable, __file__, "case", "--runtime", runtime, "--task", task,
+           "--agents", str(agents), "--per-host", str(per_host), "--rounds", str(rounds)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        raise SystemExit(f"case failed: {' '.join(cmd)}\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def overhead(repeats: int) -> None:
+    print("coordination overhead, synthetic d=4 k=8 rank 1 (near-zero compute), 1 step/round, "
+          f"median of {repeats} runs")
+    print(f"{'agents':>6} {'per host':>8} {'inproc ms':>10} {'ray ms':>8} {'overhead ms':>11}")
+    for agents, per_host in [(10, 1), (10, 5), (40, 10), (100, 10), (100, 25)]:
+        ip = statistics.median(case("inprocess", "synthetic", agents, per_host, 60)["per_round_ms"]
+                               for _ in range(repeats))
+        ry = statistics.median(case("ray", "synthetic", agents, per_host, 60)["per_round_ms"]
+                               for _ in range(repeats))
+        print(f"{agents:>6} {per_host:>8} {ip:10.2f} {ry:8.2f} {ry - ip:11.2f}")
+
+
+def compute(repeats: int) -> None:
+    print(f"compute-bound: tiny CLIP (sweeps/clip-tiny-digits.yaml), 10 agents, median of {repeats}")
+    ip = [case("inprocess", "clip", 10, 5, 8)["per_round_ms"] for _ in range(repeats)]
+    ry = [case("ray", "clip", 10, 5, 8)["per_round_ms"] for _ in range(repeats)]
+    a, b = statistics.median(ip), statistics.median(ry)
+    print(f"in-process {a:.1f} ms/round, ray (2 hosts x 5 agents) {b:.1f} ms/round, "
+          f"ray / in-process = {b / a:.2f}")
+
+
+def memory() -> None:
+    print("peak PSS of the whole process tree (driver + Ray + actors)")
+    print(f"{'task':>9} {'agents':>6} {'per host':>8} {'hosts':>5} {'peak MB':>8} {'MB/agent':>8}")
+    for task, cases in [("synthetic", [(10, 1), (10, 10), (40, 10), (100, 10)]),
+                        ("clip", [(10, 1), (10, 10), (40, 10), (100, 10)])]:
+        for agents, per_host in cases:
+            r = case("ray", task, agents, per_host, 3)
+            hosts = -(-agents // per_host)
+            print(f"{task:>9} {agents:>6} {per_host:>8} {hosts:>5} {r['peak_pss_mb']:8.0f} "
+                  f"{r['peak_pss_mb'] / agents:8.1f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["overhead", "compute", "memory", "case"])
+    p.add_argument("--runtime", default="ray")
+    p.add_argument("--task", default="synthetic")
+    p.add_argument("--agents", type=int, default=10)
+    p.add_argument("--per-host", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    if args.what == "case":
+        print(json.dumps(run_case(args)))
+    elif args.what == "overhead":
+        overhead(args.repeats)
+    elif args.what == "compute":
+        compute(args.repeats)
+    else:
+        memory()
+
+
+if __name__ == "__main__":
+    main()

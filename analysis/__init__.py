@@ -60,7 +60,7 @@ def plot_runs(path: str | Path, metric: str, out: str | Path) -> Path:
     if df.empty:
         raise ValueError(f"no run under {path} recorded metric {metric!r}")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for run, g in df.groupby("run", sort=True):
+    for _, g in df.groupby("run", sort=True):
         agents = g[g.agent >= 0].groupby("round")["value"]
         net = g[g.agent == -1].set_index("round")["value"]
         label = g["name"].iloc[0] if isinstance(g["name"].iloc[0], str) else g["algorithm"].iloc[0]

@@ -130,12 +130,3 @@ def apply_updates(params: Factors, updates: Grads) -> Factors:
     return {n: (a if updates[n][0] is None else a + updates[n][0], b + updates[n][1])
             for n, (a, b) in params.items()}
 
-
-def as_tensors(state: State) -> list[Tensor]:
-    """Every tensor in an optimizer state (for memory accounting)."""
-    out: list[Tensor] = []
-    for v in state.values():
-        if isinstance(v, dict):
-            for a, b in v.values():
-                out += [x for x in (a, b) if x is not None]
-    return out

@@ -95,7 +95,7 @@ def test_impossible_partition_and_bad_matrix_file(config, tmp_path):
     assert res.returncode == 2 and res.stderr.startswith("decaf-ray: error: data:")
     matrix = tmp_path / "pi.csv"
     matrix.write_text("0.5,0.5,0,0\n0.5,0.5,0,0\n0,0,0.5,0.5\n0,0,0.6,0.5\n")
-    res = cli("run", config, "--set", f"mixing.scheme=matrix", "--set", f"mixing.matrix={matrix}",
+    res = cli("run", config, "--set", "mixing.scheme=matrix", "--set", f"mixing.matrix={matrix}",
               "--out", tmp_path / "x")
     assert res.returncode == 2 and res.stderr.startswith("decaf-ray: error: mixing:")
     assert not (tmp_path / "x").exists()

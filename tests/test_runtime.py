@@ -67,7 +67,7 @@ def test_fa_variants_communicate_half_and_train_only_b(results):
     assert results["fedavg"].summary["floats_sent_per_round_per_agent"] * 2 == \
         results["dlora"].summary["floats_sent_per_round_per_agent"]  # ring: 2 neighbours
     first = results["dlora_fa"].factors[0]
-    for i, f in results["dlora_fa"].factors.items():
+    for f in results["dlora_fa"].factors.values():
         for n in f:
             assert np.array_equal(f[n][0].numpy(), first[n][0].numpy())  # the shared frozen A
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
 
 from decaf_ray.factors import Factors, Grads
 

@@ -97,7 +97,9 @@ def make_shards(cfg: ExperimentConfig, task: Task, n: int) -> list[np.ndarray]:
 
 
 def run(cfg: ExperimentConfig, *, on_rows: Callable[[list[Row]], None] | None = None,
-        progress: bool = True, plan: Plan | None = None, run_id: str | None = None) -> RunResult:
+        progress: bool = True, plan: Plan | None = None, run_id: str | None = None,
+        resume: Any = None, checkpoint_every: int | None = None,
+        on_checkpoint: Callable[[Any], None] | None = None) -> RunResult:
     """Run one experiment on the runtime its config names (``runtime.kind``).
 
     Args:
@@ -106,18 +108,24 @@ def run(cfg: ExperimentConfig, *, on_rows: Callable[[list[Row]], None] | None = 
         progress: show a progress bar over rounds.
         plan: a plan already made by ``prepare`` (in-process: saves rebuilding the task).
         run_id: names the run's Ray actors (``<run_id>/host<k>``); random if not given.
+        resume: a ``runtime.loop.RunState`` to continue from (exactly where it was taken).
+        checkpoint_every, on_checkpoint: hand a ``RunState`` to ``on_checkpoint`` every so many
+            rounds (a sweep trial's checkpoints).
     """
+    kwargs = dict(on_rows=on_rows, progress=progress, on_checkpoint=on_checkpoint)
     if cfg.runtime.kind == "ray":
         from decaf_ray.runtime.ray_runtime import run_on_ray
 
-        return run_on_ray(cfg, on_rows=on_rows, progress=progress, run_id=run_id)
+        return run_on_ray(cfg, run_id=run_id, resume=resume, checkpoint_every=checkpoint_every,
+                          **kwargs)
     from decaf_ray.runtime.inprocess import InProcessHosts
     from decaf_ray.runtime.loop import follow, stream
 
     plan = plan or prepare(cfg)
     hosts = InProcessHosts(plan)
     try:
-        return follow(stream(plan, hosts), cfg.rounds, cfg.algorithm, on_rows=on_rows,
-                      progress=progress)
+        items = stream(plan, hosts, resume=resume, checkpoint_every=checkpoint_every)
+        return follow(items, cfg.rounds, cfg.algorithm, initial=resume.round if resume else 0,
+                      **kwargs)
     finally:
         hosts.close()

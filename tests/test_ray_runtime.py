@@ -93,3 +93,12 @@ def test_divergence_on_ray_is_recorded(ray_session):
     res = run(_cfg("ray", algorithm="dlora", optim={"name": "sgd", "lr": 1e7},
                    runtime={"agents_per_host": 6}), progress=False)
     assert res.status == "diverged" and res.summary["diverged_at"]["step"] >= 1
+
+
+def test_checkpoints_taken_on_ray_resume_in_process_and_vice_versa(ray_session):
+    states = []
+    ref = run(_cfg("inprocess", algorithm="dlora"), progress=False, checkpoint_every=6,
+              on_checkpoint=states.append)
+    got = run(_cfg("ray", algorithm="dlora", runtime={"agents_per_host": 3}), progress=False,
+              resume=states[0])
+    assert _values(got) == _values(ref)

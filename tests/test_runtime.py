@@ -146,3 +146,16 @@ def test_partition_reaches_agents():
     labels = plan.task.train_labels
     for i, shard in enumerate(plan.shards):
         assert set(labels[shard]) == {i}
+
+
+def test_a_run_resumed_from_a_checkpoint_gives_the_uninterrupted_numbers():
+    cfg = _cfg(algorithm="decaf", rounds=12, eval_every=3, optim={"name": "adam", "lr": 0.05},
+               lora={"rank": 2, "alpha": 2.0, "dropout": 0.1})
+    states = []
+    full = run(cfg, progress=False, checkpoint_every=4, on_checkpoint=states.append)
+    assert [s.round for s in states] == [4, 8]
+    resumed = run(cfg, progress=False, resume=states[0])
+    assert [r["value"] for r in resumed.rows] == [r["value"] for r in full.rows]
+    for i, f in full.factors.items():
+        for n, (a, b) in f.items():
+            assert resumed.factors[i][n][0].equal(a) and resumed.factors[i][n][1].equal(b)

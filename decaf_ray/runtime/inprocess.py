@@ -47,5 +47,11 @@ class InProcessHosts:
     def end_round(self, rnd: int) -> None:
         pass
 
+    def snapshot(self) -> dict[int, dict]:
+        return self.group.snapshot()
+
+    def restore(self, agents: dict[int, dict]) -> None:
+        self.group.restore(agents)
+
     def close(self) -> None:
         pass

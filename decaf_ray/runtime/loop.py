@@ -9,7 +9,8 @@ driver (callbacks, progress bar).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Protocol, Union
 
 from tqdm.auto import tqdm
 
@@ -38,23 +39,49 @@ class Hosts(Protocol):
     def end_round(self, rnd: int) -> None:
         """Every agent finished round ``rnd`` (a point a runtime may checkpoint at)."""
 
+    def snapshot(self) -> dict[int, dict]:
+        """Every agent's state between rounds (``AgentGroup.snapshot``)."""
+
+    def restore(self, agents: dict[int, dict]) -> None: ...
+
     def close(self) -> None: ...
 
 
-def stream(plan: Plan, hosts: Hosts) -> Iterator[tuple[int, list[Row]] | RunResult]:
+@dataclass
+class RunState:
+    """A run between rounds: enough to continue it exactly (a sweep trial's checkpoint)."""
+
+    round: int
+    step: int
+    rows: list[Row]
+    agents: dict[int, dict]
+
+
+Item = Union[tuple[int, list[Row]], RunState, RunResult]
+
+
+def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
+           checkpoint_every: int | None = None) -> Iterator[Item]:
     """Run ``plan.config.rounds`` rounds of ``local_steps`` steps on ``hosts``.
 
     Yields ``(round, rows)`` once per round (rows empty between evaluations; round 0 is the
-    evaluation before training), then the ``RunResult`` as the last item. Runtimes forward these
-    items to the driver as they come, which is how a remote run streams its metrics.
+    evaluation before training), a ``RunState`` after every ``checkpoint_every``-th round when
+    asked, and the ``RunResult`` last. Runtimes forward these items to the driver as they come,
+    which is how a remote run streams its metrics. ``resume`` continues from a ``RunState``.
     """
-    cfg, rows, t, rnd = plan.config, [], 0, 0
-    start, status, diverged = time.perf_counter(), "completed", None
+    cfg, start, status, diverged = plan.config, time.perf_counter(), "completed", None
+    if resume is None:
+        rows, t, first = [], 0, 1
+    else:
+        hosts.restore(resume.agents)
+        rows, t, first = list(resume.rows), resume.step, resume.round + 1
+    rnd = first - 1
     try:
-        rows += (new := _eval_rows(plan, hosts, 0, 0, {}))
-        hosts.end_round(0)
-        yield 0, new
-        for rnd in range(1, cfg.rounds + 1):
+        if resume is None:
+            rows += (new := _eval_rows(plan, hosts, 0, 0, {}))
+            hosts.end_round(0)
+            yield 0, new
+        for rnd in range(first, cfg.rounds + 1):
             evaluate = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
             talk = plan.algorithm.communicates
             quiet = cfg.local_steps - 1 if talk else cfg.local_steps
@@ -66,6 +93,8 @@ def stream(plan: Plan, hosts: Hosts) -> Iterator[tuple[int, list[Row]] | RunResu
             rows += new
             hosts.end_round(rnd)
             yield rnd, new
+            if checkpoint_every and rnd % checkpoint_every == 0 and rnd < cfg.rounds:
+                yield RunState(rnd, t, list(rows), hosts.snapshot())
     except Diverged as e:
         status, diverged = "diverged", {"round": rnd, "step": e.t, "agent": e.agent}
     last = rows[-1]["round"] if rows else 0
@@ -76,16 +105,21 @@ def stream(plan: Plan, hosts: Hosts) -> Iterator[tuple[int, list[Row]] | RunResu
     yield RunResult(cfg, status, rows, summary, factors)
 
 
-def follow(items: Iterable[tuple[int, list[Row]] | RunResult], rounds: int, desc: str, *,
-           on_rows: Callable[[list[Row]], None] | None = None, progress: bool = True
-           ) -> RunResult:
-    """Consume a ``stream``: pass rows to ``on_rows``, move a progress bar per round, return
-    the final ``RunResult``."""
-    bar = tqdm(total=rounds, desc=desc, disable=not progress, leave=False)
+def follow(items: Iterable[Item], rounds: int, desc: str, *,
+           on_rows: Callable[[list[Row]], None] | None = None,
+           on_checkpoint: Callable[[RunState], None] | None = None,
+           progress: bool = True, initial: int = 0) -> RunResult:
+    """Consume a ``stream``: pass rows to ``on_rows`` and states to ``on_checkpoint``, move a
+    progress bar per round, return the final ``RunResult``."""
+    bar = tqdm(total=rounds, initial=initial, desc=desc, disable=not progress, leave=False)
     try:
         for item in items:
             if isinstance(item, RunResult):
                 return item
+            if isinstance(item, RunState):
+                if on_checkpoint is not None:
+                    on_checkpoint(item)
+                continue
             rnd, rows = item
             if rows:
                 if on_rows is not None:

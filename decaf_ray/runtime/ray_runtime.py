@@ -33,7 +33,7 @@ from decaf_ray.config import ExperimentConfig, load_config
 from decaf_ray.experiment import Plan, Row, RunFailed, RunResult, prepare
 from decaf_ray.factors import Factors, Grads
 from decaf_ray.optim import build_optimizer
-from decaf_ray.runtime.loop import follow, stream
+from decaf_ray.runtime.loop import RunState, follow, stream
 
 NumpyFactors = dict[str, tuple[Any, np.ndarray]]
 
@@ -233,6 +233,14 @@ class RayHosts:
             self.snapshots = [h.snapshot.remote() for h in self.hosts]
             self.log = []
 
+    def snapshot(self) -> dict[int, dict]:
+        return {i: st for part in self._read(lambda h: h.snapshot.remote()) for i, st in part.items()}
+
+    def restore(self, agents: dict[int, dict]) -> None:
+        parts = [{i: agents[i] for i in ids} for ids in self.members]
+        ray.get([h.restore.remote(p) for h, p in zip(self.hosts, parts)])
+        self.snapshots, self.log = [ray.put(p) for p in parts], []
+
     def where(self) -> list[dict[str, Any]]:
         return ray.get([h.where.remote() for h in self.hosts])
 
@@ -267,11 +275,11 @@ class Coordinator:
     def __init__(self, config: dict, run_id: str):
         self.config, self.run_id = config, run_id
 
-    def run(self):
+    def run(self, resume=None, checkpoint_every: int | None = None):
         plan = prepare(load_config(self.config))
         hosts = RayHosts(plan, self.run_id)
         try:
-            for item in stream(plan, hosts):
+            for item in stream(plan, hosts, resume=resume, checkpoint_every=checkpoint_every):
                 if isinstance(item, RunResult):
                     item.summary["hosts"] = len(hosts.members)
                     item.summary["host_restarts"] = hosts.restarts
@@ -295,15 +303,19 @@ def connect() -> None:
         ray.init(include_dashboard=False, logging_level="ERROR")
 
 
-def run_on_ray(cfg: ExperimentConfig, *, on_rows: Callable[[list[Row]], None] | None = None,
-               progress: bool = True, run_id: str | None = None) -> RunResult:
-    """Run ``cfg`` on Ray; rows reach ``on_rows`` as each evaluation round completes."""
+def run_on_ray(cfg: ExperimentConfig, *, run_id: str | None = None, resume: RunState | None = None,
+               checkpoint_every: int | None = None, **follow_kwargs) -> RunResult:
+    """Run ``cfg`` on Ray; rows reach ``on_rows`` as each evaluation round completes.
+
+    ``follow_kwargs`` go to ``runtime.loop.follow`` (on_rows, on_checkpoint, progress)."""
     connect()
     run_id = run_id or f"decaf-ray-{uuid.uuid4().hex[:8]}"
     coordinator = Coordinator.options(name=f"{run_id}/coordinator").remote(cfg.to_dict(), run_id)
     try:
-        items = (ray.get(ref) for ref in coordinator.run.remote())
-        return follow(items, cfg.rounds, cfg.algorithm, on_rows=on_rows, progress=progress)
+        gen = coordinator.run.remote(resume, checkpoint_every)
+        items = (ray.get(ref) for ref in gen)
+        return follow(items, cfg.rounds, cfg.algorithm,
+                      initial=resume.round if resume else 0, **follow_kwargs)
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, RunFailed):
             raise e.cause from None

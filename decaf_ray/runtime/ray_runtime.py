@@ -126,7 +126,7 @@ class RayHosts:
         self.neighbours = [plan.neighbours(i) for i in ids]
         self.cpus = _cpus_per_host(cfg, len(self.members))
         total = ray.cluster_resources().get("CPU", 0.0)
-        if self.cpus * len(self.members) > total + 1e-9:
+        if self.cpus * len(self.members) > total + 1e-6:
             raise HostFailure(
                 f"runtime: {len(self.members)} hosts x {self.cpus} CPUs exceeds the cluster's "
                 f"{total:g} CPUs; raise agents_per_host or lower cpus_per_host")
@@ -138,9 +138,11 @@ class RayHosts:
     def _start(self, k: int, name: str):
         cfg = self.plan.config
         shards = {i: self.plan.shards[i] for i in self.members[k]}
+        # Inside a placement group (a sweep trial) hosts take its bundles; otherwise spread them.
+        in_group = ray.util.get_current_placement_group() is not None
         return AgentHost.options(
             name=name, num_cpus=self.cpus, num_gpus=cfg.runtime.gpus_per_host,
-            scheduling_strategy="SPREAD", max_concurrency=1,
+            scheduling_strategy=None if in_group else "SPREAD",
         ).remote(cfg.to_dict(), shards)
 
     # ------------------------------------------------------------ recovery

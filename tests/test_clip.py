@@ -1,0 +1,346 @@
+"""The CLIP task on a tiny random-init open_clip model: split attention, the paper's parameter
+counts, the peft bridge, gradients, a short decentralised run, and the data loaders. No download."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gzip
+import io
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from decaf_ray.config import ConfigError, LoRAConfig, from_dict, load_config
+from decaf_ray.factors import init_factors, param_count
+from decaf_ray.tasks import build_task, peft_lora
+from decaf_ray.tasks.clip import CLIPConfig, SplitAttention, build, instantiate
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOWERS5 = ROOT.parent / "shared" / "data" / "flowers5"
+TINY = {"embed_dim": 32,
+        "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8,
+                       "head_width": 16},
+        "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2,
+                     "layers": 2}}
+LORA = LoRAConfig(rank=2, alpha=1.0, dropout=0.25)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from threads and stall when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(lora: LoRAConfig = LORA, **task):
+    spec = {"dataset": "digits", "model_config": TINY, "test_samples": 50, **task}
+    return build(from_dict(CLIPConfig, spec), lora, 0)
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make()
+
+
+def random_factors(task, rank=2, seed=1, scale=0.3):
+    """Nonzero A and B, so the adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: (torch.randn(rank, k, generator=g) * scale, torch.randn(d, rank, generator=g) * scale)
+            for n, (d, k) in task.lora_shapes().items()}
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_split_attention_equals_multihead_attention(batch_first):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    split = SplitAttention(mha)
+    n, length = 3, 5
+    x = torch.randn((n, length, 16) if batch_first else (length, n, 16))
+    causal = torch.full((length, length), float("-inf")).triu(1)
+    masks = [None, causal, causal != 0, torch.randn(n * 4, length, length)]
+    for mask in masks:
+        for need in (False, True):
+            ref, ref_w = mha(x, x, x, need_weights=need, attn_mask=mask)
+            out, w = split(x, x, x, need_weights=need, attn_mask=mask)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            if need:
+                torch.testing.assert_close(w, ref_w, atol=1e-5, rtol=1e-5)
+    pad = torch.zeros(n, length, dtype=torch.bool)
+    pad[:, -1] = True
+    ref, _ = mha(x, x, x, key_padding_mask=pad, need_weights=False)
+    torch.testing.assert_close(split(x, x, x, key_padding_mask=pad, need_weights=False)[0], ref,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_split_model_outputs_unchanged(task):
+    """The task's model (split q/k/v, LoRA with B = 0) computes what open_clip's fused one does."""
+    torch.manual_seed(0)
+    fused = instantiate(TINY).eval()
+    model = task.materialise()
+    fused.load_state_dict(_fused_state(model))
+    shapes = task.lora_shapes()
+    peft_lora.set_factors(task.layers, init_factors(shapes, 2, torch.Generator().manual_seed(0)))
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(x), fused.encode_image(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.encode_text(task.tokens), fused.encode_text(task.tokens),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def _fused_state(model):
+    """The split, LoRA-wrapped model's base weights in open_clip's fused-attention keys."""
+    state = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    out = {}
+    for key in list(state):
+        if ".attn.q_proj." in key:
+            pre, kind = key.split(".attn.q_proj.")
+            parts = [state[f"{pre}.attn.{p}_proj.{kind}"] for p in "qkv"]
+            out[f"{pre}.attn.in_proj_{kind}"] = torch.cat(parts)
+        elif ".attn.k_proj." not in key and ".attn.v_proj." not in key:
+            out[key] = state[key]
+    return out
+
+
+# ---------------------------------------------------------------------------- shapes
+
+
+def test_vit_b16_trainable_params_match_the_paper():
+    """Tables 6 and 7: 92,160 (r=1) and 184,320 (r=2) for ViT-B/16, q, k, v, both encoders.
+    The shapes come from a meta-device model: no weights made, nothing downloaded."""
+    for rank, expected in ((1, 92_160), (2, 184_320)):
+        task = build_task(from_dict(CLIPConfig, {"dataset": "digits", "model": "ViT-B-16",
+                                                 "pretrained": "openai"}), LoRAConfig(rank=rank), 0)
+        shapes = task.lora_shapes()
+        assert task.model is None
+        assert len(shapes) == 2 * 12 * 3
+        assert param_count(shapes, rank) == expected
+    assert shapes["visual.transformer.resblocks.0.attn.q_proj"] == (768, 768)
+    assert shapes["transformer.resblocks.11.attn.v_proj"] == (512, 512)
+    vision_only = make(model_config=None, model="ViT-B-16", encoders=["vision"], blocks=[-1],
+                       targets=["q", "out", "mlp"]).lora_shapes()
+    assert list(vision_only) == [f"visual.transformer.resblocks.11.{m}" for m in
+                                 ("attn.q_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert vision_only["visual.transformer.resblocks.11.mlp.c_fc"] == (3072, 768)
+
+
+# ---------------------------------------------------------------------------- peft bridge
+
+
+def test_factors_round_trip_and_merge_equals_adapter():
+    task = make()
+    model = task.materialise()
+    factors = random_factors(task)
+    peft_lora.set_factors(task.layers, factors)
+    back = peft_lora.get_factors(task.layers)
+    for name, (a, b) in factors.items():
+        assert torch.equal(back[name][0], a) and torch.equal(back[name][1], b)
+    x = task.preprocess.batch(task.data.test, np.arange(6), train=False)
+    model.eval()
+    with torch.no_grad():
+        adapted = task.logits(x)
+    bases = {n: layer.base_layer.weight.detach().clone() for n, layer in task.layers.items()}
+    for name, layer in task.layers.items():
+        a, b = factors[name]
+        delta = LORA.scale * b @ a
+        torch.testing.assert_close(peft_lora.merged_delta(layer), delta)
+        torch.testing.assert_close(layer.get_delta_weight(peft_lora.ADAPTER), delta)
+        layer.merge()
+        torch.testing.assert_close(layer.base_layer.weight, bases[name] + delta)
+    with torch.no_grad():
+        merged = task.logits(x)
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-5)
+    plain = make()
+    plain.materialise()
+    peft_lora.set_factors(plain.layers, init_factors(task.lora_shapes(), 2, torch.Generator()))
+    with torch.no_grad():
+        assert not torch.allclose(plain.logits(x), adapted, atol=1e-3)  # the adapter mattered
+
+
+def test_gradients(task):
+    idx = np.arange(8)
+    zero_b = init_factors(task.lora_shapes(), 2, torch.Generator().manual_seed(0))
+    loss, grads = task.loss_and_grads(zero_b, idx)
+    assert np.isfinite(loss)
+    assert all(torch.equal(ga, torch.zeros_like(ga)) for ga, _ in grads.values())
+    assert any(gb.abs().sum() > 0 for _, gb in grads.values())
+    factors = random_factors(task)
+    _, grads = task.loss_and_grads(factors, idx, train_A=False)
+    assert all(ga is None for ga, _ in grads.values())
+    for name, (ga, gb) in task.loss_and_grads(factors, idx)[1].items():
+        assert ga.shape == factors[name][0].shape and gb.shape == factors[name][1].shape
+        assert ga.dtype == torch.float32 and ga.abs().sum() > 0
+    # Same global seed -> same dropout and crops.
+    torch.random.default_generator.manual_seed(7)
+    one = task.loss_and_grads(factors, idx)
+    torch.random.default_generator.manual_seed(7)
+    two = task.loss_and_grads(factors, idx)
+    assert one[0] == two[0] and all(torch.equal(one[1][n][1], two[1][n][1]) for n in factors)
+
+
+def test_micro_batches_give_the_same_gradient():
+    """Without dropout and augmentation (whose draws depend on the chunking)."""
+    whole = make(LoRAConfig(rank=2, alpha=1.0), augment=False)
+    chunked = copy.copy(whole)
+    chunked.cfg = from_dict(CLIPConfig, {**_cfg_dict(whole.cfg), "micro_batch": 3})
+    factors, idx = random_factors(whole), np.arange(8)
+    (la, ga), (lb, gb) = whole.loss_and_grads(factors, idx), chunked.loss_and_grads(factors, idx)
+    assert lb == pytest.approx(la, rel=1e-5)
+    for n in factors:
+        torch.testing.assert_close(gb[n][0], ga[n][0], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(gb[n][1], ga[n][1], atol=1e-6, rtol=1e-4)
+
+
+def _cfg_dict(cfg):
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def test_evaluate(task):
+    metrics = task.evaluate(random_factors(task))
+    assert set(metrics) == {"test_loss", "test_accuracy"}
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_loss"] > 0
+    assert len(task.test_labels) == 50 and task.num_classes == 10
+
+
+# ---------------------------------------------------------------------------- experiments
+
+
+def experiment(algorithm: str) -> dict:
+    return {"algorithm": algorithm, "agents": 3, "topology": "ring", "rounds": 6,
+            "local_steps": 2, "eval_every": 3, "seed": 0, "grad_norm": False,
+            "task": {"kind": "clip", "dataset": "digits", "model_config": TINY, "augment": False,
+                     "test_samples": 50},
+            "data": {"partition": "iid", "shots": 20, "batch_size": 16},
+            "lora": {"rank": 2, "alpha": 1.0, "dropout": 0.25},
+            "optim": {"name": "adamw", "lr": 1e-2},
+            "runtime": {"kind": "inprocess", "threads": 1}}
+
+
+def network(rows, metric):
+    return [r["value"] for r in rows if r["agent"] == -1 and r["metric"] == metric]
+
+
+@pytest.mark.parametrize("algorithm", ["decaf", "dlora"])
+def test_training_lowers_the_loss_and_is_deterministic(algorithm):
+    from decaf_ray.experiment import prepare, run
+
+    cfg = load_config(experiment(algorithm))
+    first = run(cfg, progress=False)
+    assert first.status == "completed"
+    train = network(first.rows, "train_loss")
+    assert len(train) == 2 and train[-1] < train[0]
+    assert network(first.rows, "test_loss")[-1] < network(first.rows, "test_loss")[0]
+    again = run(cfg, progress=False, plan=prepare(cfg))  # a fresh task: same seeded weights
+    assert again.rows == first.rows
+
+
+def test_sweep_config_loads_and_describes():
+    from decaf_ray.cli import main
+
+    path = ROOT / "sweeps" / "clip-tiny-digits.yaml"
+    cfg = load_config(path)
+    assert cfg.task.kind == "clip" and cfg.agents == 10 and cfg.lora.rank == 2
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["describe", str(path)]) == 0
+    text = out.getvalue()
+    assert "trainable_params: 2304" in text and "(n=40)" in text
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@pytest.mark.skipif(not FLOWERS5.is_dir(), reason="shared flowers5 folder not present")
+def test_image_folder_flowers5():
+    task = make(dataset="imagefolder", root=str(FLOWERS5), max_per_class=3, test_fraction=0.34,
+                test_samples=None, cache_mb=16)
+    assert task.class_names == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
+    assert np.bincount(task.train_labels).tolist() == [2] * 5
+    assert np.bincount(task.test_labels).tolist() == [1] * 5
+    x = task.preprocess.batch(task.data.train, np.arange(4), train=True)
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32
+    loss, _ = task.loss_and_grads(random_factors(task), np.arange(10))
+    assert np.isfinite(loss)
+    assert set(task.evaluate(random_factors(task))) == {"test_loss", "test_accuracy"}
+    same = make(dataset="imagefolder", root=str(FLOWERS5), max_per_class=3, test_fraction=0.34)
+    assert same.data.train.paths == task.data.train.paths  # the split is seeded
+
+
+@pytest.mark.skipif(not FLOWERS5.is_dir(), reason="shared flowers5 folder not present")
+def test_coop_split_file_and_ucf101_names(tmp_path):
+    import json
+
+    from decaf_ray.tasks.image_data import ucf101_name
+
+    assert ucf101_name("Apply_Eye_Makeup") == ucf101_name("ApplyEyeMakeup") == "Apply Eye Makeup"
+    files = {c: sorted(p.name for p in (FLOWERS5 / c).iterdir())[:3] for c in ("rose", "tulip")}
+    rows = [[f"{c}/{f}", i, f"{c}_flower"] for i, c in enumerate(files) for f in files[c]]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": rows[:2] + rows[3:5], "val": [], "test": [rows[2], rows[5]]}))
+    task = make(dataset="imagefolder", root=str(FLOWERS5), split_file=str(split), test_samples=None)
+    assert task.class_names == ["rose flower", "tulip flower"]
+    assert task.train_labels.tolist() == [0, 0, 1, 1] and task.test_labels.tolist() == [0, 1]
+    assert task.prompts[1] == "a photo of a tulip flower."
+
+
+def _idx(path: Path, arr: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for part, n in (("train", 30), ("t10k", 20)):
+        _idx(tmp_path / f"{part}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _idx(tmp_path / f"{part}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    task = make(dataset="fashion_mnist", root=str(tmp_path), download=False, test_samples=None)
+    assert task.class_names[0] == "T-shirt/top" and len(task.class_names) == 10
+    assert len(task.train_labels) == 30 and len(task.test_labels) == 20
+    assert task.data.train.get(0).shape == (3, 28, 28)
+    pooled = make(dataset="fashion_mnist", root=str(tmp_path), split="random", test_fraction=0.2,
+                  download=False, test_samples=None)
+    assert len(pooled.train_labels) == 40 and len(pooled.test_labels) == 10
+
+
+def test_checkpoint_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    ref = instantiate(TINY).eval()
+    path = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    task = make(checkpoint=str(path), init_seed=99)
+    model = task.materialise()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(x), ref.encode_image(x), atol=1e-5, rtol=1e-5)
+
+
+def test_config_errors():
+    bad = [({"targets": ["q", "x"]}, "targets"), ({"encoders": []}, "encoders"),
+           ({"prompt": "no slot"}, "prompt"), ({"dataset": "imagefolder"}, "root"),
+           ({"pretrained": "openai"}, "pretrained"), ({"crop_scale": [0.5, 0.1]}, "crop_scale"),
+           ({"split": "official"}, "split"), ({"dataset": "mnist"}, "dataset")]
+    for change, field in bad:
+        with pytest.raises(ConfigError) as e:
+            from_dict(CLIPConfig, {"dataset": "digits", "model_config": TINY, **change})
+        assert e.value.field == field
+    with pytest.raises(ConfigError, match="dataset"):
+        from_dict(CLIPConfig, {})
+    with pytest.raises(ConfigError, match="task.model"):
+        build(from_dict(CLIPConfig, {"dataset": "digits", "model": "ViT-Nope"}), LORA, 0)
+    with pytest.raises(ConfigError, match="task.blocks"):
+        make(blocks=[5])
+    with pytest.raises(ConfigError, match="task.pretrained"):
+        build(from_dict(CLIPConfig, {"dataset": "digits", "pretrained": "nope"}), LORA, 0)

@@ -51,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     desc.add_argument("--set", dest="overrides", **sets)
     desc.set_defaults(func=cmd_describe)
 
+    sweep = sub.add_parser("sweep", help="run a sweep file with Ray Tune (one trial per config)")
+    sweep.add_argument("sweep")
+    sweep.add_argument("--set", dest="overrides", **sets)
+    sweep.add_argument("--storage", default="runs/sweeps", help="where sweeps are written")
+    sweep.add_argument("--max-concurrent", type=int, default=None)
+    sweep.add_argument("--resume", action="store_true",
+                       help="finish an interrupted sweep (finished trials are not redone)")
+    sweep.set_defaults(func=cmd_sweep)
+
     plot = sub.add_parser("plot", help="plot saved runs (a run directory or a folder of runs)")
     plot.add_argument("results")
     plot.add_argument("--metric", default="test_accuracy")
@@ -109,6 +118,19 @@ def cmd_describe(args) -> int:
     print(f"trainable_params: {param_count(shapes, rank, plan.algorithm.train_A)}")
     for line in _warnings(cfg):
         print(f"warning: {line}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from decaf_ray.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep, args.overrides)
+    grid = run_sweep(sweep, args.storage, resume=args.resume, max_concurrent=args.max_concurrent)
+    failed = [r for r in grid if r.error is not None]
+    print(f"sweep {sweep.name}: {len(grid)} trials, {len(failed)} failed; "
+          f"results: {Path(args.storage) / sweep.name}")
+    for r in failed:
+        print(f"  failed: {r.path}: {str(r.error).splitlines()[0]}", file=sys.stderr)
     return 0
 
 

@@ -36,14 +36,20 @@ class RunWriter:
         self.out = Path(out)
         self._csv = None
 
-    def open(self, cfg: ExperimentConfig) -> "RunWriter":
-        if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
+    def open(self, cfg: ExperimentConfig, rows: list[Row] | None = None,
+             overwrite: bool = False) -> "RunWriter":
+        """Create the directory and write the config; ``rows`` (a resumed run's rows so far)
+        start metrics.csv. ``overwrite`` writes into a non-empty directory (a Tune trial's)."""
+        if not overwrite and self.out.exists() and (
+                not self.out.is_dir() or any(self.out.iterdir())):
             raise ConfigError("--out", f"{self.out} exists and is not an empty directory")
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         self._file = open(self.out / "metrics.csv", "w", newline="")
         self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS)
         self._csv.writeheader()
+        if rows:
+            self.rows(rows)
         return self
 
     def rows(self, rows: list[Row]) -> None:

@@ -1,0 +1,120 @@
+"""Sweeps: validation at the edge, Tune trials, failures recorded, Ctrl-C then --resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import analysis
+from decaf_ray.config import ConfigError, load_config
+from decaf_ray.experiment import run
+from decaf_ray.sweep import load_sweep, param_space
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {
+    "agents": 4, "topology": "ring", "rounds": 12, "local_steps": 2, "eval_every": 3,
+    "task": {"kind": "synthetic", "d": 4, "k": 8, "samples": 200, "test_samples": 100},
+    "data": {"partition": "classes_per_agent", "batch_size": 8},
+    "lora": {"rank": 2, "alpha": 2.0}, "optim": {"name": "sgd", "lr": 0.3},
+    "runtime": {"kind": "inprocess", "threads": 1},
+}
+
+
+def write(tmp_path, grid, **extra):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "base": BASE, "grid": grid, **extra}))
+    return path
+
+
+def test_grid_points_and_spaces(tmp_path):
+    sweep = load_sweep(write(tmp_path, {"algorithm": ["decaf", "dlora"], "lora.rank": [1, 2],
+                                        "optim.lr": {"loguniform": [1e-3, 1e-1]}}))
+    assert len(sweep.points()) == 4
+    assert sweep.config_for({"lora.rank": 1, "algorithm": "dlora"}).lora.rank == 1
+    space = param_space(sweep)
+    assert set(space) == {"algorithm", "lora.rank", "optim.lr"}
+
+
+@pytest.mark.parametrize("grid, field", [
+    ({"lora.rank": [1, 0]}, "lora.rank"),
+    ({"algorithm": ["decaf", "nope"]}, "algorithm"),
+    ({"lora.rnak": [1]}, "lora.rnak"),
+    ({"seed": []}, "grid.seed"),
+    ({"seed": {"gaussian": [0, 1]}}, "grid.seed"),
+])
+def test_every_grid_point_is_validated_before_anything_runs(tmp_path, grid, field):
+    with pytest.raises(ConfigError) as e:
+        load_sweep(write(tmp_path, grid))
+    assert field in str(e.value)
+
+
+def test_every_shipped_sweep_loads():
+    files = sorted((ROOT / "sweeps").glob("*.yaml"))
+    for f in files:
+        data = yaml.safe_load(f.read_text())
+        if "grid" in data or "base" in data:
+            load_sweep(f)
+        else:
+            load_config(f)
+
+
+def _sweep_cli(*args, **kw):
+    return subprocess.Popen([str(Path(sys.executable).parent / "decaf-ray"), "sweep", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_failed_and_diverged_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
+    path = write(tmp_path, {"optim.lr": [0.3, 1e9], "agents": [4, 3]})  # agents 3: no partition
+    proc = _sweep_cli(path, "--storage", tmp_path / "out")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "4 trials, 2 failed" in out
+    df = analysis.load(tmp_path / "out" / "t")
+    status = df.groupby(["optim.lr", "agents"])["status"].first().to_dict()
+    assert status[(0.3, 4)] == "completed" and status[(1e9, 4)] == "diverged"
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "out" / "t").rglob("summary.json")]
+    failed = [s for s in summaries if s["status"] == "failed"]
+    assert len(failed) == 2 and all("classes" in s["error"] for s in failed)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
+    # trial 0 is short; trial 1 is long and is interrupted after its first checkpoint
+    path = write(tmp_path, {"rounds": [6, 300]}, checkpoint_every=20, max_concurrent=1)
+    store = tmp_path / "out"
+    proc = _sweep_cli(path, "--storage", store, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        long_trial = [p for p in (store / "t").glob("trial_*rounds=300*")] if (store / "t").exists() else []
+        if long_trial and list(long_trial[0].glob("checkpoint_*")):
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the long trial never checkpointed")
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+    proc.communicate(timeout=120)
+    short = next((store / "t").glob("trial_*rounds=6_*"))
+    done_before = (short / "summary.json").stat().st_mtime
+    assert not (long_trial[0] / "summary.json").exists()
+
+    resumed = _sweep_cli(path, "--storage", store, "--resume")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    assert (short / "summary.json").stat().st_mtime == done_before  # not redone
+    # the long trial continued from its checkpoint and ends with the uninterrupted numbers
+    records = [json.loads(line) for line in (long_trial[0] / "result.json").read_text().splitlines()]
+    restarts = [r for r in records if r["iterations_since_restore"] == 1]
+    assert len(restarts) == 2 and restarts[1]["round"] > 0
+    ref = run(load_config({**BASE, "rounds": 300}), progress=False)
+    got = analysis.load(long_trial[0])
+    assert got["value"].tolist() == pytest.approx([r["value"] for r in ref.rows], rel=0, abs=0)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from decaf_ray.algorithms import Algorithm, MixOptions, diagnostics
 from decaf_ray.factors import Factors, Grads, init_factors
-from decaf_ray.optim import Optimizer, State, apply_updates
+from decaf_ray.optim import Optimizer, State, apply_updates, refactor_state
 
 Inbox = dict[int, tuple[tuple[int, ...], tuple[float, ...], list[Factors]]]
 """agent id -> (neighbour ids incl. self, their weights pi_ij, their published adapters)."""
@@ -109,7 +109,7 @@ class AgentGroup:
                         Sampler(shard, cfg.data.batch_size, derive_seed(cfg.seed, 2, i)))
                   for i, shard in shards.items()]
         return cls(task, algorithm, optimizer, agents, cfg.seed,
-                   MixOptions(split=cfg.consensus.split))
+                   MixOptions(split=cfg.consensus.split, state=cfg.consensus.state))
 
     # ------------------------------------------------------------------ training steps
 
@@ -144,14 +144,15 @@ class AgentGroup:
         """w_{t+1/2} = mix(neighbours' w_t), w_{t+1} = w_{t+1/2} + update(g_t) for each agent.
 
         Agents with the same neighbours and weights (e.g. all of them under FedAvg) share one
-        mix, which is exact because a mix reads only the payloads (and the shared frozen A).
+        mix, which is exact because a mix reads only the payloads (and the shared frozen A),
+        unless the split is ``aligned``, which reads the agent's own factors.
         Returns consensus diagnostics per agent when ``diagnose``.
         """
         cache: dict[tuple, Factors] = {}
         diags = {}
         for aid, (ids, weights, payloads) in inbox.items():
             agent = self.agents[aid]
-            key = (ids, weights)
+            key = (ids, weights, aid if self.mix_options.per_agent else None)
             if key not in cache:
                 w = torch.tensor(weights, dtype=torch.float32)
                 cache[key] = self.algorithm.mix(agent.factors, payloads, w, self.mix_options)
@@ -159,6 +160,9 @@ class AgentGroup:
             if diagnose:
                 diags[aid] = diagnostics(agent.factors, payloads,
                                          torch.tensor(weights, dtype=torch.float32), mixed)
+            if self.algorithm.refactorizes:
+                agent.opt_state = refactor_state(agent.opt_state, agent.factors, mixed,
+                                                 self.mix_options.state)
             self._step(agent, agent.pending, mixed, t)
             agent.pending = None
         return diags

@@ -35,10 +35,17 @@ MixFn = Callable[[Factors, list[Factors], Tensor, "MixOptions"], Factors]
 
 @dataclass(frozen=True)
 class MixOptions:
-    """Options a mix may read: the TSVD split of DeCAF and its target rank."""
+    """Options a mix may read: the TSVD split of DeCAF, its target rank, and what happens to
+    optimizer state when the factors are re-factorized (``keep``, ``rotate``, ``reset``)."""
 
     split: str = "balanced"
     rank: int | None = None
+    state: str = "keep"
+
+    @property
+    def per_agent(self) -> bool:
+        """The mix reads the agent's own factors, so agents cannot share one result."""
+        return self.split == "aligned"
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,8 @@ class Algorithm:
     pi: Literal["graph", "server", "identity"]
     paper: str
     centralized: bool = False
+    refactorizes: bool = False
+    """True when mixing re-factorizes (DeCAF): the factors change basis at each mix."""
 
     @property
     def communicates(self) -> bool:
@@ -118,9 +127,18 @@ def mix_dlora(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOp
 
 
 def mix_decaf(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOptions) -> Factors:
-    """Algorithm 1, lines 9-10: (B_i, A_i) <- rank-r TSVD of sum_j pi_ij B_j A_j (factored)."""
-    return _by_group(own, payloads, lambda _, As, Bs: consensus.decaf_mix(
-        As, Bs, weights, rank=opt.rank, split=opt.split))
+    """Algorithm 1, lines 9-10: (B_i, A_i) <- rank-r TSVD of sum_j pi_ij B_j A_j (factored).
+
+    With ``split="aligned"`` the balanced factors are rotated onto the agent's own (``own``)."""
+
+    def fn(names, As, Bs):
+        A, B = consensus.decaf_mix(As, Bs, weights, rank=opt.rank, split=opt.split)
+        if opt.split == "aligned":
+            A_own, B_own = stack([own], names)
+            A, B = consensus.align(A, B, A_own[0], B_own[0])
+        return A, B
+
+    return _by_group(own, payloads, fn)
 
 
 def mix_fa(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOptions) -> Factors:
@@ -148,7 +166,8 @@ def diagnostics(own: Factors, payloads: list[Factors], weights: Tensor, mixed: F
     return {k: v ** 0.5 for k, v in sq.items()}
 
 
-register(Algorithm("decaf", True, mix_decaf, "graph", "DeCAF, Algorithm 1 (lines 9-10)"))
+register(Algorithm("decaf", True, mix_decaf, "graph", "DeCAF, Algorithm 1 (lines 9-10)",
+                   refactorizes=True))
 register(Algorithm("dlora", True, mix_dlora, "graph", "DLoRA / Dec-LoRA, Algorithm 1 (lines 6-7)"))
 register(Algorithm("dlora_fa", False, mix_fa, "graph", "DLoRA-FA, Algorithm 2"))
 register(Algorithm("fedavg", True, mix_dlora, "server", "FedAvg of A and B (Table 2)"))

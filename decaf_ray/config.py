@@ -142,9 +142,18 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ConsensusConfig:
-    """DeCAF's re-factorization: which split of the TSVD each agent keeps."""
+    """DeCAF's re-factorization: which split of the TSVD each agent keeps, and what happens to
+    its optimizer state (momentum, Adam moments) when the factors change basis.
 
-    split: Literal["balanced", "left"] = "balanced"
+    split: ``balanced`` (U S^1/2, S^1/2 V^T: the paper), ``left`` (U S, V^T), ``aligned``
+        (balanced, then rotated by orthogonal Procrustes onto the agent's previous factors;
+        the product is unchanged).
+    state: ``keep`` the moments as they are, ``rotate`` them with the best orthogonal map from
+        the old factors to the new, or ``reset`` them to zero.
+    """
+
+    split: Literal["balanced", "left", "aligned"] = "balanced"
+    state: Literal["keep", "rotate", "reset"] = "keep"
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SPLITS = ("balanced", "left")
+SPLITS = ("balanced", "left", "aligned")
 """How DeCAF splits T(M) = U_r S_r V_r^T into (A, B): ``balanced`` (the paper) gives
-B = U_r S_r^{1/2}, A = S_r^{1/2} V_r^T; ``left`` gives B = U_r S_r, A = V_r^T."""
+B = U_r S_r^{1/2}, A = S_r^{1/2} V_r^T; ``left`` gives B = U_r S_r, A = V_r^T; ``aligned`` is
+balanced here, then rotated per agent onto its previous factors with ``align`` (same product)."""
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -110,7 +111,7 @@ def _split(U: Tensor, S: Tensor, Vh: Tensor, rank: int, split: str) -> tuple[Ten
     pad = rank - S.shape[-1]
     if pad > 0:
         U, S, Vh = F.pad(U, (0, pad)), F.pad(S, (0, pad)), F.pad(Vh, (0, 0, 0, pad))
-    if split == "balanced":
+    if split in ("balanced", "aligned"):  # aligned: balanced, then ``align`` per agent
         root = S.sqrt()
         return root.unsqueeze(-1) * Vh, U * root.unsqueeze(-2)
     return Vh, U * S.unsqueeze(-2)
@@ -252,3 +253,31 @@ def prop1_bound(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None
     sigma = torch.maximum(torch.linalg.matrix_norm(As.to(ct), ord=2),
                           torch.linalg.matrix_norm(Bs.to(ct), ord=2))
     return math.sqrt(max(m * r - rank, 0)) * sigma.amax(0) ** 2
+
+
+def procrustes(X: Tensor, Y: Tensor) -> Tensor:
+    """The orthogonal R (*b, r, r) minimising ||X R - Y||_F for X, Y (*b, n, r).
+
+    R = U V^T from the SVD U S V^T of X^T Y (Schonemann, 1966).
+    """
+    dtype = _compute_dtype(X.dtype)
+    U, _, Vh = torch.linalg.svd(X.mT.to(dtype) @ Y.to(dtype))
+    return (U @ Vh).to(X.dtype)
+
+
+def stacked(A: Tensor, B: Tensor) -> Tensor:
+    """[B; A^T] (*b, d + k, r): both factors move together under B -> B R, A -> R^T A."""
+    return torch.cat([B, A.mT], dim=-2)
+
+
+def align(A: Tensor, B: Tensor, A_ref: Tensor, B_ref: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate a factorization onto a reference without changing its product.
+
+    With R = procrustes([B; A^T], [B_ref; A_ref^T]), returns (R^T A, B R): B A is unchanged
+    (R R^T = I), and the factors are as close as an orthogonal change of basis allows to the
+    reference, so per-coordinate optimizer state (Adam's moments) keeps its meaning across a
+    re-factorization. Both factors enter the fit so it stays defined while B is still near zero.
+    Shapes: A, A_ref (*b, r, k); B, B_ref (*b, d, r).
+    """
+    R = procrustes(stacked(A, B), stacked(A_ref, B_ref))
+    return R.mT @ A, B @ R

@@ -83,11 +83,11 @@ def momentum(cfg, total_steps: int) -> Optimizer:
         step = lr(t)
         if cfg.weight_decay:
             grads = _map(lambda g, p: g + cfg.weight_decay * p, grads, params)
-        v = _map(lambda g, v: cfg.momentum * v - step * g, grads, state["v"])
-        return v, {"v": {n: (v[n][0] if v[n][0] is not None else state["v"][n][0], v[n][1])
-                         for n in v}}
+        v = _map(lambda g, v: cfg.momentum * v - step * g, grads, state["velocity"])
+        return v, {"velocity": {n: (state["velocity"][n][0] if v[n][0] is None else v[n][0],
+                                    v[n][1]) for n in v}}
 
-    return Optimizer(lambda params: {"v": _zeros(params)}, update)
+    return Optimizer(lambda params: {"velocity": _zeros(params)}, update)
 
 
 def adam(cfg, total_steps: int, decoupled: bool = False) -> Optimizer:
@@ -129,3 +129,31 @@ def apply_updates(params: Factors, updates: Grads) -> Factors:
     return {n: (a if updates[n][0] is None else a + updates[n][0], b + updates[n][1])
             for n, (a, b) in params.items()}
 
+
+
+def refactor_state(state: State, old: Factors, new: Factors, policy: str) -> State:
+    """Optimizer state after a re-factorization moved the factors from ``old`` to ``new``.
+
+    ``keep``: unchanged. ``reset``: every moment zero and Adam's step count 0. ``rotate``: with
+    R = procrustes([B; A^T]_old, [B; A^T]_new) per module (the orthogonal map that best carries
+    the old basis onto the new), first moments move like the factors (m_B R, R^T m_A) and
+    second moments with R squared entrywise ((R*R) keeps them non-negative, and is exact when R
+    permutes or flips directions).
+    """
+    if policy == "keep" or not state:
+        return state
+    if policy == "reset":
+        out = {k: {n: (None if a is None else torch.zeros_like(a), torch.zeros_like(b))
+                   for n, (a, b) in v.items()} for k, v in state.items() if isinstance(v, dict)}
+        return {**out, **({"count": 0} if "count" in state else {})}
+    from decaf_ray.consensus import procrustes, stacked
+
+    R = {n: procrustes(stacked(*old[n]), stacked(*new[n])) for n in old}
+    out = dict(state)
+    for key, tree in state.items():
+        if not isinstance(tree, dict):
+            continue
+        sq = key == "v"  # Adam's second moment; "m" and "velocity" are first moments
+        out[key] = {n: (None if a is None else (R[n] * R[n] if sq else R[n]).mT @ a,
+                        b @ (R[n] * R[n] if sq else R[n])) for n, (a, b) in tree.items()}
+    return out

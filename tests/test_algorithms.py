@@ -206,3 +206,37 @@ def test_decaf_two_agent_step_by_hand_with_factored_tsvd():
         got_A, got_B = group.agents[i].factors["w"]
         assert torch.allclose(got_A, A_half - lr * gA, atol=1e-6)
         assert torch.allclose(got_B, B_half - lr * gB, atol=1e-6)
+
+
+def test_aligned_mix_is_rotated_onto_each_agents_own_factors():
+    ads = _adapters(3)
+    pi = np.full((3, 3), 1 / 3)
+    alg = ALGORITHMS["decaf"]
+    plain = _mix(alg, ads, pi, 0, MixOptions(split="balanced"))
+    for i in range(3):
+        al = _mix(alg, ads, pi, i, MixOptions(split="aligned"))
+        for n in SHAPES:
+            assert torch.allclose(al[n][1] @ al[n][0], plain[n][1] @ plain[n][0], atol=1e-10)
+            dist = lambda f: float(torch.linalg.norm(f[n][1] - ads[i][n][1]))
+            assert dist(al) <= dist(plain) + 1e-9  # closer to the agent's own B
+
+
+@pytest.mark.parametrize("opt", ["momentum", "adam"])
+def test_refactor_state_policies(opt):
+    from decaf_ray.optim import refactor_state
+
+    ads = _adapters(2)
+    old, new = ads[0], {n: (torch.eye(2, dtype=torch.float64)[[1, 0]] @ a, b[:, [1, 0]])
+                        for n, (a, b) in ads[0].items()}  # the same factors, directions swapped
+    optimizer = build_optimizer(OptimConfig(name=opt, lr=0.1), 10)
+    grads = {n: (torch.ones_like(a), torch.ones_like(b) * 2) for n, (a, b) in old.items()}
+    grads["q"] = (torch.arange(10.).reshape(2, 5).double(), grads["q"][1])
+    _, state = optimizer.update(grads, optimizer.init(old), old, 1)
+    assert refactor_state(state, old, new, "keep") is state
+    reset = refactor_state(state, old, new, "reset")
+    assert all(float(x.abs().sum()) == 0 for k, tree in reset.items() if isinstance(tree, dict)
+               for a, b in tree.values() for x in (a, b))
+    rotated = refactor_state(state, old, new, "rotate")
+    key = "velocity" if opt == "momentum" else "m"
+    # a permutation of directions permutes the rows of the A-moments
+    assert torch.allclose(rotated[key]["q"][0], state[key]["q"][0][[1, 0]], atol=1e-10)

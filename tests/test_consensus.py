@@ -68,7 +68,7 @@ def test_decaf_mix_is_best_rank_approximation(m, d, k, r, rank, split):
     assert rel(B @ A, ref) < 1e-10
     n = min(rk, d, k, m * r)  # singular values the factored core can have; the rest are padding
     S_ref = torch.cat([S[:n], S.new_zeros(rk - n)])
-    if split == "balanced":
+    if split in ("balanced", "aligned"):  # aligned is balanced until rotated per agent
         # B^T B = A A^T = S: the paper's symmetric split.
         assert torch.allclose(B.mT @ B, torch.diag(S_ref), atol=1e-10 * S[0])
         assert torch.allclose(A @ A.mT, torch.diag(S_ref), atol=1e-10 * S[0])
@@ -242,3 +242,28 @@ def test_float32_stays_float32():
     assert A.dtype == B.dtype == torch.float32
     Ad, Bd = decaf_mix_dense(As.double(), Bs.double(), w.double())
     assert rel(B.double() @ A.double(), Bd @ Ad) < 1e-5
+
+
+def test_align_keeps_the_product_and_lands_near_the_reference():
+    from decaf_ray.consensus import align, procrustes
+
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(3, 9, generator=g, dtype=torch.float64)
+    B = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    # the reference is the same factorization in another basis: align recovers it exactly
+    A2, B2 = align(Q.T @ A, B @ Q, A, B)
+    assert torch.allclose(B2 @ A2, B @ A, atol=1e-12)
+    assert torch.allclose(A2, A, atol=1e-10) and torch.allclose(B2, B, atol=1e-10)
+    R = procrustes(B @ Q, B)
+    assert torch.allclose(R @ R.T, torch.eye(3, dtype=torch.float64), atol=1e-12)
+
+
+def test_aligned_split_gives_the_balanced_product():
+    g = torch.Generator().manual_seed(4)
+    As = torch.randn(3, 2, 6, generator=g, dtype=torch.float64)
+    Bs = torch.randn(3, 5, 2, generator=g, dtype=torch.float64)
+    w = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    A, B = decaf_mix(As, Bs, w, split="balanced")
+    A2, B2 = decaf_mix(As, Bs, w, split="aligned")
+    assert torch.allclose(B @ A, B2 @ A2, atol=1e-12)

@@ -159,3 +159,14 @@ def test_a_run_resumed_from_a_checkpoint_gives_the_uninterrupted_numbers():
     for i, f in full.factors.items():
         for n, (a, b) in f.items():
             assert resumed.factors[i][n][0].equal(a) and resumed.factors[i][n][1].equal(b)
+
+
+@pytest.mark.parametrize("split", ["balanced", "left", "aligned"])
+@pytest.mark.parametrize("state", ["keep", "rotate", "reset"])
+def test_decaf_splits_and_state_policies_train(split, state):
+    res = run(_cfg(algorithm="decaf", rounds=20, eval_every=20,
+                   optim={"name": "adam", "lr": 0.05},
+                   consensus={"split": split, "state": state}), progress=False)
+    start = [r for r in res.rows if r["metric"] == "test_loss" and r["agent"] == -1][0]["value"]
+    assert res.status == "completed"
+    assert _final(res, "test_loss") < 0.9 * start

@@ -10,6 +10,7 @@ A sweep file is a base experiment config plus a ``grid`` of dotted keys to vary:
       seed: [0, 1, 2]
       optim.lr: {loguniform: [1.0e-4, 1.0e-2]}   # or a random space: uniform, loguniform,
                                                  # randint, choice
+      agents,local_steps: [[10, 13], [20, 7]]    # keys joined by commas vary together
     num_samples: 1                          # draws of the random spaces per grid point
     metric: test_accuracy
     mode: max
@@ -74,7 +75,12 @@ class SweepConfig:
         """The experiment config of one trial: the base with ``params`` set."""
         data = self.base
         for key, value in params.items():
-            data = apply_override(data, f"{key}={_yaml_scalar(value)}")
+            keys = key.split(",")
+            values = value if len(keys) > 1 else [value]
+            if len(values) != len(keys):
+                raise ConfigError(f"grid.{key}", f"each value must list {len(keys)} items")
+            for k, v in zip(keys, values):
+                data = apply_override(data, f"{k}={_yaml_scalar(v)}")
         return load_config(data)
 
 

@@ -55,12 +55,13 @@ def test_every_grid_point_is_validated_before_anything_runs(tmp_path, grid, fiel
 
 
 def test_every_shipped_sweep_loads():
-    files = sorted((ROOT / "sweeps").glob("*.yaml"))
+    files = sorted((ROOT / "sweeps").glob("*.yaml")) + sorted((ROOT / "sweeps").glob("*/*.yaml"))
+    assert len(files) > 10
     for f in files:
         data = yaml.safe_load(f.read_text())
-        if "grid" in data or "base" in data:
+        if "grid" in data:
             load_sweep(f)
-        else:
+        elif "task" in data:
             load_config(f)
 
 

@@ -335,6 +335,10 @@ class CLIPTask:
             self.data = image_data.load(cfg)
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             raise ConfigError("task", f"dataset {cfg.dataset}: {e}") from None
+        except OSError as e:  # a download without network (urllib's URLError is an OSError)
+            raise ConfigError("task.root", f"could not download {cfg.dataset} into {cfg.root} "
+                              f"({getattr(e, 'reason', e)}); put a copy there and set "
+                              "download: false") from None
         self.class_names = self.data.class_names
         self.num_classes: int | None = len(self.class_names)
         self.train_labels: np.ndarray = self.data.train.labels

@@ -3,11 +3,22 @@
 ``load(path)`` gives one tidy DataFrame of every run under ``path`` (a run directory or any folder
 of them): the metric rows plus flattened config columns (``algorithm``, ``topology.name``,
 ``lora.rank``, ...) and the run's ``status`` and ``run`` (its directory).
+
+On top of it (each takes that frame or a results directory):
+
+- figures (``analysis.figures``, ``analysis.theory``; each returns a matplotlib Figure):
+  ``fig2``, ``fig3``, ``theory_curves``, ``bytes_vs_accuracy``, ``label_distribution``,
+  ``rate_check`` (returns ``(figure, slopes)``);
+- tables (``analysis.tables``; each returns a ``Table`` with ``to_markdown``/``to_latex``):
+  ``table2``, ``table3``, ``table6``, ``table7``, ``results_table``;
+- ``figure(name, results, out)``: write any of them to a file by name (what ``decaf-ray plot
+  --figure`` calls).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -77,4 +88,69 @@ def plot_runs(path: str | Path, metric: str, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
+    return out
+
+
+# The figures and tables; imported after ``load`` (they call it).
+from analysis.data import summaries
+from analysis.figures import (
+    accuracy_gap,
+    bytes_vs_accuracy,
+    fig2,
+    fig3,
+    label_distribution,
+)
+from analysis.tables import Table, results_table, table2, table3, table6, table7
+from analysis.theory import fit_slope, rate_check, rate_points, theory_curves
+
+__all__ = ["FIGURES", "NAMES", "TABLES", "Table", "accuracy_gap", "bytes_vs_accuracy", "fig2",
+           "fig3", "figure", "fit_slope", "label_distribution", "load", "plot_runs",
+           "rate_check", "rate_points", "results_table", "run_dirs", "summaries", "table2",
+           "table3", "table6", "table7", "theory_curves"]
+
+FIGURES = {"fig2": fig2, "fig3": fig3, "theory": theory_curves, "bytes": bytes_vs_accuracy,
+           "labels": label_distribution, "rate": rate_check}
+TABLES = {"table2": table2, "table3": table3, "table6": table6, "table7": table7}
+NAMES = tuple(FIGURES) + tuple(TABLES)
+"""Every name ``figure`` accepts."""
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
+TABLE_SUFFIXES = (".md", ".tex")
+
+
+def figure(name: str, results: str | Path | pd.DataFrame, out: str | Path, **kwargs) -> Path:
+    """Make figure or table ``name`` (one of ``NAMES``) from ``results`` (a results directory or
+    a tidy frame from ``load``) and write it to ``out``; returns ``out``.
+
+    Figures write ``.png``, ``.pdf`` or ``.svg``; tables write Markdown (``.md``) or LaTeX
+    (``.tex``) by the suffix and print their Markdown to stdout; ``rate`` also prints the fitted
+    slopes. ``kwargs`` go to the figure or table function (``where=``, ``at_round=``, ...).
+    Raises ``ValueError`` for an unknown name or a suffix that does not fit, and
+    ``FileNotFoundError`` when ``results`` holds no run."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if name in TABLES:
+        if suffix not in TABLE_SUFFIXES:
+            raise ValueError(f"table {name} is written as .md or .tex, not {out.name!r}")
+    elif name in FIGURES:
+        if suffix not in FIGURE_SUFFIXES:
+            raise ValueError(f"figure {name} is written as .png, .pdf or .svg, not {out.name!r}")
+    else:
+        raise ValueError(f"unknown figure {name!r}; choose from {', '.join(NAMES)}")
+    data = results if name == "labels" or isinstance(results, pd.DataFrame) else load(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if name in TABLES:
+        table = TABLES[name](data, **kwargs)
+        markdown = table.to_markdown()
+        out.write_text(markdown if suffix == ".md" else table.to_latex())
+        print(markdown, end="")
+        return out
+    made = FIGURES[name](data, **kwargs)
+    fig = made[0] if isinstance(made, tuple) else made
+    if name == "rate":
+        slopes = made[1]
+        shown = [f"{a} {s:+.3f}" if math.isfinite(s) else f"{a} n/a (one T)"
+                 for a, s in slopes.items()]
+        print("rate check, log-log slope of mean ||grad f||^2 against T: "
+              + (", ".join(shown) if shown else "no data"))
+    fig.savefig(out, dpi=150)
     return out

@@ -60,10 +60,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="finish an interrupted sweep (finished trials are not redone)")
     sweep.set_defaults(func=cmd_sweep)
 
-    plot = sub.add_parser("plot", help="plot saved runs (a run directory or a folder of runs)")
+    plot = sub.add_parser("plot", help="figures and tables from saved runs (a run or a folder)")
     plot.add_argument("results")
+    plot.add_argument("--figure", default=None,
+                      help="fig2, fig3, table2, table3, table6, table7, theory, bytes, labels, "
+                           "rate; default: --metric against round for every run")
     plot.add_argument("--metric", default="test_accuracy")
-    plot.add_argument("--out", required=True, help="image file to write (.png, .pdf, .svg)")
+    plot.add_argument("--out", required=True,
+                      help="file to write: .png/.pdf/.svg for figures, .md/.tex for tables")
     plot.set_defaults(func=cmd_plot)
     return p
 
@@ -135,9 +139,15 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from analysis import plot_runs
+    import analysis
 
-    path = plot_runs(args.results, args.metric, args.out)
+    try:
+        if args.figure:
+            path = analysis.figure(args.figure, args.results, args.out)
+        else:
+            path = analysis.plot_runs(args.results, args.metric, args.out)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError("plot", str(e).splitlines()[0]) from None
     print(f"plot: {path}")
     return 0
 

@@ -87,7 +87,9 @@ def _finite(x: Any) -> Any:
 
 def save_adapters(path: str | Path, adapters: dict[int, Factors]) -> None:
     """Write every agent's factors as one safetensors file."""
-    tensors = {f"agent{i}/{name}/{part}": t.detach().contiguous().cpu()
+    # clone: the FA variants share one frozen A between agents, and safetensors refuses
+    # tensors that share memory
+    tensors = {f"agent{i}/{name}/{part}": t.detach().cpu().clone()
                for i, f in adapters.items() for name, (a, b) in f.items()
                for part, t in (("A", a), ("B", b))}
     save_file(tensors, str(path))

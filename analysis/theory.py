@@ -1,0 +1,210 @@
+"""Figures that check the paper's theory against saved runs.
+
+- ``theory_curves``: consensus interference (Theorem 2: ||sum pi B_j A_j - (sum pi B_j)(sum pi A_j)||_F)
+  and the TSVD error with its Proposition 1 bound, over rounds, per algorithm and rank.
+- ``rate_check``: Corollary 1. With step size alpha ~ 1/sqrt(T), (1/T) sum_t ||grad f(v-bar_t)||^2
+  decays like T^(-1/2): over a sweep of T, the log-log slope of the average squared gradient norm
+  against T should be about -1/2 for both DeCAF and DLoRA.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.data import (
+    ALGORITHM_NAMES,
+    COLUMN_NAMES,
+    X_LABELS,
+    _hashable,
+    agent_stats,
+    as_frame,
+    colour,
+    condition_columns,
+    conditions,
+    config_columns,
+    curve,
+    run_table,
+    select,
+    x_mapper,
+)
+from analysis.figures import _note, new_figure, no_data, seeds_label
+
+THEORY_METRICS = ("interference", "tsvd_error", "prop1_bound")
+RATE_IGNORE = ("rounds", "optim.lr", "eval_every", "optim.warmup_steps", "runtime.checkpoint_every")
+"""What a rate sweep varies with T: not held, not split."""
+
+
+def theory_curves(results, *, by: Sequence[str] = ("algorithm", "lora.rank"), x: str = "round",
+                  band: str = "range", others: str = "hold", logy: bool = True,
+                  where: Mapping[str, Any] | None = None) -> Figure:
+    """(a) consensus interference and (b) TSVD error (solid) with the Proposition 1 bound
+    (dashed, same colour), against round, one colour per condition (algorithm x rank)."""
+    df = as_frame(results)
+    runs = select(run_table(df, THEORY_METRICS), where)
+    fig, axes = new_figure(2, size=(5.4, 4.0))
+    panels = [(axes[0], ("interference",), "(a) consensus interference (Theorem 2)"),
+              (axes[1], ("tsvd_error", "prop1_bound"), "(b) TSVD error and Proposition 1 bound")]
+    conds = conditions(runs, list(by), others=others) if len(runs) else None
+    mapper = x_mapper(x)
+    for ax, metrics, title in panels:
+        ax.set_title(title, fontsize=10)
+        if conds is None:
+            no_data(ax)
+            continue
+        colours: dict[tuple, str] = {}
+        for metric, style in zip(metrics, ("-", "--")):
+            stats = agent_stats(df, metric, conds.runs["run"])
+            for cond in conds.ordered():
+                members = conds.runs.loc[conds.runs["condition"] == cond, "run"]
+                c = curve(stats, members, x=x if x != "epoch" else "step", band=band, x_of=mapper)
+                if c.empty:
+                    continue
+                label = seeds_label(conds.label(cond), c) + (" (bound)" if metric == "prop1_bound" else "")
+                line, = ax.plot(c["x"], c["mean"], linestyle=style, label=label,
+                                color=colours.get(cond))
+                colours[cond] = line.get_color()
+                if metric != "prop1_bound" and (c["hi"] > c["lo"]).any():
+                    ax.fill_between(c["x"].astype(float), c["lo"], c["hi"],
+                                    color=line.get_color(), alpha=0.15, linewidth=0)
+        if not ax.lines:
+            no_data(ax)
+            continue
+        ys = np.concatenate([ln.get_ydata() for ln in ax.lines]).astype(float)
+        if logy and np.all(ys[np.isfinite(ys)] > 0):
+            ax.set_yscale("log")
+        ax.set_xlabel(X_LABELS[x])
+        ax.set_ylabel(r"$\|\cdot\|_F$")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        _note(ax, conds.note())
+    return fig
+
+
+def fit_slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope of log y against log x (NaN with fewer than two distinct x > 0)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    if len(np.unique(x[ok])) < 2:
+        return float("nan")
+    return float(np.polyfit(np.log(x[ok]), np.log(y[ok]), 1)[0])
+
+
+def rate_family(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The runs of one T sweep: runs are grouped by every condition column but the algorithm
+    and what a rate sweep varies with T (``RATE_IGNORE``); the group with the most distinct
+    (algorithm, T) pairs (then the most runs) is kept. Returns it and the values it fixes
+    where they differ between groups."""
+    cols = [c for c in condition_columns(config_columns(runs))
+            if c not in RATE_IGNORE and c not in ("algorithm", "dataset")]
+    if runs.empty or not cols:
+        return runs, {}
+    keys = runs[cols].apply(lambda r: tuple(_hashable(v) for v in r), axis=1)
+    best, score = None, None
+    for k, g in runs.groupby(keys, sort=False):
+        s = (len(set(zip(g["algorithm"], g["rounds"]))), len(g))
+        if score is None or s > score:
+            best, score = k, s
+    family = runs[keys == best]
+    varying = [c for c in cols if runs[c].map(_hashable).nunique(dropna=False) > 1]
+    return family, {c: _hashable(family[c].iloc[0]) for c in varying}
+
+
+def rate_points(results, *, metric: str = "grad_norm_sq",
+                algorithms: Sequence[str] | None = ("decaf", "dlora"),
+                where: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Per algorithm and T (``rounds``): each run's mean over its evaluated rounds of the
+    network ``metric``, then the mean (and min, max) over seeds. When the runs hold several T
+    sweeps (or other experiments), the sweep with the most (algorithm, T) points is used (see
+    ``rate_family``; ``where`` selects one explicitly) and ``points.attrs["held"]`` says what it
+    fixes. Columns ``algorithm, T, mean, min, max, n_runs, lr_sqrt_T``."""
+    df = as_frame(results)
+    runs = select(run_table(df, metric), where)
+    if algorithms is not None:
+        runs = runs[runs["algorithm"].isin(list(algorithms))]
+    cols = ["algorithm", "T", "mean", "min", "max", "n_runs", "lr_sqrt_T"]
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    chosen, held = rate_family(runs)
+    rows = df[(df["metric"] == metric) & df["run"].isin(chosen["run"])]
+    net = rows[rows["agent"] < 0]
+    if net.empty:  # a metric with per-agent rows only: their mean per round
+        net = rows.groupby(["run", "round"], as_index=False)["value"].mean()
+    per_run = net.groupby("run")["value"].mean().rename("avg")
+    chosen = chosen.join(per_run, on="run").dropna(subset=["avg"])
+    lr = chosen["optim.lr"] if "optim.lr" in chosen else pd.Series(np.nan, index=chosen.index)
+    chosen = chosen.assign(T=chosen["rounds"].astype(int), lr_sqrt_T=lr * np.sqrt(chosen["rounds"]))
+    out = (chosen.groupby(["algorithm", "T"])
+           .agg(mean=("avg", "mean"), min=("avg", "min"), max=("avg", "max"),
+                n_runs=("avg", "size"), lr_sqrt_T=("lr_sqrt_T", "mean"))
+           .reset_index())
+    for alg, g in out.groupby("algorithm"):
+        c = g["lr_sqrt_T"].dropna()
+        if len(c) > 1 and not np.allclose(c, c.iloc[0], rtol=1e-3):
+            warnings.warn(f"rate_check: {alg}'s step size is not proportional to 1/sqrt(T) "
+                          f"(lr*sqrt(T) = {', '.join(f'{v:.4g}' for v in c)})", stacklevel=2)
+    out = out[cols]
+    out.attrs["held"] = held
+    return out
+
+
+def rate_slopes(points: pd.DataFrame) -> dict[str, float]:
+    """Fitted log-log slope per algorithm of ``rate_points``."""
+    return {alg: fit_slope(g["T"], g["mean"]) for alg, g in points.groupby("algorithm", sort=False)}
+
+
+def rate_check(results, *, metric: str = "grad_norm_sq",
+               algorithms: Sequence[str] | None = ("decaf", "dlora"),
+               reference: float | None = -0.5, where: Mapping[str, Any] | None = None
+               ) -> tuple[Figure, dict[str, float]]:
+    """Corollary 1's check: (1/|evaluated rounds|) sum ||grad f(v-bar_t)||^2 against T on
+    log-log axes, one line per algorithm with its fitted slope in the legend (error bars: range
+    over seeds), and a dashed T^``reference`` guide. Returns ``(figure, {algorithm: slope})``.
+
+    The runs are a sweep over ``rounds`` whose ``optim.lr`` is proportional to 1/sqrt(T) (a
+    warning says when it is not); see ``rate_points`` for which runs are used."""
+    points = rate_points(results, metric=metric, algorithms=algorithms, where=where)
+    held = points.attrs.get("held", {})
+    fig, axes = new_figure(1, size=(5.6, 4.2))
+    ax = axes[0]
+    ax.set_title(r"Corollary 1: rate with $\alpha \propto 1/\sqrt{T}$", fontsize=10)
+    slopes = {}
+    if algorithms is not None:
+        points = points.assign(_o=points["algorithm"].map({a: i for i, a in enumerate(algorithms)}))
+        points = points.sort_values(["_o", "T"]).drop(columns="_o")
+    for alg, g in points.groupby("algorithm", sort=False):
+        g = g.sort_values("T")
+        slope = fit_slope(g["T"], g["mean"])
+        slopes[alg] = slope
+        yerr = np.vstack([g["mean"] - g["min"], g["max"] - g["mean"]])
+        name = ALGORITHM_NAMES.get(alg, alg)
+        lab = f"{name} (slope {slope:+.2f})" if np.isfinite(slope) else f"{name} (one T: no slope)"
+        ax.errorbar(g["T"], g["mean"], yerr=yerr, marker="o", capsize=3, label=lab,
+                    color=colour(alg))
+        if np.isfinite(slope):
+            lt = np.log(g["T"].to_numpy(float))
+            b = np.mean(np.log(g["mean"].to_numpy(float))) - slope * lt.mean()
+            ax.plot(g["T"], np.exp(b + slope * lt), lw=0.8, alpha=0.6, color=colour(alg))
+    if not slopes:
+        no_data(ax, "no data (needs runs recording grad_norm_sq)")
+        return fig, slopes
+    if reference is not None and points["T"].nunique() > 1:
+        t = np.array([points["T"].min(), points["T"].max()], dtype=float)
+        y0 = float(np.exp(np.log(points["mean"].astype(float)).mean()))
+        t0 = float(np.exp(np.log(points["T"].astype(float)).mean()))
+        ax.plot(t, y0 * (t / t0) ** reference, "k--", lw=0.8,
+                label=rf"$T^{{{reference:g}}}$ guide")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("T (rounds)")
+    ax.set_ylabel(r"mean over rounds of $\|\nabla f(\bar v_t)\|^2$")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if held:
+        _note(ax, "held: " + ", ".join(f"{COLUMN_NAMES.get(c, c)} {v}" for c, v in held.items()))
+    return fig, slopes

@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="finish an interrupted sweep (finished trials are not redone)")
     sweep.set_defaults(func=cmd_sweep)
 
+    pre = sub.add_parser("pretrain", help="train a stand-in CLIP foundation model (all weights)")
+    pre.add_argument("config")
+    pre.add_argument("--set", dest="overrides", **sets)
+    pre.add_argument("--out", help="checkpoint directory (default: the decaf-ray cache)")
+    pre.set_defaults(func=cmd_pretrain)
+
     plot = sub.add_parser("plot", help="figures and tables from saved runs (a run or a folder)")
     plot.add_argument("results")
     plot.add_argument("--figure", default=None,
@@ -136,6 +142,12 @@ def cmd_sweep(args) -> int:
     for r in failed:
         print(f"  failed: {r.path}: {str(r.error).splitlines()[0]}", file=sys.stderr)
     return 0
+
+
+def cmd_pretrain(args) -> int:
+    from decaf_ray.pretrain import cli_pretrain
+
+    return cli_pretrain(args.config, args.overrides, args.out)
 
 
 def cmd_plot(args) -> int:

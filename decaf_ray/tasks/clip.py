@@ -21,6 +21,7 @@ meta-device model (no weights, no download); the real model is made on the first
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -511,5 +512,25 @@ def _load_weights(model: nn.Module, path: str) -> None:
 
 def build(task_cfg: CLIPConfig, lora_cfg: LoRAConfig, seed: int) -> CLIPTask:
     """The task of ``task_cfg`` with ``lora_cfg``'s rank, alpha, dropout and scaling; cheap (no
-    weights are made or downloaded until the first ``loss_and_grads`` or ``evaluate``)."""
-    return CLIPTask(task_cfg, lora_cfg, seed)
+    weights are made or downloaded until the first ``loss_and_grads`` or ``evaluate``).
+
+    ``checkpoint: pretrain:<name or pretrain YAML>`` uses a stand-in model made by
+    ``decaf_ray.pretrain`` on first use and cached (every host finds the same cache entry)."""
+    return CLIPTask(resolve_pretrained(task_cfg), lora_cfg, seed)
+
+
+PRETRAIN_PREFIX = "pretrain:"
+
+
+def resolve_pretrained(cfg: CLIPConfig) -> CLIPConfig:
+    """Replace ``checkpoint: pretrain:<spec>`` by the cached checkpoint and its model config."""
+    if cfg.checkpoint is None or not cfg.checkpoint.startswith(PRETRAIN_PREFIX):
+        return cfg
+    from decaf_ray.pretrain import checkpoint_task_fields, ensure_pretrained
+
+    spec = cfg.checkpoint[len(PRETRAIN_PREFIX):]
+    try:
+        fields = checkpoint_task_fields(ensure_pretrained(spec))
+    except FileNotFoundError as e:
+        raise ConfigError("task.checkpoint", f"{spec}: {e}") from None
+    return dataclasses.replace(cfg, **fields)

@@ -30,7 +30,7 @@ import torch
 from decaf_ray.agents import AgentGroup, Diverged
 from decaf_ray.algorithms import ALGORITHMS
 from decaf_ray.config import ExperimentConfig, load_config
-from decaf_ray.experiment import Plan, Row, RunFailed, RunResult, prepare
+from decaf_ray.experiment import Plan, RunFailed, RunResult, prepare
 from decaf_ray.factors import Factors, Grads
 from decaf_ray.optim import build_optimizer
 from decaf_ray.runtime.loop import RunState, follow, stream

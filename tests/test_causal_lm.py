@@ -32,13 +32,6 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
 LORA = LoRAConfig(rank=4, alpha=8.0, dropout=0.1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_cfg(**over) -> dict:
     return {"kind": "causal_lm", "model_config": TINY, "dataset": "wic",

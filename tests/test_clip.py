@@ -29,14 +29,6 @@ TINY = {"embed_dim": 32,
 LORA = LoRAConfig(rank=2, alpha=1.0, dropout=0.25)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads and stall when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make(lora: LoRAConfig = LORA, **task):
     spec = {"dataset": "digits", "model_config": TINY, "test_samples": 50, **task}

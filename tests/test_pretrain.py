@@ -38,14 +38,6 @@ BASE = {"dataset": "digits", "model_config": TINY, "steps": 60, "batch_size": 32
 QUICK = {**BASE, "steps": 3, "name": "tiny", "test_samples": 20}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads and stall when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -15,14 +15,6 @@ LORA = LoRAConfig(rank=2, alpha=2.0)
 FORMS = ["classification", "regression"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads and stall when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make(seed: int = 0, lora: LoRAConfig = LORA, **task):
     return build(from_dict(SyntheticConfig, task), lora, seed)

@@ -244,7 +244,14 @@ class ExperimentConfig:
 
 def load_config(source: str | Path | Mapping[str, Any],
                 overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML file (safe loader) or a mapping, apply ``key.path=value`` overrides, validate.
+    """An experiment config from a YAML file or a mapping; see ``load_as``."""
+    return load_as(ExperimentConfig, source, overrides)
+
+
+def load_as(cls: type, source: str | Path | Mapping[str, Any],
+            overrides: list[str] | None = None) -> Any:
+    """Read a YAML file (safe loader) or a mapping, apply ``key.path=value`` overrides, and
+    validate into the dataclass ``cls``.
 
     Raises:
         ConfigError: naming the field (or the file) and what would be valid.
@@ -252,7 +259,7 @@ def load_config(source: str | Path | Mapping[str, Any],
     data = read_yaml(source) if isinstance(source, (str, Path)) else dict(source)
     for item in overrides or []:
         data = apply_override(data, item)
-    return from_dict(ExperimentConfig, data)
+    return from_dict(cls, data)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

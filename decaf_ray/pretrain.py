@@ -47,7 +47,7 @@ from typing import Any, Literal, Mapping
 
 import numpy as np
 
-from decaf_ray.config import ConfigError, apply_override, from_dict, read_yaml
+from decaf_ray.config import ConfigError, load_as
 
 FORMAT_VERSION = 1
 """Part of the cache hash: bump when a change to the training code changes the weights."""
@@ -209,15 +209,8 @@ def _check_model_config(mc: Any) -> None:
 def load_pretrain_config(source: str | Path | Mapping[str, Any],
                          overrides: list[str] | None = None) -> PretrainConfig:
     """A ``PretrainConfig`` from a YAML file (safe loader) or a mapping, with ``key=value``
-    overrides (YAML values, like ``--set``).
-
-    Raises:
-        ConfigError: naming the field (or the file) and what would be valid.
-    """
-    data = read_yaml(source) if isinstance(source, (str, Path)) else dict(source)
-    for item in overrides or []:
-        data = apply_override(data, item)
-    return from_dict(PretrainConfig, data)
+    overrides (YAML values, like ``--set``); errors name the field."""
+    return load_as(PretrainConfig, source, overrides)
 
 
 def config_hash(cfg: PretrainConfig) -> str:

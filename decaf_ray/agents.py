@@ -153,13 +153,12 @@ class AgentGroup:
         for aid, (ids, weights, payloads) in inbox.items():
             agent = self.agents[aid]
             key = (ids, weights, aid if self.mix_options.per_agent else None)
+            w = torch.tensor(weights, dtype=torch.float32)
             if key not in cache:
-                w = torch.tensor(weights, dtype=torch.float32)
                 cache[key] = self.algorithm.mix(agent.factors, payloads, w, self.mix_options)
             mixed = cache[key]
             if diagnose:
-                diags[aid] = diagnostics(agent.factors, payloads,
-                                         torch.tensor(weights, dtype=torch.float32), mixed)
+                diags[aid] = diagnostics(agent.factors, payloads, w, mixed)
             if self.algorithm.refactorizes:
                 agent.opt_state = refactor_state(agent.opt_state, agent.factors, mixed,
                                                  self.mix_options.state)

@@ -44,10 +44,14 @@ class Plan:
     def agents(self) -> int:
         return len(self.shards)
 
+    neighbourhoods: tuple[tuple[tuple[int, ...], tuple[float, ...]], ...] = field(
+        default=(), repr=False, compare=False)
+    """Per agent: neighbours j with pi_ij > 0 (self included) and their weights, read from Pi
+    once so the runtimes' per-round loops do not."""
+
     def neighbours(self, i: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
         """Agent i's neighbours j with pi_ij > 0 (self included) and their weights."""
-        ids, w = topology.neighbours(self.pi, i)
-        return tuple(int(j) for j in ids), tuple(float(x) for x in w)
+        return self.neighbourhoods[i]
 
     def degree(self, i: int) -> int:
         return int(self.graph.degree(i)) if self.graph.number_of_nodes() > i else 0
@@ -78,7 +82,14 @@ def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
     except (ValueError, OSError) as e:
         raise ConfigError("mixing", str(e)) from None
     task = task if task is not None else build_task(cfg.task, cfg.lora, cfg.seed)
-    return Plan(cfg, algorithm, graph, algorithm.mixing(graph_pi), make_shards(cfg, task, n), task)
+    pi = algorithm.mixing(graph_pi)
+    return Plan(cfg, algorithm, graph, pi, make_shards(cfg, task, n), task,
+                tuple(_neighbourhood(pi, i) for i in range(n)))
+
+
+def _neighbourhood(pi: np.ndarray, i: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    ids, w = topology.neighbours(pi, i)
+    return tuple(int(j) for j in ids), tuple(float(x) for x in w)
 
 
 def make_shards(cfg: ExperimentConfig, task: Task, n: int) -> list[np.ndarray]:

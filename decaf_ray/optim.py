@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from decaf_ray.consensus import procrustes, stacked
 from decaf_ray.factors import Factors, Grads
 
 State = dict[str, Any]
@@ -146,8 +147,6 @@ def refactor_state(state: State, old: Factors, new: Factors, policy: str) -> Sta
         out = {k: {n: (None if a is None else torch.zeros_like(a), torch.zeros_like(b))
                    for n, (a, b) in v.items()} for k, v in state.items() if isinstance(v, dict)}
         return {**out, **({"count": 0} if "count" in state else {})}
-    from decaf_ray.consensus import procrustes, stacked
-
     R = {n: procrustes(stacked(*old[n]), stacked(*new[n])) for n in old}
     out = dict(state)
     for key, tree in state.items():

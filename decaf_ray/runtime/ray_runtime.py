@@ -123,7 +123,6 @@ class RayHosts:
         per = cfg.runtime.agents_per_host
         ids = list(range(plan.agents))
         self.members = [ids[k:k + per] for k in range(0, len(ids), per)]
-        self.neighbours = [plan.neighbours(i) for i in ids]
         self.cpus = _cpus_per_host(cfg, len(self.members))
         total = ray.cluster_resources().get("CPU", 0.0)
         if self.cpus * len(self.members) > total + 1e-6:
@@ -199,7 +198,7 @@ class RayHosts:
         for h, ids in zip(self.hosts, self.members):
             inbox = {}
             for i in ids:
-                nbrs, weights = self.neighbours[i]
+                nbrs, weights = self.plan.neighbours(i)
                 inbox[i] = (nbrs, weights, [refs[j] for j in nbrs])
             calls.append(h.mix_and_apply.remote(t, inbox, diagnose))
         return {i: d for part in ray.get(calls) for i, d in part.items()}

@@ -14,7 +14,10 @@ is mixed, and which mixing matrix is used.
 
 A mix function is pure: ``mix(own, payloads, weights, options) -> Factors``, where ``payloads``
 are the neighbours' published adapters (self included) in the order of ``weights``. Modules of
-equal shape are mixed in one batched call. Adding an algorithm is one ``register`` call here.
+equal shape are mixed in one batched call. An algorithm may also give ``mix_many``, the same mix
+for n agents with equally many neighbours at once (DeCAF does: its per-agent QRs and SVDs are
+small, so one batched call saves their fixed cost n times over). Adding an algorithm is one
+``register`` call here.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from decaf_ray import consensus
 from decaf_ray.factors import Factors, param_count, shape_groups, stack
 
 MixFn = Callable[[Factors, list[Factors], Tensor, "MixOptions"], Factors]
+MixManyFn = Callable[[list[Factors], list[list[Factors]], Tensor, "MixOptions"], list[Factors]]
 
 
 @dataclass(frozen=True)
@@ -60,10 +64,20 @@ class Algorithm:
     centralized: bool = False
     refactorizes: bool = False
     """True when mixing re-factorizes (DeCAF): the factors change basis at each mix."""
+    mix_many: MixManyFn | None = None
+    """Optional batched ``mix``: (owns (n), payloads (n lists of m), weights (n, m), options) ->
+    n adapters, each bit-identical to ``mix`` of that agent alone."""
 
     @property
     def communicates(self) -> bool:
         return self.mix is not None
+
+    def mix_agents(self, owns: list[Factors], payloads: list[list[Factors]], weights: Tensor,
+                   options: "MixOptions") -> list[Factors]:
+        """Mix n agents with m neighbours each: weights (n, m); ``mix_many`` when given."""
+        if self.mix_many is not None:
+            return self.mix_many(owns, payloads, weights, options)
+        return [self.mix(o, p, w, options) for o, p, w in zip(owns, payloads, weights)]
 
     def payload(self, factors: Factors) -> Factors:
         """What an agent publishes: its factors, or only B (A as None) for the FA variants."""
@@ -130,15 +144,25 @@ def mix_decaf(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOp
     """Algorithm 1, lines 9-10: (B_i, A_i) <- rank-r TSVD of sum_j pi_ij B_j A_j (factored).
 
     With ``split="aligned"`` the balanced factors are rotated onto the agent's own (``own``)."""
+    return mix_decaf_many([own], [payloads], weights[None], opt)[0]
 
-    def fn(names, As, Bs):
-        A, B = consensus.decaf_mix(As, Bs, weights, rank=opt.rank, split=opt.split)
+
+def mix_decaf_many(owns: list[Factors], payloads: list[list[Factors]], weights: Tensor,
+                   opt: MixOptions) -> list[Factors]:
+    """``mix_decaf`` of n agents with m neighbours each in one ``decaf_mix`` call per module
+    shape: agent a mixes ``payloads[a]`` with ``weights[a]`` (weights (n, m))."""
+    out: list[Factors] = [{} for _ in owns]
+    for names in shape_groups(owns[0]).values():
+        per_agent = [stack(p, names) for p in payloads]          # n x ((m, L, r, k), (m, L, d, r))
+        As = torch.stack([a for a, _ in per_agent], dim=1)       # (m, n, L, r, k)
+        Bs = torch.stack([b for _, b in per_agent], dim=1)       # (m, n, L, d, r)
+        A, B = consensus.decaf_mix(As, Bs, weights.T, rank=opt.rank, split=opt.split)
         if opt.split == "aligned":
-            A_own, B_own = stack([own], names)
-            A, B = consensus.align(A, B, A_own[0], B_own[0])
-        return A, B
-
-    return _by_group(own, payloads, fn)
+            A, B = consensus.align(A, B, *stack(owns, names))
+        for a, mixed in enumerate(out):
+            for i, n in enumerate(names):
+                mixed[n] = (A[a, i], B[a, i])
+    return out
 
 
 def mix_fa(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOptions) -> Factors:
@@ -167,7 +191,7 @@ def diagnostics(own: Factors, payloads: list[Factors], weights: Tensor, mixed: F
 
 
 register(Algorithm("decaf", True, mix_decaf, "graph", "DeCAF, Algorithm 1 (lines 9-10)",
-                   refactorizes=True))
+                   refactorizes=True, mix_many=mix_decaf_many))
 register(Algorithm("dlora", True, mix_dlora, "graph", "DLoRA / Dec-LoRA, Algorithm 1 (lines 6-7)"))
 register(Algorithm("dlora_fa", False, mix_fa, "graph", "DLoRA-FA, Algorithm 2"))
 register(Algorithm("fedavg", True, mix_dlora, "server", "FedAvg of A and B (Table 2)"))

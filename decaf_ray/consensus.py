@@ -38,14 +38,18 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _check(As: Tensor, Bs: Tensor, weights: Tensor) -> None:
-    """Raise ValueError unless As (m, *b, r, k), Bs (m, *b, d, r) and weights (m,) fit together."""
+def _check(As: Tensor, Bs: Tensor, weights: Tensor, batched_weights: bool = False) -> None:
+    """Raise ValueError unless As (m, *b, r, k), Bs (m, *b, d, r) and weights (m,) fit together;
+    with ``batched_weights``, weights may also be (m, *wb) for a leading part wb of *b."""
     if As.ndim < 3 or Bs.ndim != As.ndim:
         raise ValueError(f"As (m, *b, r, k) and Bs (m, *b, d, r) expected, got "
                          f"{tuple(As.shape)} and {tuple(Bs.shape)}")
     m = As.shape[0]
-    if m == 0 or Bs.shape[0] != m or tuple(weights.shape) != (m,):
-        raise ValueError(f"need m >= 1 neighbours with As, Bs and weights (m,) agreeing on m, got "
+    wb = tuple(weights.shape[1:]) if batched_weights else ()
+    if (m == 0 or Bs.shape[0] != m or tuple(weights.shape) != (m, *wb)
+            or wb != tuple(As.shape[1:1 + len(wb)])):
+        want = "(m,) or (m, *b[:j])" if batched_weights else "(m,)"
+        raise ValueError(f"need m >= 1 neighbours with As, Bs and weights {want} agreeing, got "
                          f"{tuple(As.shape)}, {tuple(Bs.shape)}, {tuple(weights.shape)}")
     if As.shape[1:-2] != Bs.shape[1:-2] or As.shape[-2] != Bs.shape[-1]:
         raise ValueError(f"As {tuple(As.shape)} and Bs {tuple(Bs.shape)} disagree on *b or r")
@@ -62,19 +66,24 @@ def _thin_factors(As: Tensor, Bs: Tensor, weights: Tensor,
 
     Returns:
         P = [B_1 ... B_m] (*b, d, mr), Q = [A_1^T ... A_m^T] (*b, k, mr) and the column weights
-        c = (w_1 1_r, ..., w_m 1_r) (mr,). The weights stay out of P so they scale the small R
-        factor of P's QR instead of a (d, mr) copy.
+        c = (w_1 1_r, ..., w_m 1_r): (mr,) for weights (m,); for weights (m, *wb) it is shaped
+        (*wb, 1, ..., 1, mr) to broadcast over a (*b, ., mr) matrix. The weights stay out of P so
+        they scale the small R factor of P's QR instead of a (d, mr) copy.
     """
     m, r, k, d = As.shape[0], As.shape[-2], As.shape[-1], Bs.shape[-2]
     # Built as transposes of contiguous (*b, mr, .) tensors, i.e. column-major, the layout
     # LAPACK's QR works in, which saves it a transposing copy.
     Pt = torch.movedim(Bs.to(dtype).mT, 0, -3).reshape(*Bs.shape[1:-2], m * r, d)
     Qt = torch.movedim(As.to(dtype), 0, -3).reshape(*As.shape[1:-2], m * r, k)
-    return Pt.mT, Qt.mT, weights.to(Bs.device, dtype).repeat_interleave(r)
+    c = torch.movedim(weights.to(Bs.device, dtype), 0, -1).repeat_interleave(r, dim=-1)
+    if weights.ndim > 1:  # (*wb, mr) -> (*wb, 1 per remaining batch dim, 1 for the row, mr)
+        c = c.reshape(*c.shape[:-1], *[1] * (Bs.ndim - 1 - c.ndim), m * r)
+    return Pt.mT, Qt.mT, c
 
 
 def _lowrank_svd(P: Tensor, Q: Tensor, c: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``rank`` SVD of P diag(c) Q^T without forming it: P (*b, d, n), Q (*b, k, n), c (n,).
+    """Top-``rank`` SVD of P diag(c) Q^T without forming it: P (*b, d, n), Q (*b, k, n), c (n,)
+    or broadcastable to (*b, 1, n).
 
     With P = Q_P R_P, Q = Q_Q R_Q (reduced QR), P diag(c) Q^T = Q_P (R_P diag(c) R_Q^T) Q_Q^T and
     Q_P, Q_Q have orthonormal columns, so the SVD of the core C = R_P diag(c) R_Q^T
@@ -119,7 +128,7 @@ def _split(U: Tensor, S: Tensor, Vh: Tensor, rank: int, split: str) -> tuple[Ten
 
 def _prepare(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None, split: str) -> int:
     """Validate DeCAF's inputs; returns the target rank (r when ``rank`` is None)."""
-    _check(As, Bs, weights)
+    _check(As, Bs, weights, batched_weights=True)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     rank = As.shape[-2] if rank is None else int(rank)
@@ -166,7 +175,10 @@ def decaf_mix(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None,
     computed without forming the d x k matrix M (see the module docstring).
 
     Args:
-        As: (m, *b, r, k). Bs: (m, *b, d, r). weights: (m,).
+        As: (m, *b, r, k). Bs: (m, *b, d, r).
+        weights: (m,), or (m, *wb) for a leading part wb of *b: one weight row per batch entry,
+            so the mixes of several agents (wb = (n,)) run as one call. Each batch entry's result
+            is bit-identical to mixing it alone (batched LAPACK and matmuls work per matrix).
         rank: rank of the output; None keeps r.
         split: one of ``SPLITS``.
     Returns:

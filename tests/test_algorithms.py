@@ -221,6 +221,26 @@ def test_aligned_mix_is_rotated_onto_each_agents_own_factors():
             assert dist(al) <= dist(plain) + 1e-9  # closer to the agent's own B
 
 
+@pytest.mark.parametrize("split", ["balanced", "aligned"])
+def test_decaf_mixes_of_many_agents_equal_their_mixes_alone(split):
+    from decaf_ray.algorithms import mix_decaf_many
+
+    ads = _adapters(5)
+    pi = np.array([[.5, .25, 0, 0, .25], [.25, .5, .25, 0, 0], [0, .25, .5, .25, 0],
+                   [0, 0, .25, .5, .25], [.25, 0, 0, .25, .5]])
+    opt = MixOptions(split=split)
+    owns, payloads, rows = [], [], []
+    for i in range(5):
+        ids = np.flatnonzero(pi[i])
+        owns.append(ads[i]), payloads.append([ads[j] for j in ids]), rows.append(pi[i, ids])
+    many = mix_decaf_many(owns, payloads, torch.tensor(np.array(rows)), opt)
+    for i in range(5):
+        alone = _mix(ALGORITHMS["decaf"], ads, pi, i, opt)
+        assert list(many[i]) == list(alone)
+        for n in SHAPES:
+            assert many[i][n][0].equal(alone[n][0]) and many[i][n][1].equal(alone[n][1])
+
+
 @pytest.mark.parametrize("opt", ["momentum", "adam"])
 def test_refactor_state_policies(opt):
     from decaf_ray.optim import refactor_state

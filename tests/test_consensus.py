@@ -121,6 +121,34 @@ def test_batched_equals_loop(split):
         assert torch.allclose(out, torch.stack([fn(As[:, i], Bs[:, i], w) for i in range(3)]))
 
 
+@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_per_agent_weights_batch_agents_bit_identically(split, dtype):
+    # n agents, each with its own weight row: every slice of any batch equals its mix alone,
+    # which is what lets runtimes group agents differently and still agree exactly.
+    n, m = 5, 3
+    As, Bs, _ = make(m, 14, 9, 2, batch=(n, 4), seed=6, dtype=dtype)
+    W = torch.rand(m, n, generator=torch.Generator().manual_seed(1), dtype=dtype) + 0.1
+    W = W / W.sum(0)
+    A, B = decaf_mix(As, Bs, W, split=split)
+    assert A.shape == (n, 4, 2, 9) and B.shape == (n, 4, 14, 2)
+    for i in range(n):
+        Ai, Bi = decaf_mix(As[:, i], Bs[:, i], W[:, i], split=split)
+        assert A[i].equal(Ai) and B[i].equal(Bi)
+    Ap, Bp = decaf_mix(As[:, 1:3], Bs[:, 1:3], W[:, 1:3], split=split)
+    assert Ap.equal(A[1:3]) and Bp.equal(B[1:3])
+    Ad, Bd = decaf_mix_dense(As, Bs, W, split=split)
+    assert rel(B @ A, Bd @ Ad) < (1e-4 if dtype == torch.float32 else 1e-10)
+
+
+def test_per_agent_weights_must_lead_the_batch_dims():
+    As, Bs, _ = make(3, 5, 6, 2, batch=(4,))
+    with pytest.raises(ValueError, match="weights"):
+        decaf_mix(As, Bs, torch.full((3, 5), 1 / 3, dtype=F64))
+    with pytest.raises(ValueError, match="weights"):
+        dlora_mix(As, Bs, torch.full((3, 4), 1 / 3, dtype=F64))  # per-agent rows: DeCAF only
+
+
 @pytest.mark.parametrize("m,d,k,r,rank", CASES)
 def test_dense_and_factored_agree(m, d, k, r, rank):
     As, Bs, w = make(m, d, k, r, seed=10 + m)

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("decaf-ray: interrupted", file=sys.stderr)
         return 130
+    except (ImportError, FileNotFoundError) as e:  # a missing package or data file, before any run
+        print(f"decaf-ray: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,6 +110,8 @@ def cmd_describe(args) -> int:
     from decaf_ray.experiment import prepare
     from decaf_ray.factors import param_count
 
+    if _is_sweep(args.config):
+        return _describe_sweep(args)
     cfg = load_config(args.config, args.overrides)
     plan = prepare(cfg)
     print("# resolved config")
@@ -128,6 +133,27 @@ def cmd_describe(args) -> int:
     print(f"trainable_params: {param_count(shapes, rank, plan.algorithm.train_A)}")
     for line in _warnings(cfg):
         print(f"warning: {line}")
+    return 0
+
+
+def _is_sweep(path: str) -> bool:
+    from decaf_ray.config import read_yaml
+
+    data = read_yaml(path)
+    return isinstance(data, dict) and "grid" in data and "base" in data
+
+
+def _describe_sweep(args) -> int:
+    """A sweep file: its trials (grid points) and their validated configs' key fields."""
+    from decaf_ray.sweep import load_sweep
+
+    sweep = load_sweep(args.config, args.overrides)
+    points = sweep.points()
+    spaces = [k for k, v in sweep.grid.items() if not isinstance(v, list)]
+    print(f"# sweep {sweep.name}: {len(points)} grid points x {sweep.num_samples} samples"
+          + (f"; sampled: {', '.join(spaces)}" if spaces else ""))
+    for point in points:
+        print("  " + ", ".join(f"{k}={v}" for k, v in point.items()))
     return 0
 
 

@@ -146,3 +146,25 @@ def test_shipped_quickstart_describes(tmp_path):
     root = Path(__file__).resolve().parents[1]
     res = cli("describe", root / "sweeps" / "quickstart.yaml")
     assert res.returncode == 0 and "trainable_params: 84" in res.stdout
+
+
+def test_describe_lists_a_sweeps_trials(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    res = cli("describe", root / "sweeps" / "table3.yaml")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == "# sweep table3: 16 grid points x 1 samples"
+    assert "  task.dataset=boolq, algorithm=decaf" in res.stdout.splitlines()
+
+
+def test_a_missing_data_file_is_one_line_and_exit_2(config, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    res = cli("describe", root / "sweeps" / "table3-cpu.yaml", "--set",
+              f"task.train_file={tmp_path / 'nowhere.jsonl'}")
+    # the sweep validates configs without loading data; running a trial's config reads the file
+    assert res.returncode == 0
+    cfg = yaml.safe_load((root / "sweeps" / "table3-cpu.yaml").read_text())["base"]
+    cfg["task"]["train_file"] = str(tmp_path / "nowhere.jsonl")
+    (tmp_path / "lm.yaml").write_text(yaml.safe_dump(cfg))
+    res = cli("run", tmp_path / "lm.yaml", "--out", tmp_path / "out", "--quiet")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "nowhere.jsonl" in res.stderr and not (tmp_path / "out").exists()

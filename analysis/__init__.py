@@ -8,9 +8,9 @@ On top of it (each takes that frame or a results directory):
 
 - figures (``analysis.figures``, ``analysis.theory``; each returns a matplotlib Figure):
   ``fig2``, ``fig3``, ``theory_curves``, ``bytes_vs_accuracy``, ``label_distribution``,
-  ``rate_check`` (returns ``(figure, slopes)``);
+  ``rate_check`` (returns ``(figure, slopes)``), ``refactorization`` (the DeCAF split study);
 - tables (``analysis.tables``; each returns a ``Table`` with ``to_markdown``/``to_latex``):
-  ``table2``, ``table3``, ``table6``, ``table7``, ``results_table``;
+  ``table2``, ``table3``, ``table6``, ``table7``, ``refactorization_table``, ``results_table``;
 - ``figure(name, results, out)``: write any of them to a file by name (what ``decaf-ray plot
   --figure`` calls).
 """
@@ -99,18 +99,28 @@ from analysis.figures import (
     fig2,
     fig3,
     label_distribution,
+    refactorization,
 )
-from analysis.tables import Table, results_table, table2, table3, table6, table7
+from analysis.tables import (
+    Table,
+    refactorization_table,
+    results_table,
+    table2,
+    table3,
+    table6,
+    table7,
+)
 from analysis.theory import fit_slope, rate_check, rate_points, theory_curves
 
 __all__ = ["FIGURES", "NAMES", "TABLES", "Table", "accuracy_gap", "bytes_vs_accuracy", "fig2",
-           "fig3", "figure", "fit_slope", "label_distribution", "load", "plot_runs",
-           "rate_check", "rate_points", "results_table", "run_dirs", "summaries", "table2",
-           "table3", "table6", "table7", "theory_curves"]
+           "fig3", "figure", "fit_slope", "label_distribution", "load", "plot_runs", "rate_check",
+           "rate_points", "refactorization", "refactorization_table", "results_table", "run_dirs",
+           "summaries", "table2", "table3", "table6", "table7", "theory_curves"]
 
 FIGURES = {"fig2": fig2, "fig3": fig3, "theory": theory_curves, "bytes": bytes_vs_accuracy,
-           "labels": label_distribution, "rate": rate_check}
-TABLES = {"table2": table2, "table3": table3, "table6": table6, "table7": table7}
+           "labels": label_distribution, "rate": rate_check, "refactor": refactorization}
+TABLES = {"table2": table2, "table3": table3, "table6": table6, "table7": table7,
+          "refactor_table": refactorization_table}
 NAMES = tuple(FIGURES) + tuple(TABLES)
 """Every name ``figure`` accepts."""
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")

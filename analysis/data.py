@@ -421,3 +421,12 @@ def metric_label(metric: str) -> str:
              "grad_norm_sq": r"$\|\nabla f(\bar v)\|^2$", "interference": "consensus interference",
              "tsvd_error": "TSVD error"}
     return names.get(metric, metric.replace("_", " "))
+
+
+def refactorization_variant(df: pd.DataFrame) -> pd.Series:
+    """``DeCAF <split>/<state>`` for DeCAF rows; the algorithm's name otherwise (its split and
+    state are unused)."""
+    name = df["algorithm"].map(lambda a: pretty("algorithm", a))
+    decaf = df["algorithm"] == "decaf"
+    return name.where(~decaf, name + " " + df["consensus.split"].astype(str) + "/"
+                      + df["consensus.state"].astype(str))

@@ -32,8 +32,10 @@ from analysis.data import (
     is_fraction_metric,
     last_common_round,
     metric_label,
+    order_values,
     plan_facts,
     pretty,
+    refactorization_variant,
     run_table,
     select,
     x_mapper,
@@ -139,6 +141,28 @@ def fig2(results, *, metric: str = "test_accuracy", x: str = "round", band: str 
     sel = runs[~iid & ring & runs["algorithm"].isin(list(algorithms))]
     curves_panel(axes[2], df, sel, ["algorithm"], metric, colour_by="algorithm",
                  title="(c) non-IID ring, by algorithm", **kw)
+    return fig
+
+
+def refactorization(results, *, metric: str = "test_accuracy", band: str = "std",
+                    where: Where = None) -> Figure:
+    """The re-factorization study: one panel per optimizer (rows) and topology (columns), one
+    line per variant (DeCAF's split/state, or the algorithm), mean over seeds with a band."""
+    df = as_frame(results).copy()
+    df["variant"] = refactorization_variant(df)
+    runs = _runs(df, metric, where)
+    optims = order_values("optim.name", runs["optim.name"].unique()) if len(runs) else []
+    topos = order_values("topology.name", runs["topology.name"].unique()) if len(runs) else []
+    fig, axes = new_figure(max(len(topos), 1), max(len(optims), 1), size=(5.2, 3.8))
+    axes = np.asarray(axes).reshape(max(len(optims), 1), max(len(topos), 1))
+    if runs.empty:
+        no_data(axes[0, 0])
+        return fig
+    for i, opt in enumerate(optims):
+        for j, topo in enumerate(topos):
+            sel = runs[(runs["optim.name"] == opt) & (runs["topology.name"] == topo)]
+            curves_panel(axes[i, j], df, sel, ["variant"], metric, band=band,
+                         title=f"{pretty('optim.name', opt)}, {pretty('topology.name', topo)}")
     return fig
 
 

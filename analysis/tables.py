@@ -28,6 +28,7 @@ from analysis.data import (
     is_fraction_metric,
     order_values,
     pretty,
+    refactorization_variant,
     resolve,
     run_table,
     select,
@@ -445,6 +446,18 @@ def table3(results, *, metric: str = "test_f1", where: Mapping[str, Any] | None 
         for name in ("std", "n", "best", "second", "diverged"):
             setattr(t, name, getattr(t, name).rename(columns={"Centralized": "CNT"}))
     return t
+
+
+def refactorization_table(results, *, metric: str = "test_accuracy",
+                          where: Mapping[str, Any] | None = None, **kwargs) -> Table:
+    """The re-factorization study: final accuracy (%), rows = (algorithm, split, state),
+    columns = optimizer x topology, mean ± std over seeds; best bold, second underlined."""
+    kwargs.setdefault("caption", "Test accuracy (%) at the final round, mean ± std over seeds, "
+                      "by DeCAF split and optimizer-state policy next to DLoRA.")
+    df = as_frame(results).copy()
+    df["variant"] = refactorization_variant(df)
+    return results_table(df, "variant", ["optim.name", "topology.name"], metric, where=where,
+                         **kwargs)
 
 
 def _count(v: float) -> str:

@@ -414,3 +414,30 @@ def test_notebook_runs_against_saved_results(results, monkeypatch):
     assert len(images) >= 6  # fig2, fig3, theory, bytes, labels, rate
     markdown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
     assert any("| DeCAF |" in m for m in markdown)
+
+
+def test_refactorization_figure_and_table(tmp_path):
+    from decaf_ray.config import load_config
+    from decaf_ray.experiment import run
+    from decaf_ray.results import RunWriter
+
+    variants = [("dlora", "balanced", "keep"), ("decaf", "balanced", "keep"),
+                ("decaf", "aligned", "rotate")]
+    for opt, topo, (alg, split, state), seed in itertools.product(
+            ("sgd", "adam"), ("ring", "complete"), variants, (0, 1)):
+        cfg = load_config(_config({"algorithm": alg, "topology": topo, "optim.name": opt,
+                                   "optim.lr": 0.5 if opt == "sgd" else 0.05, "seed": seed,
+                                   "consensus.split": split, "consensus.state": state,
+                                   "rounds": 6}))
+        writer = RunWriter(tmp_path / f"{opt}-{topo}-{alg}-{split}-{state}-{seed}").open(cfg)
+        writer.close(run(cfg, on_rows=writer.rows, progress=False))
+    fig = analysis.refactorization(tmp_path)
+    axes = fig.get_axes()
+    assert len(axes) == 4  # (SGD, Adam) x (ring, complete)
+    for ax in axes:
+        assert len(_lines(ax)) == 3 and all("(2 seeds)" in ln.get_label() for ln in _lines(ax))
+    t = analysis.refactorization_table(tmp_path)
+    assert t.mean.shape == (3, 4) and (t.n.values == 2).all()
+    md = analysis.figure("refactor_table", tmp_path, tmp_path / "t.md").read_text()
+    assert "± " in md and "aligned" in md.lower()
+    assert analysis.figure("refactor", tmp_path, tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"

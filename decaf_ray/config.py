@@ -178,9 +178,15 @@ class RuntimeConfig:
     this many rounds; the numbers are the same whatever its value)."""
     threads: int | None = None
     """torch threads per process; null: torch's default in-process, the host's CPUs on Ray."""
+    train_workers: int = 1
+    """Centralized on Ray runs as a Ray Train ``TorchTrainer`` with this many data-parallel
+    workers (each with ``cpus_per_host``/``gpus_per_host``): every batch is split between them
+    and their gradients averaged. One worker gives the in-process numbers exactly; more agree
+    with them to float rounding (the batch gradient is summed in chunks)."""
 
     def __post_init__(self):
         _check(self.agents_per_host >= 1, "agents_per_host", "must be >= 1")
+        _check(self.train_workers >= 1, "train_workers", "must be >= 1")
         _check(self.cpus_per_host is None or self.cpus_per_host > 0, "cpus_per_host",
                "must be > 0 or null")
         _check(self.gpus_per_host >= 0, "gpus_per_host", "must be >= 0")

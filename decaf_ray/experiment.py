@@ -125,9 +125,11 @@ def run(cfg: ExperimentConfig, *, on_rows: Callable[[list[Row]], None] | None = 
     """
     kwargs = dict(on_rows=on_rows, progress=progress, on_checkpoint=on_checkpoint)
     if cfg.runtime.kind == "ray":
-        from decaf_ray.runtime.ray_runtime import run_on_ray
-
-        return run_on_ray(cfg, run_id=run_id, resume=resume, checkpoint_every=checkpoint_every,
+        if ALGORITHMS[cfg.algorithm].centralized:  # a data-parallel fine-tune: Ray Train's job
+            from decaf_ray.runtime.train import run_on_train as run_remote
+        else:
+            from decaf_ray.runtime.ray_runtime import run_on_ray as run_remote
+        return run_remote(cfg, run_id=run_id, resume=resume, checkpoint_every=checkpoint_every,
                           **kwargs)
     from decaf_ray.runtime.inprocess import InProcessHosts
     from decaf_ray.runtime.loop import follow, stream

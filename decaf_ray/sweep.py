@@ -136,12 +136,15 @@ def param_space(sweep: SweepConfig) -> dict[str, Any]:
 
 def trial_resources(cfg: ExperimentConfig):
     """The placement group one trial reserves: a sliver for its driver, then one bundle per
-    host (CPUs and GPUs), or one bundle for an in-process trial."""
+    host (CPUs and GPUs); one bundle for an in-process trial; only the sliver for Centralized on
+    Ray, whose Ray Train workers reserve their own."""
     from ray import tune
 
     if cfg.runtime.kind == "inprocess":
         return tune.PlacementGroupFactory([{"CPU": float(cfg.runtime.threads or 1)}])
-    hosts = -(-(1 if _centralized(cfg) else cfg.agents) // cfg.runtime.agents_per_host)
+    if _centralized(cfg):  # Ray Train places its own workers; the trial is only their driver
+        return tune.PlacementGroupFactory([{"CPU": 0.01}])
+    hosts = -(-cfg.agents // cfg.runtime.agents_per_host)
     host = {"CPU": _host_cpus(cfg)}
     if cfg.runtime.gpus_per_host:
         host["GPU"] = cfg.runtime.gpus_per_host

@@ -72,6 +72,25 @@ def _sweep_cli(*args, **kw):
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_ray_runtime_trials_and_centralized_through_ray_train(tmp_path):
+    # Each trial's hosts live in its placement group; Centralized's Ray Train workers place
+    # themselves. Both must finish on a 2-CPU machine, with the numbers of in-process runs.
+    path = write(tmp_path, {"algorithm": ["centralized", "decaf"],
+                            "runtime.kind,runtime.agents_per_host,runtime.cpus_per_host":
+                                [["ray", 2, 0.5]]})
+    proc = _sweep_cli(path, "--storage", tmp_path / "out", "--max-concurrent", "1")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "2 trials, 0 failed" in out, out[-3000:]
+    df = analysis.load(tmp_path / "out")
+    for alg in ("centralized", "decaf"):
+        ref = run(load_config({**BASE, "algorithm": alg}), progress=False)
+        got = df[(df["algorithm"] == alg) & (df["agent"] == -1) & (df["metric"] == "test_loss")]
+        want = [r["value"] for r in ref.rows if r["agent"] == -1 and r["metric"] == "test_loss"]
+        assert got.sort_values("round")["value"].tolist() == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_failed_and_diverged_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
     path = write(tmp_path, {"optim.lr": [0.3, 1e9], "agents": [4, 3]})  # agents 3: no partition
     proc = _sweep_cli(path, "--storage", tmp_path / "out")

@@ -428,5 +428,6 @@ def refactorization_variant(df: pd.DataFrame) -> pd.Series:
     state are unused)."""
     name = df["algorithm"].map(lambda a: pretty("algorithm", a))
     decaf = df["algorithm"] == "decaf"
-    return name.where(~decaf, name + " " + df["consensus.split"].astype(str) + "/"
-                      + df["consensus.state"].astype(str))
+    split = df.get("consensus.split", pd.Series("balanced", index=df.index)).astype(str)
+    state = df.get("consensus.state", pd.Series("keep", index=df.index)).astype(str)
+    return name.where(~decaf, name + " " + split + "/" + state)

@@ -25,6 +25,8 @@ from decaf_ray.factors import Factors, Grads, init_factors
 from decaf_ray.optim import Optimizer, State, apply_updates, refactor_state
 
 Inbox = dict[int, tuple[tuple[int, ...], tuple[float, ...], list[Factors]]]
+MIX_BATCH = 32
+"""Most agents mixed in one batched call (each result is the same whatever the batch)."""
 """agent id -> (neighbour ids incl. self, their weights pi_ij, their published adapters)."""
 
 
@@ -174,11 +176,14 @@ class AgentGroup:
         first: dict[tuple, int] = {}
         for aid in inbox:
             first.setdefault(key(aid), aid)
-        batches: dict[int, list[int]] = {}
+        by_count: dict[int, list[int]] = {}
         for aid in first.values():
-            batches.setdefault(len(inbox[aid][0]), []).append(aid)
+            by_count.setdefault(len(inbox[aid][0]), []).append(aid)
+        # Capped, so a big host holds at most MIX_BATCH x m stacked adapters at once.
+        batches = [aids[k:k + MIX_BATCH] for aids in by_count.values()
+                   for k in range(0, len(aids), MIX_BATCH)]
         mixed: dict[int, Factors] = {}
-        for aids in batches.values():
+        for aids in batches:
             weights = torch.tensor([inbox[a][1] for a in aids], dtype=torch.float32)
             mixed.update(zip(aids, self.algorithm.mix_agents(
                 [self.agents[a].factors for a in aids], [inbox[a][2] for a in aids], weights,

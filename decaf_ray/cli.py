@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("decaf-ray: interrupted", file=sys.stderr)
         return 130
-    except (ImportError, FileNotFoundError) as e:  # a missing package or data file, before any run
-        print(f"decaf-ray: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    except (ImportError, FileNotFoundError) as e:  # a missing package or data file
+        print(f"decaf-ray: error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}",
+              file=sys.stderr)
         return 2
 
 
@@ -140,11 +141,11 @@ def _is_sweep(path: str) -> bool:
     from decaf_ray.config import read_yaml
 
     data = read_yaml(path)
-    return isinstance(data, dict) and "grid" in data and "base" in data
+    return isinstance(data, dict) and ("grid" in data or "base" in data)
 
 
 def _describe_sweep(args) -> int:
-    """A sweep file: its trials (grid points) and their validated configs' key fields."""
+    """A sweep file: its grid points (each validated) and the keys sampled at random."""
     from decaf_ray.sweep import load_sweep
 
     sweep = load_sweep(args.config, args.overrides)

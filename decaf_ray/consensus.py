@@ -3,7 +3,8 @@
 Agent i mixes the LoRA factors of its neighbours j in Nb(i) with the weights pi_ij of its row of
 the mixing matrix Pi. Throughout, the first dim of ``As`` (m, *b, r, k) and ``Bs`` (m, *b, d, r)
 indexes the m neighbours (self included), ``*b`` are optional batch dims (many LoRA modules of one
-shape mixed in one call) and ``weights`` is (m,).
+shape mixed in one call) and ``weights`` is (m,); ``decaf_mix`` also takes (m, *wb), one weight
+row per entry of leading batch dims wb (many agents' mixes in one call).
 
 * DLoRA (Algorithm 1, lines 6-8) mixes each factor on its own:
   A = sum_j pi_ij A_j,  B = sum_j pi_ij B_j.
@@ -47,7 +48,7 @@ def _check(As: Tensor, Bs: Tensor, weights: Tensor, batched_weights: bool = Fals
     m = As.shape[0]
     wb = tuple(weights.shape[1:]) if batched_weights else ()
     if (m == 0 or Bs.shape[0] != m or tuple(weights.shape) != (m, *wb)
-            or wb != tuple(As.shape[1:1 + len(wb)])):
+            or len(wb) > As.ndim - 3 or wb != tuple(As.shape[1:1 + len(wb)])):
         want = "(m,) or (m, *b[:j])" if batched_weights else "(m,)"
         raise ValueError(f"need m >= 1 neighbours with As, Bs and weights {want} agreeing, got "
                          f"{tuple(As.shape)}, {tuple(Bs.shape)}, {tuple(weights.shape)}")
@@ -177,8 +178,9 @@ def decaf_mix(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None,
     Args:
         As: (m, *b, r, k). Bs: (m, *b, d, r).
         weights: (m,), or (m, *wb) for a leading part wb of *b: one weight row per batch entry,
-            so the mixes of several agents (wb = (n,)) run as one call. Each batch entry's result
-            is bit-identical to mixing it alone (batched LAPACK and matmuls work per matrix).
+            so the mixes of several agents (wb = (n,)) run as one call. On CPU each batch entry's
+            result is bit-identical to mixing it alone (batched LAPACK and matmuls work matrix by
+            matrix; tested at 1 and 2 threads).
         rank: rank of the output; None keeps r.
         split: one of ``SPLITS``.
     Returns:

@@ -73,6 +73,10 @@ def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
     """Build the graph, Pi, the task's labels and the partition; errors name the config field."""
     algorithm = ALGORITHMS[cfg.algorithm]
     n = 1 if algorithm.centralized else cfg.agents
+    if algorithm.centralized and cfg.runtime.kind == "ray" and \
+            cfg.runtime.train_workers > cfg.data.batch_size:
+        raise ConfigError("runtime.train_workers", f"must be <= data.batch_size "
+                          f"({cfg.data.batch_size}): each Ray Train worker takes part of a batch")
     try:
         graph = topology.build_topology(cfg.topology.name, n, **cfg.topology.params)
     except (ValueError, TypeError) as e:

@@ -147,6 +147,9 @@ def test_per_agent_weights_must_lead_the_batch_dims():
         decaf_mix(As, Bs, torch.full((3, 5), 1 / 3, dtype=F64))
     with pytest.raises(ValueError, match="weights"):
         dlora_mix(As, Bs, torch.full((3, 4), 1 / 3, dtype=F64))  # per-agent rows: DeCAF only
+    As, Bs, _ = make(3, 5, 6, 2)  # no batch dims: a weight row per r would be a silent misuse
+    with pytest.raises(ValueError, match="weights"):
+        decaf_mix(As, Bs, torch.full((3, 2), 1 / 3, dtype=F64))
 
 
 @pytest.mark.parametrize("m,d,k,r,rank", CASES)

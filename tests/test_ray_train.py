@@ -46,3 +46,12 @@ def test_two_data_parallel_workers_agree_to_rounding(ray_session):
     assert got.rows and all(abs(x[4] - y[4]) <= 1e-4 * max(1.0, abs(y[4])) for x, y in zip(a, b))
     for n, (A, B) in ref.factors[0].items():
         assert got.factors[0][n][0].allclose(A, atol=1e-5) and got.factors[0][n][1].allclose(B, atol=1e-5)
+
+
+def test_more_workers_than_a_batch_holds_is_a_config_error():
+    from decaf_ray.config import ConfigError
+    from decaf_ray.experiment import prepare
+
+    with pytest.raises(ConfigError, match="runtime.train_workers"):
+        prepare(load_config({**BASE, "data": {"partition": "iid", "batch_size": 2},
+                             "runtime": {"kind": "ray", "train_workers": 3}}))

@@ -9,7 +9,11 @@ worker and the chunk gradients are averaged with a ``torch.distributed`` all-red
 Worker 0 forwards the loop's items (rows per round, checkpoints, the result) through a Ray queue
 to the driver, which follows them as for the other runtimes: rows stream, the progress bar moves
 per round. With one worker the numbers are the in-process ones exactly; with more they agree to
-float rounding (a batch gradient summed in chunks) and LoRA dropout draws differ per chunk.
+float rounding (a batch gradient summed in chunks) when dropout is off; dropout draws differ per
+chunk. Chunks are weighted by their share of the examples, which is the batch mean for tasks
+whose loss is a per-example mean (synthetic, CLIP); the causal LM's loss is a mean over answer
+tokens, so there the average is of per-chunk token means (still an unbiased data-parallel step).
+The all-reduce runs on gloo: gradients come back from the task on the CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from decaf_ray.agents import derive_seed, seed_dropout
 from decaf_ray.config import ExperimentConfig, load_config
 from decaf_ray.experiment import RunFailed, RunResult, prepare
 from decaf_ray.factors import Grads
@@ -52,6 +57,8 @@ class DataParallelTask:
 
         indices = np.asarray(indices)
         mine = np.array_split(indices, self.world)[self.rank]
+        if self.rank:  # the runtime seeded dropout for the step; chunks need their own draws
+            seed_dropout(derive_seed(torch.initial_seed(), self.rank))
         loss, grads = self.task.loss_and_grads(factors, mine, train_A)
         names = list(grads)
         parts = [g for n in names for g in grads[n] if g is not None]
@@ -105,7 +112,7 @@ def run_on_train(cfg: ExperimentConfig, *, run_id: str | None = None,
     ``follow_kwargs`` go to ``runtime.loop.follow`` (on_rows, on_checkpoint, progress). A worker
     failure raises ``RunFailed`` with its first line."""
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
     from decaf_ray.runtime.ray_runtime import connect
@@ -125,6 +132,7 @@ def run_on_train(cfg: ExperimentConfig, *, run_id: str | None = None,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=run_id or f"decaf-ray-{uuid.uuid4().hex[:8]}",
                              storage_path=storage),
+        torch_config=TorchConfig(backend="gloo"),  # CPU gradients, also beside GPUs
     )
     errors: list[BaseException] = []
 
@@ -146,9 +154,14 @@ def run_on_train(cfg: ExperimentConfig, *, run_id: str | None = None,
         raise RunFailed(f"Ray Train run failed: {first[0] if first else 'no result'}")
 
     try:
-        return follow(items(), cfg.rounds, cfg.algorithm,
-                      initial=resume.round if resume else 0, **follow_kwargs)
-    finally:
-        thread.join()
-        queue.shutdown()
+        result = follow(items(), cfg.rounds, cfg.algorithm,
+                        initial=resume.round if resume else 0, **follow_kwargs)
+    except BaseException:
+        queue.shutdown(force=True)  # worker 0's next put fails, so the trainer stops now
+        thread.join(timeout=60)
         shutil.rmtree(storage, ignore_errors=True)
+        raise
+    thread.join()
+    queue.shutdown()
+    shutil.rmtree(storage, ignore_errors=True)
+    return result

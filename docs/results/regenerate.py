@@ -1,0 +1,61 @@
+"""Rebuild docs/results/ from the CPU-scale sweeps' results.
+
+    decaf-ray sweep sweeps/refactorization-cpu.yaml --storage runs/sweeps --max-concurrent 2
+    for s in fig2ab fig2c fig3b fig3c; do
+        decaf-ray sweep sweeps/$s-cpu.yaml --storage runs/sweeps --max-concurrent 2; done
+    python docs/results/regenerate.py runs/sweeps
+
+Writes, next to this file, one tidy CSV per sweep (network-level rows and per-agent test
+accuracy, with the config columns that vary), the figures (PNG) and the tables (Markdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+import analysis
+
+HERE = Path(__file__).resolve().parent
+KEEP = ["run", "status", "name", "algorithm", "seed", "agents", "topology.name", "data.partition",
+        "lora.rank", "optim.name", "optim.lr", "consensus.split", "consensus.state", "rounds",
+        "local_steps", "data.batch_size"]
+METRICS = ["test_accuracy", "test_loss", "train_loss", "consensus_distance", "interference",
+           "tsvd_error", "floats_sent"]
+
+
+def tidy(df: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """Network rows of METRICS and per-agent test accuracy, KEEP columns, run paths relative."""
+    rows = df[((df["agent"] == -1) & df["metric"].isin(METRICS))
+              | ((df["agent"] >= 0) & (df["metric"] == "test_accuracy"))]
+    cols = [c for c in KEEP if c in rows] + ["round", "step", "agent", "metric", "value"]
+    out = rows[cols].copy()
+    out["run"] = out["run"].map(lambda p: Path(p).relative_to(root).parts[1])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("storage", type=Path, help="the --storage folder the sweeps wrote")
+    root = p.parse_args().storage.resolve()
+    frames = {}
+    for sweep in ["refactorization-cpu", "fig2ab-cpu", "fig2c-cpu", "fig3b-cpu", "fig3c-cpu"]:
+        if (root / sweep).is_dir():
+            frames[sweep] = analysis.load(root / sweep)
+            tidy(frames[sweep], root).to_csv(HERE / f"{sweep}.csv", index=False)
+    if "refactorization-cpu" in frames:
+        df = frames["refactorization-cpu"]
+        analysis.figure("refactor", df, HERE / "refactorization.png")
+        analysis.figure("refactor_table", df, HERE / "refactorization.md")
+    fig2 = [frames[s] for s in ("fig2ab-cpu", "fig2c-cpu") if s in frames]
+    if fig2:
+        analysis.figure("fig2", pd.concat(fig2, ignore_index=True), HERE / "fig2.png")
+    fig3 = [frames[s] for s in ("fig3b-cpu", "fig3c-cpu") if s in frames]
+    if fig3:
+        analysis.figure("fig3", pd.concat(fig3, ignore_index=True), HERE / "fig3.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,9 @@
     python docs/results/regenerate.py runs/sweeps
 
 Writes, next to this file, one tidy CSV per sweep (network-level rows and per-agent test
-accuracy, with the config columns that vary), the figures (PNG) and the tables (Markdown).
+accuracy, with the config columns that vary in it), the figures (PNG) and the tables (Markdown).
+``analysis`` reads the CSVs back: ``analysis.load`` is for run folders, but every figure and
+table function takes such a frame (``pd.read_csv``) as well.
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ def tidy(df: pd.DataFrame, root: Path) -> pd.DataFrame:
     """Network rows of METRICS and per-agent test accuracy, KEEP columns, run paths relative."""
     rows = df[((df["agent"] == -1) & df["metric"].isin(METRICS))
               | ((df["agent"] >= 0) & (df["metric"] == "test_accuracy"))]
-    cols = [c for c in KEEP if c in rows] + ["round", "step", "agent", "metric", "value"]
+    # Config columns that vary in this sweep (the rest are in its sweep file).
+    keep = [c for c in KEEP if c in rows and (c in ("run", "status", "algorithm") or rows[c].nunique() > 1)]
+    cols = keep + ["round", "step", "agent", "metric", "value"]
     out = rows[cols].copy()
-    out["run"] = out["run"].map(lambda p: Path(p).relative_to(root).parts[1])
+    # Tune's trial folder names repeat the config; its trial id is enough to tell runs apart.
+    out["run"] = out["run"].map(lambda p: "_".join(Path(p).relative_to(root).parts[1].split("_")[:3]))
     return out
 
 
@@ -44,7 +49,8 @@ def main() -> None:
     for sweep in ["refactorization-cpu", "fig2ab-cpu", "fig2c-cpu", "fig3b-cpu", "fig3c-cpu"]:
         if (root / sweep).is_dir():
             frames[sweep] = analysis.load(root / sweep)
-            tidy(frames[sweep], root).to_csv(HERE / f"{sweep}.csv", index=False)
+            tidy(frames[sweep], root).to_csv(HERE / f"{sweep}.csv", index=False,
+                                             float_format="%.6g")
     if "refactorization-cpu" in frames:
         df = frames["refactorization-cpu"]
         analysis.figure("refactor", df, HERE / "refactorization.png")

@@ -79,7 +79,9 @@ class AgentHost:
         for step in range(t, t + count):
             self.group.local_step(step)
 
-    def publish(self, t: int):
+    def publish(self, t: int, steps: tuple[int, int] | None = None):
+        if steps is not None:  # the round's quiet local steps, sent along to save a round trip
+            self.local_steps(*steps)
         payloads = self.group.grads_and_payloads(t)
         out = [to_numpy(payloads[i]) for i in sorted(payloads)]
         return out[0] if len(out) == 1 else tuple(out)
@@ -133,6 +135,7 @@ class RayHosts:
         ray.get([h.setup.remote() for h in self.hosts])
         self.log: list[tuple[str, tuple]] = []
         self.snapshots = [h.snapshot.remote() for h in self.hosts]
+        self.deferred: tuple[int, int] | None = None
 
     def _start(self, k: int, name: str):
         cfg = self.plan.config
@@ -181,18 +184,32 @@ class RayHosts:
     # ------------------------------------------------------------ Hosts protocol
 
     def local_steps(self, t: int, count: int) -> None:
-        self._call("local_steps", t, count)
+        # Communicating algorithms publish right after their quiet steps: the steps then ride
+        # in the publish call (one call and one barrier per round instead of two).
+        if self.plan.algorithm.communicates:
+            self._flush()
+            self.deferred = (t, count)
+        else:
+            self._call("local_steps", t, count)
+
+    def _flush(self) -> None:
+        """Run deferred local steps now (anything but ``communicate`` must see them done)."""
+        if self.deferred is not None:
+            steps, self.deferred = self.deferred, None
+            self._call("local_steps", *steps)
 
     def _local_steps(self, t: int, count: int) -> None:
         ray.get([h.local_steps.remote(t, count) for h in self.hosts])
 
     def communicate(self, t: int, diagnose: bool) -> dict[int, dict[str, float]]:
-        return self._call("communicate", t, diagnose)
+        steps, self.deferred = self.deferred, None
+        return self._call("communicate", t, diagnose, steps)
 
-    def _communicate(self, t: int, diagnose: bool) -> dict[int, dict[str, float]]:
+    def _communicate(self, t: int, diagnose: bool, steps: tuple[int, int] | None = None
+                     ) -> dict[int, dict[str, float]]:
         refs: dict[int, Any] = {}
         for h, ids in zip(self.hosts, self.members):
-            out = h.publish.options(num_returns=len(ids)).remote(t)
+            out = h.publish.options(num_returns=len(ids)).remote(t, steps)
             refs.update(zip(ids, out if len(ids) > 1 else [out]))
         calls = []
         for h, ids in zip(self.hosts, self.members):
@@ -204,6 +221,7 @@ class RayHosts:
         return {i: d for part in ray.get(calls) for i, d in part.items()}
 
     def evaluate(self) -> dict[int, dict[str, float]]:
+        self._flush()
         return self._call("evaluate")
 
     def _evaluate(self) -> dict[int, dict[str, float]]:
@@ -222,6 +240,7 @@ class RayHosts:
 
     def _read(self, call: Callable) -> list:
         """A read-only call on every host, retried after recovery."""
+        self._flush()
         while True:
             try:
                 with _unwrapped():
@@ -230,6 +249,7 @@ class RayHosts:
                 self._recover(e)
 
     def end_round(self, rnd: int) -> None:
+        self._flush()
         if rnd % self.plan.config.runtime.checkpoint_every == 0:
             self.snapshots = [h.snapshot.remote() for h in self.hosts]
             self.log = []
@@ -240,7 +260,7 @@ class RayHosts:
     def restore(self, agents: dict[int, dict]) -> None:
         parts = [{i: agents[i] for i in ids} for ids in self.members]
         ray.get([h.restore.remote(p) for h, p in zip(self.hosts, parts)])
-        self.snapshots, self.log = [ray.put(p) for p in parts], []
+        self.snapshots, self.log, self.deferred = [ray.put(p) for p in parts], [], None
 
     def where(self) -> list[dict[str, Any]]:
         return ray.get([h.where.remote() for h in self.hosts])

@@ -1,7 +1,7 @@
 """Ray runtime against the in-process runtime: time per round and peak memory.
 
     python bench/bench_ray.py overhead            # near-zero-cost task, 10 / 40 / 100 agents
-    python bench/bench_ray.py compute             # tiny CLIP, 10 agents, agents_per_host 5
+    python bench/bench_ray.py compute --rounds 30 # tiny CLIP, 10 agents, agents_per_host 5
     python bench/bench_ray.py memory              # peak memory against agents, per host 1 and 10
     python bench/bench_ray.py case --runtime ray --agents 40 --per-host 10 --task synthetic
 
@@ -32,13 +32,14 @@ SYNTHETIC = {"kind": "synthetic", "d": 4, "k": 8, "true_rank": 1, "samples": 400
 TINY_CLIP = None  # filled from sweeps/clip-tiny-digits.yaml when the compute case runs
 
 
-def config(task: str, agents: int, runtime: str, per_host: int, rounds: int) -> dict:
+def config(task: str, agents: int, runtime: str, per_host: int, rounds: int,
+           threads: int | None = None) -> dict:
     if task == "clip":
         import yaml
 
         base = yaml.safe_load((ROOT / "sweeps" / "clip-tiny-digits.yaml").read_text())
         base.update(agents=agents, rounds=rounds, eval_every=rounds, grad_norm=False)
-        base["runtime"] = {"kind": runtime, "agents_per_host": per_host}
+        base["runtime"] = {"kind": runtime, "agents_per_host": per_host, "threads": threads}
         return base
     return {
         "algorithm": "decaf", "agents": agents, "topology": "ring", "rounds": rounds,
@@ -82,7 +83,8 @@ def run_case(args) -> dict:
     from decaf_ray.config import load_config
     from decaf_ray.experiment import run
 
-    cfg = load_config(config(args.task, args.agents, args.runtime, args.per_host, args.rounds))
+    cfg = load_config(config(args.task, args.agents, args.runtime, args.per_host, args.rounds,
+                             args.threads))
     stamps = []
     with PeakPSS() as mem:
         start = time.perf_counter()
@@ -95,9 +97,11 @@ def run_case(args) -> dict:
             "total_s": total, "peak_pss_mb": mem.peak / 2 ** 20, "status": result.status}
 
 
-def case(runtime: str, task: str, agents: int, per_host: int, rounds: int) -> dict:
+def case(runtime: str, task: str, agents: int, per_host: int, rounds: int,
+         threads: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "case", "--runtime", runtime, "--task", task,
            "--agents", str(agents), "--per-host", str(per_host), "--rounds", str(rounds)]
+    cmd += ["--threads", str(threads)] if threads else []
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise SystemExit(f"case failed: {' '.join(cmd)}\n{out.stderr[-2000:]}")
@@ -116,13 +120,28 @@ def overhead(repeats: int) -> None:
         print(f"{agents:>6} {per_host:>8} {ip:10.2f} {ry:8.2f} {ry - ip:11.2f}")
 
 
-def compute(repeats: int) -> None:
-    print(f"compute-bound: tiny CLIP (sweeps/clip-tiny-digits.yaml), 10 agents, median of {repeats}")
-    ip = [case("inprocess", "clip", 10, 5, 8)["per_round_ms"] for _ in range(repeats)]
-    ry = [case("ray", "clip", 10, 5, 8)["per_round_ms"] for _ in range(repeats)]
-    a, b = statistics.median(ip), statistics.median(ry)
-    print(f"in-process {a:.1f} ms/round, ray (2 hosts x 5 agents) {b:.1f} ms/round, "
-          f"ray / in-process = {b / a:.2f}")
+def compute(repeats: int, rounds: int) -> None:
+    """In-process with torch's default threads (both cores, intra-op) and with one thread,
+    against Ray with 2 hosts x 5 agents, one thread each (both cores, one process each).
+
+    A run evaluates every agent at its start and end, which on this task costs as much as tens
+    of rounds, so a training round's time is the difference of two runs' times from their first
+    evaluation to their end, one of ``rounds`` rounds and one of ``rounds // 3``, over the
+    difference in rounds: evaluation and start-up cancel."""
+    short = max(1, rounds // 3)
+    print(f"compute-bound: tiny CLIP (sweeps/clip-tiny-digits.yaml), 10 agents, training round "
+          f"time from runs of {rounds} and {short} rounds, median of {repeats}")
+
+    def one(**kw) -> float:
+        span = {r: case(task="clip", agents=10, per_host=5, rounds=r, **kw)["per_round_ms"] * r
+                for r in (rounds, short)}
+        return (span[rounds] - span[short]) / (rounds - short)
+
+    med = lambda **kw: statistics.median(one(**kw) for _ in range(repeats))
+    ip, ip1, ry = med(runtime="inprocess"), med(runtime="inprocess", threads=1), med(runtime="ray")
+    print(f"in-process (default threads) {ip:.1f} ms/round, in-process (1 thread) {ip1:.1f}, "
+          f"ray (2 hosts x 5 agents) {ry:.1f}: ray / in-process = {ry / ip:.2f} "
+          f"(against 1 thread: {ry / ip1:.2f})")
 
 
 def memory() -> None:
@@ -146,13 +165,14 @@ def main() -> None:
     p.add_argument("--per-host", type=int, default=1)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (case only)")
     args = p.parse_args()
     if args.what == "case":
         print(json.dumps(run_case(args)))
     elif args.what == "overhead":
         overhead(args.repeats)
     elif args.what == "compute":
-        compute(args.repeats)
+        compute(args.repeats, args.rounds)
     else:
         memory()
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import analysis
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +48,7 @@ def _env() -> dict:
     return env
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head_cluster():
     """A one-node cluster from ``ray start --head --block``, with the dashboard (job server)."""
     port, dash = _free_port(), _free_port()
@@ -90,6 +92,21 @@ def test_ray_job_submit_runs_decaf_ray_on_the_cluster(head_cluster, tmp_path):
     assert summary["status"] == "completed" and summary["hosts"] == 2
     # the job joined the cluster (RAY_ADDRESS) rather than starting an embedded Ray
     assert "Started a local Ray instance" not in res.stdout + res.stderr
+
+
+def test_ray_job_submit_runs_a_sweep_on_the_cluster(head_cluster, tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    base = {**CONFIG, "runtime": {"kind": "inprocess", "threads": 1}}
+    sweep.write_text(yaml.safe_dump({"name": "job-sweep", "base": base,
+                                     "grid": {"algorithm": ["decaf", "dlora"]}}))
+    res = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", head_cluster, "--working-dir", str(ROOT),
+         "--", "decaf-ray", "sweep", str(sweep), "--storage", str(tmp_path / "sweeps")],
+        env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "sweep job-sweep: 2 trials, 0 failed" in res.stdout
+    df = analysis.load(tmp_path / "sweeps" / "job-sweep")
+    assert set(df["algorithm"]) == {"decaf", "dlora"} and set(df["status"]) == {"completed"}
 
 
 TWO_NODES = textwrap.dedent("""

@@ -84,14 +84,15 @@ def curves_panel(ax: Axes, df: pd.DataFrame, runs: pd.DataFrame, key: Sequence[s
     mapper = x_mapper(x)
     n = 0
     for cond in conds.ordered():
-        members = conds.runs.loc[conds.runs["condition"] == cond, "run"]
+        rows = conds.runs[conds.runs["condition"] == cond]
+        members = rows["run"]
         c = curve(stats, members, x=x if x != "epoch" else "step", band=band, x_of=mapper)
         if c.empty:
             continue
         col = None
         if colour_by is not None and colour_by in conds.key:
             col = colour(cond[conds.key.index(colour_by)])
-        label = seeds_label(label_prefix + conds.label(cond), c)
+        label = seeds_label(label_prefix + conds.label(cond), c, distinct_seeds(rows))
         line, = ax.plot(c["x"], c["mean"] * scale, linestyle=linestyle, label=label, color=col,
                         lw=1.6)
         if (c["hi"] > c["lo"]).any():
@@ -109,10 +110,21 @@ def curves_panel(ax: Axes, df: pd.DataFrame, runs: pd.DataFrame, key: Sequence[s
     return n
 
 
-def seeds_label(label: str, c: pd.DataFrame) -> str:
-    """``label (k seeds)`` when the curve averages several runs."""
+def seeds_label(label: str, c: pd.DataFrame, seeds: int | None = None) -> str:
+    """``label (k seeds)`` when the curve averages several runs; ``(k runs, s seed)`` when some
+    of them repeat a seed (the same experiment run twice, e.g. by two sweeps), so a legend never
+    counts a repeat as another seed. ``seeds``: distinct seeds among the runs, if known."""
     k = int(c["n_runs"].max()) if len(c) else 0
-    return f"{label} ({k} seeds)" if k > 1 else label
+    if k <= 1:
+        return label
+    if seeds is None or seeds >= k:
+        return f"{label} ({k} seeds)"
+    return f"{label} ({k} runs, {seeds} seed{'s' if seeds > 1 else ''})"
+
+
+def distinct_seeds(members: pd.DataFrame) -> int | None:
+    """Distinct ``seed`` values of a condition's rows of a ``run_table`` (None if not recorded)."""
+    return int(members["seed"].nunique()) if "seed" in members.columns else None
 
 
 def _runs(df: pd.DataFrame, metric: str, where: Where) -> pd.DataFrame:
@@ -268,7 +280,8 @@ def bytes_vs_accuracy(results, *, metric: str = "test_accuracy", by: Sequence[st
     stats = agent_stats(df, metric, conds.runs["run"])
     scale = 100.0 if is_fraction_metric(metric) else 1.0
     for cond in conds.ordered():
-        members = conds.runs.loc[conds.runs["condition"] == cond, "run"]
+        rows = conds.runs[conds.runs["condition"] == cond]
+        members = rows["run"]
         c = curve(stats, members, x="round", band=band)
         # x: the bytes sent by that round (the same for every seed of a condition).
         b = sent[sent["run"].isin(members)].groupby("round")["bytes"].mean()
@@ -277,7 +290,7 @@ def bytes_vs_accuracy(results, *, metric: str = "test_accuracy", by: Sequence[st
             continue
         col = colour(cond[0]) if conds.key[0] == "algorithm" else None
         line, = ax.plot(c["x"], c["mean"] * scale, marker=".", color=col,
-                        label=seeds_label(conds.label(cond), c))
+                        label=seeds_label(conds.label(cond), c, distinct_seeds(rows)))
         if (c["hi"] > c["lo"]).any():
             ax.fill_between(c["x"].astype(float), c["lo"] * scale, c["hi"] * scale,
                             color=line.get_color(), alpha=0.15, linewidth=0)

@@ -33,7 +33,7 @@ from analysis.data import (
     select,
     x_mapper,
 )
-from analysis.figures import _note, new_figure, no_data, seeds_label
+from analysis.figures import _note, distinct_seeds, new_figure, no_data, seeds_label
 
 THEORY_METRICS = ("interference", "tsvd_error", "prop1_bound")
 RATE_IGNORE = ("rounds", "optim.lr", "eval_every", "optim.warmup_steps", "runtime.checkpoint_every")
@@ -61,11 +61,13 @@ def theory_curves(results, *, by: Sequence[str] = ("algorithm", "lora.rank"), x:
         for metric, style in zip(metrics, ("-", "--")):
             stats = agent_stats(df, metric, conds.runs["run"])
             for cond in conds.ordered():
-                members = conds.runs.loc[conds.runs["condition"] == cond, "run"]
-                c = curve(stats, members, x=x if x != "epoch" else "step", band=band, x_of=mapper)
+                rows = conds.runs[conds.runs["condition"] == cond]
+                c = curve(stats, rows["run"], x=x if x != "epoch" else "step", band=band,
+                          x_of=mapper)
                 if c.empty:
                     continue
-                label = seeds_label(conds.label(cond), c) + (" (bound)" if metric == "prop1_bound" else "")
+                label = seeds_label(conds.label(cond), c, distinct_seeds(rows)) + \
+                    (" (bound)" if metric == "prop1_bound" else "")
                 line, = ax.plot(c["x"], c["mean"], linestyle=style, label=label,
                                 color=colours.get(cond))
                 colours[cond] = line.get_color()

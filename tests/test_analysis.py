@@ -154,6 +154,17 @@ def test_fig2_panels_and_lines(df, tmp_path):
     assert out.exists() and out.stat().st_size > 10_000
 
 
+def test_a_repeated_seed_is_not_counted_as_another_seed(df):
+    # The same experiment run twice (two sweeps sharing a grid point) is one seed, two runs.
+    runs = run_table(df, "test_accuracy")
+    one = runs[(runs.algorithm == "decaf") & (runs["topology.name"] == "ring")
+               & (runs["data.partition"] == "iid") & (runs.seed == SEEDS[0])]
+    twin = df[df.run == one.run.iloc[0]].assign(run="twin-of-" + one.run.iloc[0])
+    both = df[df.run.isin(one.run)]
+    fig = analysis.fig2(pd.concat([both, twin], ignore_index=True))
+    assert [ln.get_label() for ln in _lines(fig.get_axes()[0])] == ["ring (2 runs, 1 seed)"]
+
+
 def test_fig2_missing_panel_says_no_data(df):
     only_iid = df[df["data.partition"] == "iid"]
     fig = analysis.fig2(only_iid)

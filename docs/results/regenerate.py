@@ -4,6 +4,7 @@
     for s in fig2ab fig2c fig3b fig3c; do
         decaf-ray sweep sweeps/$s-cpu.yaml --storage runs/sweeps --max-concurrent 2; done
     python docs/results/regenerate.py runs/sweeps
+    python docs/results/regenerate.py --from-csv      # redraw from the CSVs committed here
 
 Writes, next to this file, one tidy CSV per sweep (network-level rows and per-agent test
 accuracy, with the config columns that vary in it), the figures (PNG) and the tables (Markdown).
@@ -32,8 +33,10 @@ def tidy(df: pd.DataFrame, root: Path) -> pd.DataFrame:
     """Network rows of METRICS and per-agent test accuracy, KEEP columns, run paths relative."""
     rows = df[((df["agent"] == -1) & df["metric"].isin(METRICS))
               | ((df["agent"] >= 0) & (df["metric"] == "test_accuracy"))]
-    # Config columns that vary in this sweep (the rest are in its sweep file).
-    keep = [c for c in KEEP if c in rows and (c in ("run", "status", "algorithm") or rows[c].nunique() > 1)]
+    # Every KEEP column, constant or not: figures drawn from several sweeps' CSVs at once
+    # (Fig. 3 from fig3b and fig3c) hold conditions by them, and a legend tells a repeated seed
+    # from another seed by ``seed``.
+    keep = [c for c in KEEP if c in rows]
     cols = keep + ["round", "step", "agent", "metric", "value"]
     out = rows[cols].copy()
     # Tune's trial folder names repeat the config; its trial id is enough to tell runs apart.
@@ -43,11 +46,18 @@ def tidy(df: pd.DataFrame, root: Path) -> pd.DataFrame:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("storage", type=Path, help="the --storage folder the sweeps wrote")
-    root = p.parse_args().storage.resolve()
+    p.add_argument("storage", type=Path, nargs="?", help="the --storage folder the sweeps wrote")
+    p.add_argument("--from-csv", action="store_true", help="redraw from the CSVs next to this file")
+    args = p.parse_args()
+    if (args.storage is None) == (not args.from_csv):
+        p.error("give the sweeps' storage folder or --from-csv (one of them)")
     frames = {}
     for sweep in ["refactorization-cpu", "fig2ab-cpu", "fig2c-cpu", "fig3b-cpu", "fig3c-cpu"]:
-        if (root / sweep).is_dir():
+        if args.from_csv:
+            if (HERE / f"{sweep}.csv").is_file():
+                frames[sweep] = pd.read_csv(HERE / f"{sweep}.csv")
+        elif (args.storage / sweep).is_dir():
+            root = args.storage.resolve()
             frames[sweep] = analysis.load(root / sweep)
             tidy(frames[sweep], root).to_csv(HERE / f"{sweep}.csv", index=False,
                                              float_format="%.6g")

@@ -24,7 +24,10 @@ Flower side (flwr's Message API, the documented current way):
   ``runtime.threads`` (1), as our hosts use.
 - Timing: stamps on the server at the end of each round's ``aggregate_train``; round 1 is
   start-up and is excluded from the median. The final global adapter is evaluated once on the
-  server after timing (test accuracy, for a sanity check only).
+  server after timing (test accuracy, for a sanity check only). It is close to ours, not equal:
+  a round of ours takes its last local step in the paper's form (gradient at w_t, applied after
+  the average, so agents end a round apart), Flower's FedAvg averages after all local steps.
+  The work per round (gradients, optimizer steps, one exchange) is the same.
 
 Prints a JSON line last: per_round_ms (median of rounds 2..R-1 or 2..R, see --exclude-last),
 rounds_ms, and the final test metrics.

@@ -4,6 +4,7 @@
     python bench/bench_ray.py compute --rounds 30 # tiny CLIP, 10 agents, agents_per_host 5
     python bench/bench_ray.py memory              # peak memory against agents, per host 1 and 10
     python bench/bench_ray.py case --runtime ray --agents 40 --per-host 10 --task synthetic
+    python bench/bench_ray.py floor --config sweeps/clip-tiny-digits.yaml --per-host 5
 
 Every case runs in a fresh subprocess (its own embedded Ray) and reports the median time of the
 rounds after the first two (start-up and warm-up excluded) and the peak proportional set size
@@ -156,9 +157,57 @@ def memory() -> None:
                   f"{r['peak_pss_mb'] / agents:8.1f}")
 
 
+def _floor_host(config_path: str, overrides: list[str], ids: list[int], rounds: int,
+                barrier, out) -> None:
+    import torch
+    from decaf_ray.agents import AgentGroup
+    from decaf_ray.config import load_config
+    from decaf_ray.experiment import prepare
+    from decaf_ray.optim import build_optimizer
+
+    cfg = load_config(config_path, overrides)
+    torch.set_num_threads(cfg.runtime.threads or 1)
+    plan = prepare(cfg)
+    group = AgentGroup.build(cfg, plan.task, plan.algorithm,
+                             build_optimizer(cfg.optim, cfg.total_steps),
+                             {i: plan.shards[i] for i in ids})
+    times = []
+    for r in range(rounds):
+        barrier.wait()
+        start = time.perf_counter()
+        for k in range(cfg.local_steps):
+            group.local_step(r * cfg.local_steps + k + 1)
+        times.append(time.perf_counter() - start)
+    out.put(times)
+
+
+def floor(config_path: str, agents: int, per_host: int, rounds: int, overrides: list[str]) -> dict:
+    """The compute floor of a round: only the local steps, with no runtime at all. As many plain
+    processes as a Ray run has hosts, each stepping its agents' adapters (same task code, same
+    threads), started together every round; a round takes as long as its slowest process.
+    What a runtime adds on top of this is its overhead."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    overrides = [f"agents={agents}", *overrides]
+    hosts = [list(range(a, min(a + per_host, agents))) for a in range(0, agents, per_host)]
+    barrier, out = ctx.Barrier(len(hosts)), ctx.Queue()
+    procs = [ctx.Process(target=_floor_host, args=(config_path, overrides, ids, rounds, barrier,
+                                                   out)) for ids in hosts]
+    for p in procs:
+        p.start()
+    per_host_times = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    rounds_ms = [max(ts) * 1e3 for ts in zip(*per_host_times)]
+    return {"framework": "none (local steps only)", "agents": agents, "per_host": per_host,
+            "processes": len(hosts), "rounds": rounds, "rounds_ms": rounds_ms,
+            "per_round_ms": statistics.median(rounds_ms[1:])}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["overhead", "compute", "memory", "case"])
+    p.add_argument("what", choices=["overhead", "compute", "memory", "case", "floor"])
     p.add_argument("--runtime", default="ray")
     p.add_argument("--task", default="synthetic")
     p.add_argument("--agents", type=int, default=10)
@@ -166,9 +215,15 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (case only)")
+    p.add_argument("--config", default=str(ROOT / "sweeps" / "clip-tiny-digits.yaml"),
+                   help="experiment config (floor only)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (floor only; repeatable)")
     args = p.parse_args()
     if args.what == "case":
         print(json.dumps(run_case(args)))
+    elif args.what == "floor":
+        print(json.dumps(floor(args.config, args.agents, args.per_host, args.rounds, args.set)))
     elif args.what == "overhead":
         overhead(args.repeats)
     elif args.what == "compute":

@@ -17,6 +17,12 @@
 #   FLWR_VENV (/tmp/flwr-venv): made on first use from bench/flower-requirements.txt plus
 #     decaf_ray itself (editable, no dependencies: the clients run our task code only)
 #   OURS_PY (.venv/bin/python)
+#   CONFIG (sweeps/clip-tiny-digits.yaml): any experiment config; sweeps/quickstart.yaml (the
+#     synthetic task, milliseconds of compute) compares the two runtimes' own costs
+#
+# Each repeat also measures the compute floor (bench_ray.py floor): the same local steps in as
+# many plain processes as we have hosts, no runtime at all. Both sides run the same task code,
+# so neither can go below it; what each adds on top is its overhead per round.
 #
 # Each side starts its own throwaway local Ray (Flower's 2.55.1, ours the project's);
 # RAY_ADDRESS is ignored. Per-round time is taken on the driver/server: the gap between the ends
@@ -30,7 +36,7 @@ REPEATS=${REPEATS:-2}
 PER_HOST=${PER_HOST:-5}
 FLWR_VENV=${FLWR_VENV:-/tmp/flwr-venv}
 OURS_PY=${OURS_PY:-.venv/bin/python}
-CONFIG=sweeps/clip-tiny-digits.yaml
+CONFIG=${CONFIG:-sweeps/clip-tiny-digits.yaml}
 AGENTS=10
 CORES=$(nproc)
 HOSTS=$(( (AGENTS + PER_HOST - 1) / PER_HOST ))
@@ -100,6 +106,11 @@ for i in $(seq 1 "$REPEATS"); do
   "$OURS_PY" "$log/ours.py" "$CONFIG" "$ROUNDS" "$AGENTS" "$PER_HOST" \
       > "$log/ours.$i.out" 2> "$log/ours.$i.err" || {
     tail -n 30 "$log/ours.$i.err" >&2; echo "ours failed" >&2; exit 1; }
+  echo "== [$i/$REPEATS] compute floor: local steps only, $HOSTS plain processes (load $(load))" >&2
+  "$OURS_PY" bench/bench_ray.py floor --config "$CONFIG" --agents "$AGENTS" \
+      --per-host "$PER_HOST" --rounds "$ROUNDS" --set algorithm=fedavg \
+      > "$log/floor.$i.out" 2> "$log/floor.$i.err" || {
+    tail -n 30 "$log/floor.$i.err" >&2; echo "floor failed" >&2; exit 1; }
   echo "== [$i/$REPEATS] Flower $flwr_version: Ray simulation, FedAvg, $AGENTS clients, client" \
        "num_cpus $CLIENT_CPUS, $ROUNDS rounds (load $(load))" >&2
   "$FLWR_VENV/bin/python" bench/bench_flower.py --config "$CONFIG" --rounds "$ROUNDS" \
@@ -115,6 +126,7 @@ log, repeats = sys.argv[1], int(sys.argv[2])
 last = lambda p: json.loads(open(p).read().strip().splitlines()[-1])
 ours = [last(f"{log}/ours.{i}.out") for i in range(1, repeats + 1)]
 flower = [last(f"{log}/flower.{i}.out") for i in range(1, repeats + 1)]
+floor = [last(f"{log}/floor.{i}.out") for i in range(1, repeats + 1)]
 fmt = lambda xs: " ".join(f"{x:.0f}" for x in xs)
 for i, (o, f) in enumerate(zip(ours, flower), 1):
     print(json.dumps(o))
@@ -131,6 +143,10 @@ print(f"\nFedAvg, {f0['agents']} agents, median ms/round over rounds 2..{R - 1},
 print(f"  ours (decaf_ray Ray runtime, {ours[0]['per_host']} agents/host):  {o:.1f} ms")
 print(f"  Flower {f0['flwr']} (Ray simulation, client num_cpus {f0['client_cpus']}): {f:.1f} ms")
 print(f"  ours / flower = {o / f:.2f}  (target <= 0.5: {'met' if o / f <= 0.5 else 'NOT met'})")
+c = statistics.median(r["per_round_ms"] for r in floor)
+print(f"  compute floor (the local steps alone, {floor[0]['processes']} plain processes): {c:.1f} ms")
+print(f"  overhead over the floor: ours {o - c:.1f} ms, Flower {f - c:.1f} ms"
+      + (f" (ours / flower = {(o - c) / (f - c):.2f})" if f - c > 0 else ""))
 acc = lambda r: r["final"].get("test_accuracy", float("nan"))
 print(f"  final test accuracy: ours {acc(ours[-1]):.3f} (mean over agents), "
       f"flower {acc(flower[-1]):.3f} (global adapter)")

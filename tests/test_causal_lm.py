@@ -230,6 +230,29 @@ def test_micro_batches_and_dropout_seeding():
     assert runs[0] == runs[1] != runs[2]  # dropout draws from the runtime-seeded generator
 
 
+def test_data_parallel_chunks_weighted_by_answer_tokens_sum_to_the_batch():
+    """Ray Train's workers each take a chunk of a batch; weighted by ``chunk_share`` (answer
+    tokens here) their losses and gradients sum to the batch's, with answers of unequal length."""
+    from decaf_ray.runtime.train import chunk_share
+
+    task = make(LoRAConfig(rank=4, alpha=8.0, dropout=0.0), tokenizer="bytes")
+    f = random_factors(task)
+    labels = task.train_labels
+    idx = np.concatenate([np.flatnonzero(labels == 0)[:5], np.flatnonzero(labels == 1)[:2]])
+    chunks = np.array_split(idx, 2)                  # 3 + 2 "no" and 2 "yes" rows
+    loss, grads = task.loss_and_grads(f, idx)
+    assert len({len(a) for a in task.answers}) == 2  # bytes: " no" and " yes" differ in length
+    parts = [(chunk_share(task, c, idx), *task.loss_and_grads(f, c)) for c in chunks]
+    assert sum(w for w, _, _ in parts) == pytest.approx(1.0)
+    assert sum(w * l for w, l, _ in parts) == pytest.approx(loss, rel=1e-5)
+    for n in grads:
+        for k in (0, 1):
+            torch.testing.assert_close(sum(w * g[n][k] for w, _, g in parts), grads[n][k],
+                                       atol=1e-6, rtol=1e-4)
+    by_examples = sum(len(c) / len(idx) * l for c, (_, l, _) in zip(chunks, parts))
+    assert by_examples != pytest.approx(loss, rel=1e-5)  # what weighting by examples gets wrong
+
+
 def test_evaluate_metrics(task):
     m = task.evaluate(random_factors(task))
     assert set(m) == {"test_loss", "test_accuracy", "test_f1"}

@@ -10,10 +10,9 @@ Worker 0 forwards the loop's items (rows per round, checkpoints, the result) thr
 to the driver, which follows them as for the other runtimes: rows stream, the progress bar moves
 per round. With one worker the numbers are the in-process ones exactly; with more they agree to
 float rounding (a batch gradient summed in chunks) when dropout is off; dropout draws differ per
-chunk. Chunks are weighted by their share of the examples, which is the batch mean for tasks
-whose loss is a per-example mean (synthetic, CLIP); the causal LM's loss is a mean over answer
-tokens, so there the average is of per-chunk token means (still an unbiased data-parallel step).
-The all-reduce runs on gloo: gradients come back from the task on the CPU.
+chunk. Chunks are weighted by their share of what the loss is a mean over (``chunk_share``):
+examples for the synthetic and CLIP tasks, answer tokens for the causal LM, so the weighted sum
+is the batch's loss and gradient. The all-reduce runs on gloo: gradients come back from the task on the CPU.
 """
 
 from __future__ import annotations
@@ -37,11 +36,18 @@ from decaf_ray.runtime.loop import RunState, follow, stream
 _DONE = "__decaf_ray_train_done__"
 
 
+def chunk_share(task, chunk: np.ndarray, batch: np.ndarray) -> float:
+    """``chunk``'s weight in ``batch``'s mean loss: its share of the task's ``loss_weight``
+    (answer tokens for the causal LM), or of the examples for tasks without one."""
+    weight = getattr(task, "loss_weight", len)
+    return float(weight(chunk)) / float(weight(batch))
+
+
 class DataParallelTask:
     """``task`` with ``loss_and_grads`` of a batch shared between ``world`` workers.
 
     Worker ``rank`` computes the mean loss and gradient of its chunk of the indices
-    (``np.array_split``), weights them by the chunk's share of the batch and all-reduces the sum:
+    (``np.array_split``), weights them by ``chunk_share`` and all-reduces the sum:
     every worker returns the batch's mean loss and gradient. Everything else is the task's.
     """
 
@@ -64,7 +70,7 @@ class DataParallelTask:
         parts = [g for n in names for g in grads[n] if g is not None]
         flat = torch.cat([p.reshape(-1).float() for p in parts]
                          + [torch.tensor([loss], dtype=torch.float32)])
-        flat *= len(mine) / len(indices)
+        flat *= chunk_share(self.task, mine, indices)
         dist.all_reduce(flat)
         out, offset = {}, 0
         for n in names:

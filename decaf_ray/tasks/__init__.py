@@ -40,6 +40,10 @@ class Task(Protocol):
         """Test metrics of one adapter, e.g. ``{"test_loss": ..., "test_accuracy": ...}``."""
         ...
 
+    # Optional: ``loss_weight(indices) -> float``, what the loss on ``indices`` is a mean over
+    # (the causal LM: answer tokens). Without it, the number of examples. Data-parallel
+    # workers weight their chunks by it so that their sum is the batch's loss exactly.
+
 
 # kind -> "module:ConfigClass"; modules are imported only when their kind is used, so a
 # synthetic run never imports open_clip or transformers.

@@ -365,6 +365,12 @@ class CausalLMTask:
         pl.zero_grads(self.layers)
         return total / tokens, grads
 
+    def loss_weight(self, indices: np.ndarray) -> float:
+        """Answer tokens of training rows ``indices``: ``loss_and_grads`` is a mean over them."""
+        if self.answers is None:
+            self.materialize()
+        return float(sum(len(self.answers[self.train_labels[i]]) for i in np.asarray(indices)))
+
     @torch.no_grad()
     def scores(self, factors: Factors, split: int = 1, indices: np.ndarray | None = None
                ) -> torch.Tensor:

@@ -49,7 +49,7 @@ class MixOptions:
     @property
     def per_agent(self) -> bool:
         """The mix reads the agent's own factors, so agents cannot share one result."""
-        return self.split == "aligned"
+        return self.split in ("aligned", "conserved")
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,8 @@ def mix_dlora(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOp
 def mix_decaf(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOptions) -> Factors:
     """Algorithm 1, lines 9-10: (B_i, A_i) <- rank-r TSVD of sum_j pi_ij B_j A_j (factored).
 
-    With ``split="aligned"`` the balanced factors are rotated onto the agent's own (``own``)."""
+    With ``split="aligned"`` the balanced factors are rotated onto the agent's own (``own``);
+    ``conserved`` also rescales them to its imbalance ||B||^2 - ||A||^2."""
     return mix_decaf_many([own], [payloads], weights[None], opt)[0]
 
 
@@ -157,8 +158,11 @@ def mix_decaf_many(owns: list[Factors], payloads: list[list[Factors]], weights: 
         As = torch.stack([a for a, _ in per_agent], dim=1)       # (m, n, L, r, k)
         Bs = torch.stack([b for _, b in per_agent], dim=1)       # (m, n, L, d, r)
         A, B = consensus.decaf_mix(As, Bs, weights.T, rank=opt.rank, split=opt.split)
-        if opt.split == "aligned":
-            A, B = consensus.align(A, B, *stack(owns, names))
+        if opt.split in ("aligned", "conserved"):
+            ref = stack(owns, names)
+            A, B = consensus.align(A, B, *ref)
+            if opt.split == "conserved":
+                A, B = consensus.conserve_imbalance(A, B, *ref)
         for a, mixed in enumerate(out):
             for i, n in enumerate(names):
                 mixed[n] = (A[a, i], B[a, i])

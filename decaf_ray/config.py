@@ -147,7 +147,8 @@ class ConsensusConfig:
 
     split: ``balanced`` (U S^1/2, S^1/2 V^T: the paper), ``left`` (U S, V^T), ``aligned``
         (balanced, then rotated by orthogonal Procrustes onto the agent's previous factors;
-        the product is unchanged).
+        the product is unchanged), ``conserved`` (aligned, then A / c, c B with the scalar c
+        that keeps the agent's ||B||^2 - ||A||^2, which gradient flow conserves).
     state: ``keep`` the moments as they are, ``rotate`` them with the best orthogonal map from
         the old factors to the new, or ``reset`` them to zero.
 
@@ -160,7 +161,7 @@ class ConsensusConfig:
     ``balanced``/``keep`` for the paper's DeCAF exactly (its sweeps do).
     """
 
-    split: Literal["balanced", "left", "aligned"] = "aligned"
+    split: Literal["balanced", "left", "aligned", "conserved"] = "aligned"
     state: Literal["keep", "rotate", "reset"] = "keep"
 
 

@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SPLITS = ("balanced", "left", "aligned")
+SPLITS = ("balanced", "left", "aligned", "conserved")
 """How DeCAF splits T(M) = U_r S_r V_r^T into (A, B): ``balanced`` (the paper) gives
 B = U_r S_r^{1/2}, A = S_r^{1/2} V_r^T; ``left`` gives B = U_r S_r, A = V_r^T; ``aligned`` is
-balanced here, then rotated per agent onto its previous factors with ``align`` (same product)."""
+balanced here, then rotated per agent onto its previous factors with ``align`` (same product);
+``conserved`` is aligned, then rescaled per agent with ``conserve_imbalance`` (same product)."""
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -121,7 +122,7 @@ def _split(U: Tensor, S: Tensor, Vh: Tensor, rank: int, split: str) -> tuple[Ten
     pad = rank - S.shape[-1]
     if pad > 0:
         U, S, Vh = F.pad(U, (0, pad)), F.pad(S, (0, pad)), F.pad(Vh, (0, 0, 0, pad))
-    if split in ("balanced", "aligned"):  # aligned: balanced, then ``align`` per agent
+    if split != "left":  # aligned, conserved: balanced here, then per agent
         root = S.sqrt()
         return root.unsqueeze(-1) * Vh, U * root.unsqueeze(-2)
     return Vh, U * S.unsqueeze(-2)
@@ -295,3 +296,25 @@ def align(A: Tensor, B: Tensor, A_ref: Tensor, B_ref: Tensor) -> tuple[Tensor, T
     """
     R = procrustes(stacked(A, B), stacked(A_ref, B_ref))
     return R.mT @ A, B @ R
+
+
+def conserve_imbalance(A: Tensor, B: Tensor, A_ref: Tensor, B_ref: Tensor
+                       ) -> tuple[Tensor, Tensor]:
+    """Rescale a balanced factorization to the reference's imbalance, same product.
+
+    Gradient flow on a loss of B A conserves B^T B - A A^T, so a LoRA adapter trained from B = 0
+    keeps ||B||^2 - ||A||^2 near -||A_0||^2: its product moves at a rate set by ||A||^2, not by
+    the product's own size. A balanced split sets that difference to 0 at every mix. Here a
+    scalar c per module gives (A / c, c B) with ||c B||^2 - ||A / c||^2 equal to the reference's
+    ||B_ref||^2 - ||A_ref||^2 = delta: with s = ||B||^2 = ||A||^2 (balanced),
+    c^2 = (delta + sqrt(delta^2 + 4 s^2)) / (2 s); c = 1 where s = 0.
+    Shapes: A, A_ref (*b, r, k); B, B_ref (*b, d, r).
+    """
+    dtype = _compute_dtype(A.dtype)
+    sq = lambda X: X.to(dtype).square().sum(dim=(-2, -1))
+    delta = sq(B_ref) - sq(A_ref)
+    s = 0.5 * (sq(A) + sq(B))
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    c2 = (delta + torch.sqrt(delta.square() + 4 * safe.square())) / (2 * safe)
+    c = torch.where(s > 0, c2.sqrt(), torch.ones_like(s))[..., None, None]
+    return (A / c).to(A.dtype), (B * c).to(B.dtype)

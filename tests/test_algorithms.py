@@ -221,7 +221,21 @@ def test_aligned_mix_is_rotated_onto_each_agents_own_factors():
             assert dist(al) <= dist(plain) + 1e-9  # closer to the agent's own B
 
 
-@pytest.mark.parametrize("split", ["balanced", "aligned"])
+def test_conserved_mix_keeps_each_agents_imbalance_and_the_product():
+    ads = _adapters(3)
+    pi = np.full((3, 3), 1 / 3)
+    alg = ALGORITHMS["decaf"]
+    plain = _mix(alg, ads, pi, 0, MixOptions(split="balanced"))
+    sq = lambda x: float(x.square().sum())
+    for i in range(3):
+        con = _mix(alg, ads, pi, i, MixOptions(split="conserved"))
+        for n in SHAPES:
+            assert torch.allclose(con[n][1] @ con[n][0], plain[n][1] @ plain[n][0], atol=1e-10)
+            want = sq(ads[i][n][1]) - sq(ads[i][n][0])
+            assert sq(con[n][1]) - sq(con[n][0]) == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("split", ["balanced", "aligned", "conserved"])
 def test_decaf_mixes_of_many_agents_equal_their_mixes_alone(split):
     from decaf_ray.algorithms import mix_decaf_many
 

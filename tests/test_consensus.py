@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from decaf_ray.consensus import (
     SPLITS,
+    conserve_imbalance,
     decaf_mix,
     decaf_mix_dense,
     dlora_mix,
@@ -68,7 +69,7 @@ def test_decaf_mix_is_best_rank_approximation(m, d, k, r, rank, split):
     assert rel(B @ A, ref) < 1e-10
     n = min(rk, d, k, m * r)  # singular values the factored core can have; the rest are padding
     S_ref = torch.cat([S[:n], S.new_zeros(rk - n)])
-    if split in ("balanced", "aligned"):  # aligned is balanced until rotated per agent
+    if split != "left":  # aligned and conserved are balanced until adjusted per agent
         # B^T B = A A^T = S: the paper's symmetric split.
         assert torch.allclose(B.mT @ B, torch.diag(S_ref), atol=1e-10 * S[0])
         assert torch.allclose(A @ A.mT, torch.diag(S_ref), atol=1e-10 * S[0])
@@ -298,3 +299,24 @@ def test_aligned_split_gives_the_balanced_product():
     A, B = decaf_mix(As, Bs, w, split="balanced")
     A2, B2 = decaf_mix(As, Bs, w, split="aligned")
     assert torch.allclose(B @ A, B2 @ A2, atol=1e-12)
+
+
+@pytest.mark.parametrize("delta", [-40.0, -1.0, 0.0, 3.0])
+def test_conserve_imbalance_sets_the_reference_imbalance_and_keeps_the_product(delta):
+    g = torch.Generator().manual_seed(7)
+    As = torch.randn(3, 2, 6, generator=g, dtype=F64)
+    Bs = torch.randn(3, 5, 2, generator=g, dtype=F64)
+    A, B = decaf_mix(As, Bs, torch.full((3,), 1 / 3, dtype=F64), split="balanced")
+    # a reference whose ||B||^2 - ||A||^2 is delta
+    A_ref = torch.zeros(2, 6, dtype=F64)
+    A_ref[0, 0] = max(-delta, 0.0) ** 0.5
+    B_ref = torch.zeros(5, 2, dtype=F64)
+    B_ref[0, 0] = max(delta, 0.0) ** 0.5
+    A2, B2 = conserve_imbalance(A, B, A_ref, B_ref)
+    assert torch.allclose(B2 @ A2, B @ A, atol=1e-12)
+    assert float(B2.square().sum() - A2.square().sum()) == pytest.approx(delta, abs=1e-9)
+    # batched over modules, and a zero product stays zero (c = 1, no division by zero)
+    Z = torch.zeros(2, 2, 6, dtype=F64), torch.zeros(2, 5, 2, dtype=F64)
+    A3, B3 = conserve_imbalance(torch.stack([A, Z[0][0]]), torch.stack([B, Z[1][0]]),
+                                torch.stack([A_ref, A_ref]), torch.stack([B_ref, B_ref]))
+    assert torch.allclose(A3[0], A2) and torch.all(A3[1] == 0) and torch.all(B3[1] == 0)

@@ -161,7 +161,7 @@ def test_a_run_resumed_from_a_checkpoint_gives_the_uninterrupted_numbers():
             assert resumed.factors[i][n][0].equal(a) and resumed.factors[i][n][1].equal(b)
 
 
-@pytest.mark.parametrize("split", ["balanced", "left", "aligned"])
+@pytest.mark.parametrize("split", ["balanced", "left", "aligned", "conserved"])
 @pytest.mark.parametrize("state", ["keep", "rotate", "reset"])
 def test_decaf_splits_and_state_policies_train(split, state):
     res = run(_cfg(algorithm="decaf", rounds=20, eval_every=20,

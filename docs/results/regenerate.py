@@ -2,6 +2,7 @@
 
     decaf-ray sweep sweeps/refactorization-cpu.yaml --storage runs/sweeps --max-concurrent 2
     decaf-ray sweep sweeps/refactorization-conserved-cpu.yaml --storage runs/sweeps --max-concurrent 2
+    decaf-ray sweep sweeps/fig2c-conserved-cpu.yaml --storage runs/sweeps --max-concurrent 2
     for s in fig2ab fig2c fig3b fig3c; do
         decaf-ray sweep sweeps/$s-cpu.yaml --storage runs/sweeps --max-concurrent 2; done
     python docs/results/regenerate.py runs/sweeps
@@ -53,8 +54,8 @@ def main() -> None:
     if (args.storage is None) == (not args.from_csv):
         p.error("give the sweeps' storage folder or --from-csv (one of them)")
     frames = {}
-    for sweep in ["refactorization-cpu", "refactorization-conserved-cpu", "fig2ab-cpu",
-                  "fig2c-cpu", "fig3b-cpu", "fig3c-cpu"]:
+    for sweep in ["refactorization-cpu", "refactorization-conserved-cpu", "fig2c-conserved-cpu",
+                  "fig2ab-cpu", "fig2c-cpu", "fig3b-cpu", "fig3c-cpu"]:
         if args.from_csv:
             if (HERE / f"{sweep}.csv").is_file():
                 frames[sweep] = pd.read_csv(HERE / f"{sweep}.csv")
@@ -67,10 +68,12 @@ def main() -> None:
         df = frames["refactorization-cpu"]
         analysis.figure("refactor", df, HERE / "refactorization.png")
         analysis.figure("refactor_table", df, HERE / "refactorization.md")
-    if "refactorization-conserved-cpu" in frames:
-        df = frames["refactorization-conserved-cpu"]
-        analysis.figure("refactor", df, HERE / "refactorization-conserved.png")
-        analysis.figure("refactor_table", df, HERE / "refactorization-conserved.md")
+    # variants (DeCAF's split/state, or the algorithm) by optimizer x topology
+    for sweep, stem in [("refactorization-conserved-cpu", "refactorization-conserved"),
+                        ("fig2c-conserved-cpu", "fig2c-conserved")]:
+        if sweep in frames:
+            analysis.figure("refactor", frames[sweep], HERE / f"{stem}.png")
+            analysis.figure("refactor_table", frames[sweep], HERE / f"{stem}.md")
     fig2 = [frames[s] for s in ("fig2ab-cpu", "fig2c-cpu") if s in frames]
     if fig2:
         analysis.figure("fig2", pd.concat(fig2, ignore_index=True), HERE / "fig2.png")

@@ -320,3 +320,16 @@ def test_conserve_imbalance_sets_the_reference_imbalance_and_keeps_the_product(d
     A3, B3 = conserve_imbalance(torch.stack([A, Z[0][0]]), torch.stack([B, Z[1][0]]),
                                 torch.stack([A_ref, A_ref]), torch.stack([B_ref, B_ref]))
     assert torch.allclose(A3[0], A2) and torch.all(A3[1] == 0) and torch.all(B3[1] == 0)
+
+
+def test_conserve_imbalance_is_finite_when_the_product_is_tiny_in_float32():
+    # early in training: ||A||^2 ~ 1e2 while the product's norm is ~1e-10
+    g = torch.Generator().manual_seed(8)
+    As, Bs = torch.randn(2, 2, 6, generator=g) * 1e-5, torch.randn(2, 5, 2, generator=g) * 1e-5
+    A, B = decaf_mix(As, Bs, torch.full((2,), 0.5), split="balanced")
+    A_ref = torch.randn(2, 6, generator=g) * 4.0
+    A2, B2 = conserve_imbalance(A, B, A_ref, torch.zeros(5, 2))
+    assert torch.isfinite(A2).all() and torch.isfinite(B2).all()
+    assert torch.allclose(B2 @ A2, B @ A, rtol=1e-4, atol=1e-16)
+    want = -float(A_ref.square().sum())
+    assert float(B2.square().sum() - A2.square().sum()) == pytest.approx(want, rel=1e-4)

@@ -307,8 +307,7 @@ def conserve_imbalance(A: Tensor, B: Tensor, A_ref: Tensor, B_ref: Tensor
     the product's own size. A balanced split sets that difference to 0 at every mix. Here a
     scalar c per module gives (A / c, c B) with ||c B||^2 - ||A / c||^2 equal to the reference's
     ||B_ref||^2 - ||A_ref||^2 = delta: with s = ||B||^2 = ||A||^2 (balanced),
-    c^2 = (delta + sqrt(delta^2 + 4 s^2)) / (2 s) = 2 s / (sqrt(delta^2 + 4 s^2) - delta);
-    c = 1 where s = 0.
+    c^2 = (t + sqrt(t^2 + 4)) / 2 = 2 / (sqrt(t^2 + 4) - t) with t = delta / s; c = 1 where s = 0.
     Shapes: A, A_ref (*b, r, k); B, B_ref (*b, d, r).
     """
     dtype = _compute_dtype(A.dtype)
@@ -318,10 +317,10 @@ def conserve_imbalance(A: Tensor, B: Tensor, A_ref: Tensor, B_ref: Tensor
 
     delta = sq(B_ref) - sq(A_ref)
     s = 0.5 * (sq(A) + sq(B))
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    root = torch.sqrt(delta.square() + 4 * safe.square())
-    # the same c^2 twice; each form is free of cancellation on its side of delta = 0 (early on
-    # ||A||^2 >> ||B A||, delta << 0, and the first form would round to 0)
-    c2 = torch.where(delta >= 0, (delta + root) / (2 * safe), 2 * safe / (root - delta))
+    # In t = delta / s, free of s^2 (which under- or overflows in float32) and, with one form
+    # per sign of t, of cancellation (early on ||A||^2 >> ||B A||: t << 0).
+    t = delta / torch.where(s > 0, s, torch.ones_like(s))
+    root = torch.sqrt(t.square() + 4)
+    c2 = torch.where(t >= 0, (t + root) / 2, 2 / (root - t))
     c = torch.where(s > 0, c2.sqrt(), torch.ones_like(s))[..., None, None]
     return (A / c).to(A.dtype), (B * c).to(B.dtype)

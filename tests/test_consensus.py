@@ -333,3 +333,17 @@ def test_conserve_imbalance_is_finite_when_the_product_is_tiny_in_float32():
     assert torch.allclose(B2 @ A2, B @ A, rtol=1e-4, atol=1e-16)
     want = -float(A_ref.square().sum())
     assert float(B2.square().sum() - A2.square().sum()) == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("scale,delta", [(1e-12, 0.0), (1e-12, 3e-26), (1e18, -1e37)])
+def test_conserve_imbalance_extreme_scales_in_float32(scale, delta):
+    # s = ||A||^2 ~ scale^2 under- or overflows once squared again; t = delta / s does not
+    A = torch.zeros(2, 6)
+    B = torch.zeros(5, 2)
+    A[0, 0], B[0, 0] = scale, scale
+    A_ref, B_ref = torch.zeros(2, 6), torch.zeros(5, 2)
+    (A_ref if delta < 0 else B_ref)[0, 0] = abs(delta) ** 0.5
+    A2, B2 = conserve_imbalance(A, B, A_ref, B_ref)
+    assert torch.isfinite(A2).all() and torch.isfinite(B2).all()
+    assert float(B2[0, 0] * A2[0, 0]) == pytest.approx(scale * scale, rel=1e-5)
+    assert float(B2.square().sum() - A2.square().sum()) == pytest.approx(delta, rel=1e-4, abs=1e-30)

@@ -112,12 +112,13 @@ def curves_panel(ax: Axes, df: pd.DataFrame, runs: pd.DataFrame, key: Sequence[s
 
 def seeds_label(label: str, c: pd.DataFrame, seeds: int | None = None) -> str:
     """``label (k seeds)`` when the curve averages several runs; ``(k runs, s seed)`` when some
-    of them repeat a seed (the same experiment run twice, e.g. by two sweeps), so a legend never
-    counts a repeat as another seed. ``seeds``: distinct seeds among the runs, if known."""
+    of them share a seed (e.g. the same experiment run by two sweeps, or runs differing in a
+    column the condition does not key on), so a legend never counts a repeat as another seed.
+    ``seeds``: distinct seeds among the runs, if known."""
     k = int(c["n_runs"].max()) if len(c) else 0
     if k <= 1:
         return label
-    if seeds is None or seeds >= k:
+    if not seeds or seeds >= k:  # None or 0 (a seed column of NaN): unknown
         return f"{label} ({k} seeds)"
     return f"{label} ({k} runs, {seeds} seed{'s' if seeds > 1 else ''})"
 

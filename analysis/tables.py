@@ -453,7 +453,7 @@ def refactorization_table(results, *, metric: str = "test_accuracy",
     """The re-factorization study: final accuracy (%), rows = (algorithm, split, state),
     columns = optimizer x topology, mean ± std over seeds; best bold, second underlined."""
     kwargs.setdefault("caption", "Test accuracy (%) at the final round, mean ± std over seeds, "
-                      "by DeCAF split and optimizer-state policy next to DLoRA.")
+                      "by DeCAF split and optimizer-state policy next to the other algorithms.")
     df = as_frame(results).copy()
     df["variant"] = refactorization_variant(df)
     return results_table(df, "variant", ["optim.name", "topology.name"], metric, where=where,

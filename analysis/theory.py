@@ -66,8 +66,8 @@ def theory_curves(results, *, by: Sequence[str] = ("algorithm", "lora.rank"), x:
                           x_of=mapper)
                 if c.empty:
                     continue
-                label = seeds_label(conds.label(cond), c, distinct_seeds(rows)) + \
-                    (" (bound)" if metric == "prop1_bound" else "")
+                label = (seeds_label(conds.label(cond), c, distinct_seeds(rows))
+                         + (" (bound)" if metric == "prop1_bound" else ""))
                 line, = ax.plot(c["x"], c["mean"], linestyle=style, label=label,
                                 color=colours.get(cond))
                 colours[cond] = line.get_color()

@@ -6,10 +6,12 @@
     python bench/bench_ray.py case --runtime ray --agents 40 --per-host 10 --task synthetic
     python bench/bench_ray.py floor --config sweeps/clip-tiny-digits.yaml --per-host 5
 
-Every case runs in a fresh subprocess (its own embedded Ray) and reports the median time of the
-rounds after the first two (start-up and warm-up excluded) and the peak proportional set size
-(PSS: shared library pages split between processes, so torch is not counted once per actor) of
-the whole process tree: driver, Ray's daemons and every actor.
+Every case runs in a fresh subprocess (its own embedded Ray) and reports its time per round, from
+the end of the round-0 evaluation (hosts built) to the end of the run, over the rounds, and the
+peak proportional set size (PSS: shared library pages split between processes, so torch is not
+counted once per actor) of the whole process tree: driver, Ray's daemons and every actor.
+``compute`` takes the difference of two such runs so that the final evaluation cancels;
+``floor`` reports the median of rounds 2..R-1 of the local steps alone.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -157,8 +160,8 @@ def memory() -> None:
                   f"{r['peak_pss_mb'] / agents:8.1f}")
 
 
-def _floor_host(config_path: str, overrides: list[str], ids: list[int], rounds: int,
-                barrier, out) -> None:
+def _floor_host(config_path: str, overrides: list[str], ids: list[int], hosts: int,
+                rounds: int, barrier, out) -> None:
     import torch
     from decaf_ray.agents import AgentGroup
     from decaf_ray.config import load_config
@@ -166,14 +169,16 @@ def _floor_host(config_path: str, overrides: list[str], ids: list[int], rounds: 
     from decaf_ray.optim import build_optimizer
 
     cfg = load_config(config_path, overrides)
-    torch.set_num_threads(cfg.runtime.threads or 1)
+    # the threads an AgentHost of this config would take on this machine
+    cpus = cfg.runtime.cpus_per_host or min(1.0, (os.cpu_count() or 1) / hosts)
+    torch.set_num_threads(cfg.runtime.threads or max(1, int(cpus)))
     plan = prepare(cfg)
     group = AgentGroup.build(cfg, plan.task, plan.algorithm,
                              build_optimizer(cfg.optim, cfg.total_steps),
                              {i: plan.shards[i] for i in ids})
     times = []
     for r in range(rounds):
-        barrier.wait()
+        barrier.wait(timeout=600)
         start = time.perf_counter()
         for k in range(cfg.local_steps):
             group.local_step(r * cfg.local_steps + k + 1)
@@ -185,24 +190,33 @@ def floor(config_path: str, agents: int, per_host: int, rounds: int, overrides: 
     """The compute floor of a round: only the local steps, with no runtime at all. As many plain
     processes as a Ray run has hosts, each stepping its agents' adapters (same task code, same
     threads), started together every round; a round takes as long as its slowest process.
-    What a runtime adds on top of this is its overhead."""
+    What a runtime adds on top of this is its overhead. Returns ``rounds_ms`` (each round) and
+    ``per_round_ms``: their median over rounds 2..R-1, the window compare_flower.sh takes for
+    both frameworks (round 1 is warm-up there, round R is where ours evaluates)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     overrides = [f"agents={agents}", *overrides]
     hosts = [list(range(a, min(a + per_host, agents))) for a in range(0, agents, per_host)]
     barrier, out = ctx.Barrier(len(hosts)), ctx.Queue()
-    procs = [ctx.Process(target=_floor_host, args=(config_path, overrides, ids, rounds, barrier,
-                                                   out)) for ids in hosts]
+    procs = [ctx.Process(target=_floor_host, args=(config_path, overrides, ids, len(hosts),
+                                                   rounds, barrier, out)) for ids in hosts]
     for p in procs:
         p.start()
-    per_host_times = [out.get() for _ in procs]
+    try:
+        per_host_times = [out.get(timeout=900) for _ in procs]
+    except queue.Empty:
+        codes = [p.exitcode for p in procs]
+        for p in procs:
+            p.kill()
+        raise SystemExit(f"floor: a process failed or hung (exit codes {codes})") from None
     for p in procs:
         p.join()
     rounds_ms = [max(ts) * 1e3 for ts in zip(*per_host_times)]
+    kept = rounds_ms[1:-1] if rounds > 2 else rounds_ms[1:]
     return {"framework": "none (local steps only)", "agents": agents, "per_host": per_host,
             "processes": len(hosts), "rounds": rounds, "rounds_ms": rounds_ms,
-            "per_round_ms": statistics.median(rounds_ms[1:])}
+            "per_round_ms": statistics.median(kept)}
 
 
 def main() -> None:

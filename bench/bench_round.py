@@ -21,7 +21,7 @@ from decaf_ray.runtime.inprocess import InProcessHosts
 
 
 def time_rounds(algorithm: str, d: int, k: int, agents: int, rounds: int, topology: str,
-                split: str = "aligned") -> float:
+                split: str = "conserved") -> float:
     cfg = load_config({
         "algorithm": algorithm, "agents": agents, "topology": topology, "rounds": rounds,
         "local_steps": 2, "seed": 0,
@@ -56,12 +56,12 @@ def main() -> None:
     print(f"synthetic task, {args.agents} agents, {args.topology}, rank 4, 2 local steps, "
           f"torch threads {torch.get_num_threads()}; median of {args.rounds - 2} rounds")
     print(f"{'d x k':>11} {'dlora ms':>9} {'decaf ms':>9} {'ratio':>6}   (decaf: the paper's "
-          f"balanced split; aligned, the default, in brackets)")
+          f"balanced split; conserved, the default, in brackets)")
     for dims in args.dims:
         d, k = map(int, dims.split("x"))
         dl = time_rounds("dlora", d, k, args.agents, args.rounds, args.topology)
         dc = time_rounds("decaf", d, k, args.agents, args.rounds, args.topology, "balanced")
-        da = time_rounds("decaf", d, k, args.agents, args.rounds, args.topology, "aligned")
+        da = time_rounds("decaf", d, k, args.agents, args.rounds, args.topology, "conserved")
         print(f"{dims:>11} {dl * 1e3:9.2f} {dc * 1e3:9.2f} {dc / dl:6.2f}   "
               f"[{da * 1e3:.2f} ms, {da / dl:.2f}]")
 

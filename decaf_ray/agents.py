@@ -147,7 +147,7 @@ class AgentGroup:
 
         Agents with the same neighbours and weights (e.g. all of them under FedAvg) share one
         mix, which is exact because a mix reads only the payloads (and the shared frozen A),
-        unless the split is ``aligned``, which reads the agent's own factors.
+        unless the split is ``aligned`` or ``conserved``, which read the agent's own factors.
         Returns consensus diagnostics per agent when ``diagnose``.
         """
         mixes = self._mix(inbox)

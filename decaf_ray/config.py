@@ -158,8 +158,9 @@ class ConsensusConfig:
     stable as ``aligned`` on the synthetic task. ``aligned`` had beaten the paper's
     ``balanced``/``keep`` by 8.6-9.6 points with AdamW; ``left`` diverged on the synthetic
     quickstart at every SGD step size tried. (``rotate`` equals ``keep`` for ``aligned``: after
-    alignment the Procrustes map is the identity.) Set ``balanced``/``keep`` for the paper's
-    DeCAF exactly (its sweeps do).
+    alignment the Procrustes map is the identity. Not for ``conserved``, whose rescaling is not a
+    rotation; ``conserved``/``rotate`` is untested by the studies.) Set ``balanced``/``keep`` for
+    the paper's DeCAF exactly (its sweeps do).
     """
 
     split: Literal["balanced", "left", "aligned", "conserved"] = "conserved"

@@ -239,7 +239,7 @@ def test_data_parallel_chunks_weighted_by_answer_tokens_sum_to_the_batch():
     f = random_factors(task)
     labels = task.train_labels
     idx = np.concatenate([np.flatnonzero(labels == 0)[:5], np.flatnonzero(labels == 1)[:2]])
-    chunks = np.array_split(idx, 2)                  # 3 + 2 "no" and 2 "yes" rows
+    chunks = np.array_split(idx, 2)  # 4 "no" rows, then 1 "no" and 2 "yes"
     loss, grads = task.loss_and_grads(f, idx)
     assert len({len(a) for a in task.answers}) == 2  # bytes: " no" and " yes" differ in length
     parts = [(chunk_share(task, c, idx), *task.loss_and_grads(f, c)) for c in chunks]

@@ -9,7 +9,7 @@
     python docs/results/regenerate.py --from-csv      # redraw from the CSVs committed here
 
 Writes, next to this file, one tidy CSV per sweep (network-level rows and per-agent test
-accuracy, with the config columns that vary in it), the figures (PNG) and the tables (Markdown).
+accuracy, with the KEEP config columns), the figures (PNG) and the tables (Markdown).
 ``analysis`` reads the CSVs back: ``analysis.load`` is for run folders, but every figure and
 table function takes such a frame (``pd.read_csv``) as well.
 """

@@ -154,7 +154,7 @@ class ConsensusConfig:
 
     The default, ``conserved`` with ``keep``, comes from the studies in docs/results/README.md
     (CLIP stand-in, 3 seeds, ring and complete graph): with AdamW it beats ``aligned`` by 4.3-12.2
-    points and ties DLoRA (-0.4 to +1.5), with plain SGD it beats DLoRA by 4.5-5.1, and it is as
+    points and ties DLoRA (-0.4 to +1.5), with plain SGD it beats DLoRA by 5.2-5.5, and it is as
     stable as ``aligned`` on the synthetic task. ``aligned`` had beaten the paper's
     ``balanced``/``keep`` by 8.6-9.6 points with AdamW; ``left`` diverged on the synthetic
     quickstart at every SGD step size tried. (``rotate`` equals ``keep`` for ``aligned``: after

@@ -158,7 +158,7 @@ def mix_decaf_many(owns: list[Factors], payloads: list[list[Factors]], weights: 
         As = torch.stack([a for a, _ in per_agent], dim=1)       # (m, n, L, r, k)
         Bs = torch.stack([b for _, b in per_agent], dim=1)       # (m, n, L, d, r)
         A, B = consensus.decaf_mix(As, Bs, weights.T, rank=opt.rank, split=opt.split)
-        if opt.split in ("aligned", "conserved"):
+        if opt.per_agent:  # aligned or conserved: fitted to each agent's own factors
             ref = stack(owns, names)
             A, B = consensus.align(A, B, *ref)
             if opt.split == "conserved":

@@ -12,7 +12,8 @@ per round. With one worker the numbers are the in-process ones exactly; with mor
 float rounding (a batch gradient summed in chunks) when dropout is off; dropout draws differ per
 chunk. Chunks are weighted by their share of what the loss is a mean over (``chunk_share``):
 examples for the synthetic and CLIP tasks, answer tokens for the causal LM, so the weighted sum
-is the batch's loss and gradient. The all-reduce runs on gloo: gradients come back from the task on the CPU.
+is the batch's loss and gradient. The all-reduce runs on gloo: gradients come back from the
+task on the CPU.
 """
 
 from __future__ import annotations

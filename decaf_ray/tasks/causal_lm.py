@@ -355,7 +355,7 @@ class CausalLMTask:
         pl.zero_grads(self.layers)
         self.model.train()
         answers = [self.answers[self.train_labels[i]] for i in idx]
-        tokens, total = sum(len(a) for a in answers), 0.0
+        tokens, total = self.loss_weight(idx), 0.0
         mb = self.cfg.micro_batch_size
         for s in range(0, idx.size, mb):
             nll = self._answer_nll([self.prompt_ids(0, i) for i in idx[s:s + mb]], answers[s:s + mb]).sum()
@@ -367,8 +367,7 @@ class CausalLMTask:
 
     def loss_weight(self, indices: np.ndarray) -> float:
         """Answer tokens of training rows ``indices``: ``loss_and_grads`` is a mean over them."""
-        if self.answers is None:
-            self.materialize()
+        self.materialize()
         return float(sum(len(self.answers[self.train_labels[i]]) for i in np.asarray(indices)))
 
     @torch.no_grad()

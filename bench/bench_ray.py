@@ -196,7 +196,7 @@ def floor(config_path: str, agents: int, per_host: int, rounds: int, overrides: 
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    overrides = [f"agents={agents}", *overrides]
+    overrides = [f"agents={agents}", f"runtime.agents_per_host={per_host}", *overrides]
     hosts = [list(range(a, min(a + per_host, agents))) for a in range(0, agents, per_host)]
     barrier, out = ctx.Barrier(len(hosts)), ctx.Queue()
     procs = [ctx.Process(target=_floor_host, args=(config_path, overrides, ids, len(hosts),

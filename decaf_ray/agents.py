@@ -10,13 +10,16 @@ host actor. Both call the same methods in the same order, so they compute the sa
                                                      # w_{t+1} = w_{t+1/2} + update(g)
 
 Every source of randomness is per agent (its batch order, its dropout seed per step), so the
-numbers do not depend on which agents share a group.
+numbers do not depend on which agents share a group. With ``runtime.batch_agents`` > 1 the
+gradients of a group's agents are taken in batches (one forward pass each); the batches are cut
+from the agent ids the same way on every runtime (``agent_batches``), so runtimes still agree.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -25,9 +28,9 @@ from decaf_ray.factors import Factors, Grads, init_factors
 from decaf_ray.optim import Optimizer, State, apply_updates, refactor_state
 
 Inbox = dict[int, tuple[tuple[int, ...], tuple[float, ...], list[Factors]]]
+"""agent id -> (neighbour ids incl. self, their weights pi_ij, their published adapters)."""
 MIX_BATCH = 32
 """Most agents mixed in one batched call (each result is the same whatever the batch)."""
-"""agent id -> (neighbour ids incl. self, their weights pi_ij, their published adapters)."""
 
 
 class Diverged(RuntimeError):
@@ -80,6 +83,17 @@ class Sampler:
         return batch
 
 
+def agent_batches(ids: list[int], per_host: int, batch: int) -> list[list[int]]:
+    """The agents whose gradients are taken in one pass: within each host's agents (ids
+    ``k * per_host ..``), consecutive runs of ``batch``. The same cut for a host's own ids and for
+    all ids at once, so the in-process runtime batches exactly as the Ray hosts do."""
+    hosts: dict[int, list[int]] = {}
+    for i in sorted(ids):
+        hosts.setdefault(i // per_host, []).append(i)
+    return [members[k:k + batch] for members in hosts.values()
+            for k in range(0, len(members), batch)]
+
+
 @dataclass
 class Agent:
     id: int
@@ -94,10 +108,11 @@ class AgentGroup:
     """Agents hosted together; see the module docstring for the call order."""
 
     def __init__(self, task, algorithm: Algorithm, optimizer: Optimizer, agents: list[Agent],
-                 seed: int, mix_options: MixOptions):
+                 seed: int, mix_options: MixOptions, batches: list[list[int]] | None = None):
         self.task, self.algorithm, self.optimizer = task, algorithm, optimizer
         self.agents = {a.id: a for a in agents}
         self.seed, self.mix_options = seed, mix_options
+        self.batches = batches or [[a.id] for a in agents]
 
     @classmethod
     def build(cls, cfg, task, algorithm: Algorithm, optimizer: Optimizer,
@@ -110,19 +125,31 @@ class AgentGroup:
         agents = [Agent(i, init, optimizer.init(init),
                         Sampler(shard, cfg.data.batch_size, derive_seed(cfg.seed, 2, i)))
                   for i, shard in shards.items()]
+        rt = cfg.runtime
         return cls(task, algorithm, optimizer, agents, cfg.seed,
-                   MixOptions(split=cfg.consensus.split, state=cfg.consensus.state))
+                   MixOptions(split=cfg.consensus.split, state=cfg.consensus.state),
+                   agent_batches(list(shards), rt.agents_per_host, rt.batch_agents))
 
     # ------------------------------------------------------------------ training steps
 
-    def _grads(self, agent: Agent, t: int) -> Grads:
-        batch = agent.sampler.next()
-        seed_dropout(derive_seed(self.seed, 3, agent.id, t))
-        loss, grads = self.task.loss_and_grads(agent.factors, batch, self.algorithm.train_A)
-        if not math.isfinite(loss):
-            raise Diverged(t, agent.id, loss)
-        agent.losses.append(loss)
-        return grads
+    def _grads(self, t: int) -> Iterator[tuple[Agent, Grads]]:
+        """Each agent's minibatch gradient at its w_t, in agent order, a batch at a time."""
+        for ids in self.batches:
+            agents = [self.agents[i] for i in ids]
+            indices = [a.sampler.next() for a in agents]
+            seeds = [derive_seed(self.seed, 3, a.id, t) for a in agents]
+            if len(agents) == 1:
+                seed_dropout(seeds[0])
+                results = [self.task.loss_and_grads(agents[0].factors, indices[0],
+                                                    self.algorithm.train_A)]
+            else:
+                results = self.task.loss_and_grads_many([a.factors for a in agents], indices,
+                                                        self.algorithm.train_A, seeds)
+            for agent, (loss, grads) in zip(agents, results):
+                if not math.isfinite(loss):
+                    raise Diverged(t, agent.id, loss)
+                agent.losses.append(loss)
+                yield agent, grads
 
     def _step(self, agent: Agent, grads: Grads, point: Factors, t: int) -> None:
         updates, agent.opt_state = self.optimizer.update(grads, agent.opt_state, point, t)
@@ -130,14 +157,14 @@ class AgentGroup:
 
     def local_step(self, t: int) -> None:
         """Steps without communication: w_{t+1} = w_t + update(g_t)."""
-        for agent in self.agents.values():
-            self._step(agent, self._grads(agent, t), agent.factors, t)
+        for agent, grads in self._grads(t):
+            self._step(agent, grads, agent.factors, t)
 
     def grads_and_payloads(self, t: int) -> dict[int, Factors]:
         """Take each agent's gradient at w_t, hold it, and return what each agent publishes."""
         out = {}
-        for agent in self.agents.values():
-            agent.pending = self._grads(agent, t)
+        for agent, grads in self._grads(t):
+            agent.pending = grads
             out[agent.id] = self.algorithm.payload(agent.factors)
         return out
 

@@ -86,6 +86,9 @@ def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
     except (ValueError, OSError) as e:
         raise ConfigError("mixing", str(e)) from None
     task = task if task is not None else build_task(cfg.task, cfg.lora, cfg.seed)
+    if cfg.runtime.batch_agents > 1 and not hasattr(task, "loss_and_grads_many"):
+        raise ConfigError("runtime.batch_agents", f"task kind {cfg.task.kind} has no batched "
+                          "step (clip has); use 1")
     pi = algorithm.mixing(graph_pi)
     return Plan(cfg, algorithm, graph, pi, make_shards(cfg, task, n), task,
                 tuple(_neighbourhood(pi, i) for i in range(n)))

@@ -191,6 +191,45 @@ def test_micro_batches_give_the_same_gradient():
         torch.testing.assert_close(gb[n][1], ga[n][1], atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("train_A, sizes", [(True, (8, 8, 8)), (False, (8, 5, 3))])
+def test_batched_step_equals_one_agent_at_a_time(task, train_A, sizes):
+    """Several agents in one pass (runtime.batch_agents): each gets the loss and gradient of its
+    own pass, with augmentation and LoRA dropout on, equal and unequal batch sizes."""
+    factors = [random_factors(task, seed=s) for s in (1, 2, 3)]
+    starts = np.cumsum((0,) + sizes)
+    indices = [np.arange(a, b) for a, b in zip(starts[:-1], starts[1:])]
+    seeds = [11, 12, 13]
+    many = task.loss_and_grads_many(factors, indices, train_A, seeds)
+    assert len(many) == 3
+    for f, idx, seed, (loss, grads) in zip(factors, indices, seeds, many):
+        torch.random.default_generator.manual_seed(seed)  # as the runtime seeds one agent
+        ref_loss, ref = task.loss_and_grads(f, idx, train_A)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for n, (ga, gb) in ref.items():
+            torch.testing.assert_close(grads[n][1], gb, atol=1e-6, rtol=1e-4)
+            if train_A:
+                torch.testing.assert_close(grads[n][0], ga, atol=1e-6, rtol=1e-4)
+            else:
+                assert grads[n][0] is None
+    # An agent's draws are its own: the same with a different companion.
+    pair = task.loss_and_grads_many([factors[0], factors[2]], [indices[0], indices[2]], train_A,
+                                    [seeds[0], seeds[2]])
+    assert pair[0][0] == pytest.approx(many[0][0], rel=1e-6)
+    # The peft layers are left as they were: a plain step afterwards still uses them.
+    assert not any(m.disable_adapters for m in task.layers.values())
+
+
+def test_batched_step_needs_the_rows_it_was_told():
+    from decaf_ray.tasks.peft_lora import StackedLoRA
+
+    task = make()
+    task.materialise()
+    with StackedLoRA(task.layers, [random_factors(task)] * 2, True) as lora:
+        lora.rows = [3, 3]
+        with pytest.raises(RuntimeError, match="rows"):
+            task.model.encode_image(torch.zeros(5, 3, 16, 16))
+
+
 def _cfg_dict(cfg):
     import dataclasses
 
@@ -234,6 +273,22 @@ def test_training_lowers_the_loss_and_is_deterministic(algorithm):
     assert network(first.rows, "test_loss")[-1] < network(first.rows, "test_loss")[0]
     again = run(cfg, progress=False, plan=prepare(cfg))  # a fresh task: same seeded weights
     assert again.rows == first.rows
+
+
+def test_batched_agents_train_as_one_at_a_time():
+    """runtime.batch_agents: the same run, the agents of each host in one pass per step."""
+    from decaf_ray.experiment import run
+
+    base = experiment("decaf")
+    base["task"]["augment"] = True
+    one = run(load_config({**base, "runtime": {**base["runtime"], "agents_per_host": 3}}),
+              progress=False)
+    batched = run(load_config({**base, "runtime": {**base["runtime"], "agents_per_host": 3,
+                                                   "batch_agents": 3}}), progress=False)
+    assert batched.status == one.status == "completed"
+    assert [r["metric"] for r in batched.rows] == [r["metric"] for r in one.rows]
+    np.testing.assert_allclose([r["value"] for r in batched.rows],
+                               [r["value"] for r in one.rows], rtol=1e-4, atol=1e-6)
 
 
 def test_sweep_config_loads_and_describes():

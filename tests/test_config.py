@@ -48,6 +48,8 @@ def test_lora_scaling():
     ({"lora": {"alpha": True}}, "lora.alpha", "expected a number"),
     ({"lora": {"alpha": "big"}}, "lora.alpha", "expected a number"),
     ({"grad_norm": "yes"}, "grad_norm", "true or false"),
+    ({"runtime": {"batch_agents": 4, "agents_per_host": 2}}, "runtime.batch_agents",
+     "between 1 and agents_per_host (2)"),
 ])
 def test_bad_values_name_the_field(data, field, words):
     with pytest.raises(ConfigError) as e:

@@ -47,6 +47,22 @@ def test_ray_gives_the_inprocess_numbers_exactly(ray_session, algorithm, per_hos
     assert got.summary["hosts"] == -(-6 // per_host)
 
 
+def test_batched_agents_on_ray_give_the_inprocess_numbers_exactly(ray_session):
+    """runtime.batch_agents on the tiny CLIP: hosts of 2 agents run each step as one pass; the
+    in-process runtime cuts the same batches (here [0, 1] and [2])."""
+    from test_clip import experiment
+
+    spec = experiment("decaf")
+    spec["runtime"] = {"threads": 1, "agents_per_host": 2, "batch_agents": 2}
+    ref = run(load_config({**spec, "runtime": {**spec["runtime"], "kind": "inprocess"}}),
+              progress=False)
+    got = run(load_config({**spec, "runtime": {**spec["runtime"], "kind": "ray"}}),
+              progress=False)
+    assert got.status == ref.status == "completed"
+    assert _values(got) == _values(ref)
+    assert got.summary["hosts"] == 2
+
+
 def test_rows_stream_to_the_driver_during_the_run(ray_session):
     seen = []
     res = run(_cfg("ray", runtime={"agents_per_host": 3}), progress=False,

@@ -170,3 +170,20 @@ def test_decaf_splits_and_state_policies_train(split, state):
     start = [r for r in res.rows if r["metric"] == "test_loss" and r["agent"] == -1][0]["value"]
     assert res.status == "completed"
     assert _final(res, "test_loss") < 0.9 * start
+
+
+def test_agent_batches_cut_each_hosts_agents_the_same_way_everywhere():
+    from decaf_ray.agents import agent_batches
+
+    everyone = agent_batches(list(range(7)), per_host=3, batch=2)
+    assert everyone == [[0, 1], [2], [3, 4], [5], [6]]
+    for host in ([0, 1, 2], [3, 4, 5], [6]):  # what each Ray host cuts from its own agents
+        assert agent_batches(host, per_host=3, batch=2) == [b for b in everyone if b[0] in host]
+    assert agent_batches([2, 0, 1], per_host=3, batch=1) == [[0], [1], [2]]
+
+
+def test_batch_agents_needs_a_task_with_a_batched_step():
+    from decaf_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="runtime.batch_agents.*synthetic"):
+        prepare(_cfg(runtime={"kind": "inprocess", "agents_per_host": 2, "batch_agents": 2}))

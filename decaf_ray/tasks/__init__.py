@@ -40,6 +40,8 @@ class Task(Protocol):
         """Test metrics of one adapter, e.g. ``{"test_loss": ..., "test_accuracy": ...}``."""
         ...
 
+    # Optional: ``loss_and_grads_many(factors, indices, train_A, seeds)``, ``loss_and_grads`` of
+    # several agents in one pass (``runtime.batch_agents``); see ``CLIPTask``.
     # Optional: ``loss_weight(indices) -> float``, what the loss on ``indices`` is a mean over
     # (the causal LM: answer tokens). Without it, the number of examples. Data-parallel
     # workers weight their chunks by it so that their sum is the batch's loss exactly.

@@ -457,6 +457,49 @@ class CLIPTask:
         model.eval()
         return total, grads
 
+    def loss_and_grads_many(self, factors: list[Factors], indices: list[np.ndarray],
+                            train_A: bool, seeds: list[int]) -> list[tuple[float, Grads]]:
+        """``loss_and_grads`` of n agents in one forward and backward pass.
+
+        The agents' image batches go through the encoders together, each adapted layer adding
+        each agent's LoRA delta on that agent's rows (``peft_lora.StackedLoRA``); the prompts go
+        through the text encoder once per agent. The summed per-agent mean losses are
+        differentiated once, which gives each agent its own gradient. ``seeds[k]`` seeds agent
+        k's augmentation and LoRA dropout as the runtime seeds ``loss_and_grads`` (torch's default
+        generator), so an agent's draws do not depend on who shares the pass and, on the CPU,
+        are the ones ``loss_and_grads`` makes: the results equal it up to float rounding (the
+        frozen layers multiply more rows at once). ``micro_batch`` does not apply here: the pass
+        holds every agent's activations.
+        Returns [(loss, grads)] in agent order.
+        """
+        model = self.materialise()
+        xs, ys, gens = [], [], []
+        for idx, seed in zip(indices, seeds):
+            idx = np.asarray(idx, dtype=np.int64)
+            if idx.size == 0:
+                raise ValueError("loss_and_grads_many needs at least one index per agent")
+            torch.random.default_generator.manual_seed(seed)
+            xs.append(self.preprocess.batch(self.data.train, idx, train=True))
+            ys.append(torch.as_tensor(self.train_labels[idx], device=self.device))
+            gens.append(_dropout_generator(self.device, seed))
+        n, counts = len(factors), [len(y) for y in ys]
+        model.train()
+        with peft_lora.StackedLoRA(self.layers, factors, train_A, gens) as lora, self._autocast():
+            lora.rows = counts
+            img = model.encode_image(torch.cat(xs).to(self.device), normalize=True)
+            if "text" in self.cfg.encoders:
+                lora.rows = [len(self.tokens)] * n
+                txt = model.encode_text(self.tokens.repeat(n, 1), normalize=True)
+                txt = txt.view(n, len(self.tokens), -1)
+            else:
+                txt = self._text_features().expand(n, -1, -1)
+            losses = [F.cross_entropy(self.cfg.logit_scale * (part @ txt[k].T).float(), ys[k])
+                      for k, part in enumerate(img.split(counts))]
+        torch.stack(losses).sum().backward()
+        grads = lora.grads()
+        model.eval()
+        return [(float(loss.detach()), g) for loss, g in zip(losses, grads)]
+
     @torch.no_grad()
     def evaluate(self, factors: Factors) -> dict[str, float]:
         """``test_loss`` (mean cross-entropy) and ``test_accuracy`` over the test set."""
@@ -492,6 +535,18 @@ class CLIPTask:
     def _encode_test(self, part: np.ndarray) -> Tensor:
         x = self.preprocess.batch(self.data.test, part, train=False).to(self.device)
         return self.model.encode_image(x, normalize=True)
+
+
+def _dropout_generator(device: torch.device, seed: int) -> torch.Generator:
+    """Where agent k's dropout draws from in a batched pass. On the CPU: torch's default
+    generator as it stands after the agent's augmentation, which is where ``loss_and_grads``'s
+    dropout draws from, so the masks are the same. Elsewhere a generator seeded alike (fused
+    dropout kernels draw differently from ``bernoulli_``)."""
+    if device.type == "cpu":
+        gen = torch.Generator()
+        gen.set_state(torch.random.default_generator.get_state())
+        return gen
+    return torch.Generator(device).manual_seed(seed)
 
 
 def _load_weights(model: nn.Module, path: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from decaf_ray.factors import Factors, Grads
 
@@ -91,3 +91,94 @@ def get_grads(layers: dict[str, nn.Module], train_A: bool) -> Grads:
 def merged_delta(layer: nn.Module) -> torch.Tensor:
     """s B A of one layer, (d, k): what ``merge_and_unload`` adds to the frozen weight."""
     return layer.scaling[ADAPTER] * (layer.lora_B[ADAPTER].weight @ layer.lora_A[ADAPTER].weight)
+
+
+class StackedLoRA:
+    """Several agents' adapters in one forward pass over the shared frozen base model.
+
+    Inside ``with StackedLoRA(...) as lora:`` peft's own adapter weights are switched off and a
+    forward hook on each LoRA layer adds, to the frozen layer's output, every agent's delta on
+    that agent's rows of the input: ``y[rows_k] += s * dropout_k(x[rows_k]) @ A_k^T @ B_k^T``,
+    as one ``bmm`` over the agents when they have equally many rows. The input's first dimension
+    must hold the agents' rows one agent after another (batch-first layouts); set ``lora.rows``
+    to each agent's row count before a pass whose layout differs from the last (e.g. images,
+    then prompts). The agents' factors are leaves of stacked tensors A (n, r, k) and B (n, d, r),
+    so a backward pass of the summed per-agent losses gives each agent its own gradient.
+
+    Dropout (peft's ``lora_dropout`` probability) draws from ``generators[k]`` for agent k, so an
+    agent's masks do not depend on who shares its pass.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module], factors: list[Factors], train_A: bool,
+                 generators: list[torch.Generator] | None = None):
+        self.layers, self.train_A, self.generators = layers, train_A, generators
+        self.n, self.rows = len(factors), [0] * len(factors)
+        self.A: dict[str, Tensor] = {}
+        self.B: dict[str, Tensor] = {}
+        for name, layer in layers.items():
+            weight = layer.lora_A[ADAPTER].weight
+            stack = lambda i: torch.stack([f[name][i] for f in factors]).to(  # noqa: E731
+                weight.device, weight.dtype)
+            self.A[name] = stack(0).requires_grad_(train_A)
+            self.B[name] = stack(1).requires_grad_(True)
+        self._hooks: list = []
+        self._disabled: dict[str, bool] = {}
+
+    def __enter__(self) -> "StackedLoRA":
+        for name, layer in self.layers.items():
+            self._disabled[name] = layer._disable_adapters
+            layer._disable_adapters = True  # the base layer alone; the hook adds the deltas
+            self._hooks.append(layer.register_forward_hook(self._hook(name, layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._hooks:
+            h.remove()
+        for name, layer in self.layers.items():
+            layer._disable_adapters = self._disabled[name]
+        self._hooks = []
+
+    def _hook(self, name: str, layer: nn.Module):
+        a, b = self.A[name], self.B[name]
+        scaling = layer.scaling[ADAPTER]
+        drop = layer.lora_dropout[ADAPTER]
+        p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+
+        def hook(module, args, out: Tensor) -> Tensor:
+            x = args[0]
+            if x.shape[0] != sum(self.rows):
+                raise RuntimeError(f"{name}: input has {x.shape[0]} rows, the agents "
+                                   f"{sum(self.rows)} ({self.rows}); set StackedLoRA.rows")
+            x = x.to(a.dtype)
+            if p > 0 and module.training:
+                x = torch.cat([self._dropout(part, p, k)
+                               for k, part in enumerate(x.split(self.rows))])
+            if len(set(self.rows)) == 1:  # one bmm over agents: (n, M, k) (n, k, r) (n, r, d)
+                xs = x.reshape(self.n, -1, x.shape[-1])
+                delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+            else:
+                delta = torch.cat([(part @ a[k].T) @ b[k].T
+                                   for k, part in enumerate(x.split(self.rows))])
+            return out + (delta.reshape(out.shape) * scaling).to(out.dtype)
+
+        return hook
+
+    def _dropout(self, x: Tensor, p: float, k: int) -> Tensor:
+        gen = self.generators[k] if self.generators else None
+        # nn.Dropout's own arithmetic on the CPU, so the same generator state gives the same result
+        keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=gen).div_(1.0 - p)
+        return x * keep
+
+    def grads(self) -> list[Grads]:
+        """Each agent's gradients after ``backward``, float32 on the CPU (as ``get_grads``)."""
+        out: list[Grads] = [{} for _ in range(self.n)]
+        for name in self.layers:
+            ga, gb = self.A[name].grad, self.B[name].grad
+            gb = torch.zeros_like(self.B[name]) if gb is None else gb
+            if self.train_A and ga is None:
+                ga = torch.zeros_like(self.A[name])
+            gb = gb.detach().float().cpu()
+            ga = ga.detach().float().cpu() if self.train_A else None
+            for k in range(self.n):
+                out[k][name] = (None if ga is None else ga[k].clone(), gb[k].clone())
+        return out

@@ -3,17 +3,24 @@
 # machine, same run: sweeps/clip-tiny-digits.yaml (tiny CLIP, LoRA on q/k/v of both encoders),
 # 10 agents/clients, every client every round, local_steps steps each, evaluation only at the end.
 #
-#   bash bench/compare_flower.sh                          # ROUNDS=10 REPEATS=2
+#   bash bench/compare_flower.sh                          # ROUNDS=10 REPEATS=2 BATCH=5
 #   PER_HOST=1 bash bench/compare_flower.sh               # 10 processes a side
+#   BATCH=1 bash bench/compare_flower.sh                  # ours: each agent's step on its own
 #   CLIENT_CPUS=0.2 bash bench/compare_flower.sh          # Flower: one actor per client
 #
 # Environment:
 #   ROUNDS (10), REPEATS (2: ours, Flower, ours, Flower, ...; the summary takes medians)
 #   PER_HOST (5): our agents_per_host (10 agents -> 10 / PER_HOST host processes)
+#   BATCH (PER_HOST for a clip task, else 1): our runtime.batch_agents: a host's agents' steps
+#     in one forward/backward pass (Flower runs each client's step on its own; the floor below
+#     batches as ours does)
 #   CLIENT_CPUS: Ray CPUs per Flower client actor; its pool holds cores / CLIENT_CPUS actors.
 #     Default: cores / our host count, so both sides run the same number of worker processes
 #     with the same CPUs each (on a shared machine a side with more processes gets a larger
 #     share of the contended cores).
+#   FLWR_PULL: seconds between the Flower server's polls for replies (default: Flower's own
+#     0.1 s, which rounds each of its rounds up to a tick: 311 or 412 ms here); 0.01 gives
+#     Flower its best case
 #   FLWR_VENV (/tmp/flwr-venv): made on first use from bench/flower-requirements.txt plus
 #     decaf_ray itself (editable, no dependencies: the clients run our task code only)
 #   OURS_PY (.venv/bin/python)
@@ -34,9 +41,12 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-10}
 REPEATS=${REPEATS:-2}
 PER_HOST=${PER_HOST:-5}
+FLWR_PULL=${FLWR_PULL:-}
 FLWR_VENV=${FLWR_VENV:-/tmp/flwr-venv}
 OURS_PY=${OURS_PY:-.venv/bin/python}
 CONFIG=${CONFIG:-sweeps/clip-tiny-digits.yaml}
+BATCH=${BATCH:-$("$OURS_PY" -c "import sys; from decaf_ray.config import load_config
+print($PER_HOST if load_config(sys.argv[1]).task.kind == 'clip' else 1)" "$CONFIG")}
 AGENTS=10
 CORES=$(nproc)
 HOSTS=$(( (AGENTS + PER_HOST - 1) / PER_HOST ))
@@ -66,7 +76,7 @@ import decaf_ray.runtime.ray_runtime as rr
 from decaf_ray.config import load_config
 from decaf_ray.experiment import run
 
-config, rounds, agents, per_host = sys.argv[1], *map(int, sys.argv[2:5])
+config, rounds, agents, per_host, batch = sys.argv[1], *map(int, sys.argv[2:6])
 stamps = {}
 _follow = rr.follow
 
@@ -83,7 +93,8 @@ def follow(items, *args, **kwargs):
 rr.follow = follow
 cfg = load_config(config, ["algorithm=fedavg", f"agents={agents}", f"rounds={rounds}",
                            f"eval_every={rounds}", "grad_norm=false", "runtime.kind=ray",
-                           f"runtime.agents_per_host={per_host}"])
+                           f"runtime.agents_per_host={per_host}",
+                           f"runtime.batch_agents={batch}"])
 start = time.perf_counter()
 result = run(cfg, progress=False)
 total = time.perf_counter() - start
@@ -92,7 +103,7 @@ rounds_ms = [(stamps[r] - stamps[r - 1]) * 1e3 for r in range(1, rounds + 1)]
 kept = rounds_ms[1:-1] if rounds > 2 else rounds_ms[1:]
 final = result.summary["final"]
 print(json.dumps({"framework": "decaf_ray", "agents": cfg.agents, "rounds": rounds,
-                  "per_host": per_host, "status": result.status,
+                  "per_host": per_host, "batch": batch, "status": result.status,
                   "per_round_ms": statistics.median(kept), "rounds_ms": rounds_ms,
                   "total_s": total, "load": os.getloadavg()[0],
                   "final": {k: final[k] for k in ("test_accuracy", "test_loss", "train_loss")
@@ -102,19 +113,21 @@ EOF
 flwr_version=$("$FLWR_VENV/bin/python" -c 'import flwr; print(flwr.__version__)')
 for i in $(seq 1 "$REPEATS"); do
   echo "== [$i/$REPEATS] ours: decaf_ray Ray runtime, fedavg, $AGENTS agents, $HOSTS hosts x" \
-       "$PER_HOST agents, $ROUNDS rounds (load $(load))" >&2
-  "$OURS_PY" "$log/ours.py" "$CONFIG" "$ROUNDS" "$AGENTS" "$PER_HOST" \
+       "$PER_HOST agents, batch_agents $BATCH, $ROUNDS rounds (load $(load))" >&2
+  "$OURS_PY" "$log/ours.py" "$CONFIG" "$ROUNDS" "$AGENTS" "$PER_HOST" "$BATCH" \
       > "$log/ours.$i.out" 2> "$log/ours.$i.err" || {
     tail -n 30 "$log/ours.$i.err" >&2; echo "ours failed" >&2; exit 1; }
   echo "== [$i/$REPEATS] compute floor: local steps only, $HOSTS plain processes (load $(load))" >&2
   "$OURS_PY" bench/bench_ray.py floor --config "$CONFIG" --agents "$AGENTS" \
       --per-host "$PER_HOST" --rounds "$ROUNDS" --set algorithm=fedavg \
+      --set "runtime.batch_agents=$BATCH" \
       > "$log/floor.$i.out" 2> "$log/floor.$i.err" || {
     tail -n 30 "$log/floor.$i.err" >&2; echo "floor failed" >&2; exit 1; }
   echo "== [$i/$REPEATS] Flower $flwr_version: Ray simulation, FedAvg, $AGENTS clients, client" \
        "num_cpus $CLIENT_CPUS, $ROUNDS rounds (load $(load))" >&2
   "$FLWR_VENV/bin/python" bench/bench_flower.py --config "$CONFIG" --rounds "$ROUNDS" \
       --agents "$AGENTS" --client-cpus "$CLIENT_CPUS" --exclude-last \
+      ${FLWR_PULL:+--pull-interval "$FLWR_PULL"} \
       > "$log/flower.$i.out" 2> "$log/flower.$i.err" || {
     tail -n 30 "$log/flower.$i.err" >&2; echo "flower failed" >&2; exit 1; }
 done
@@ -140,8 +153,11 @@ f = statistics.median(r["per_round_ms"] for r in flower)
 R, f0 = ours[0]["rounds"], flower[0]
 print(f"\nFedAvg, {f0['agents']} agents, median ms/round over rounds 2..{R - 1}, "
       f"median of {repeats} run(s) a side:")
-print(f"  ours (decaf_ray Ray runtime, {ours[0]['per_host']} agents/host):  {o:.1f} ms")
-print(f"  Flower {f0['flwr']} (Ray simulation, client num_cpus {f0['client_cpus']}): {f:.1f} ms")
+print(f"  ours (decaf_ray Ray runtime, {ours[0]['per_host']} agents/host, batch_agents "
+      f"{ours[0]['batch']}):  {o:.1f} ms")
+pull = f0.get("pull_interval") or "0.1 (Flower's default)"
+print(f"  Flower {f0['flwr']} (Ray simulation, client num_cpus {f0['client_cpus']}, reply poll "
+      f"every {pull} s): {f:.1f} ms")
 print(f"  ours / flower = {o / f:.2f}  (target <= 0.5: {'met' if o / f <= 0.5 else 'NOT met'})")
 c = statistics.median(r["per_round_ms"] for r in floor)
 print(f"  compute floor (the local steps alone, {floor[0]['processes']} plain processes): {c:.1f} ms")

@@ -11,8 +11,9 @@ host actor. Both call the same methods in the same order, so they compute the sa
 
 Every source of randomness is per agent (its batch order, its dropout seed per step), so the
 numbers do not depend on which agents share a group. With ``runtime.batch_agents`` > 1 the
-gradients of a group's agents are taken in batches (one forward pass each); the batches are cut
-from the agent ids the same way on every runtime (``agent_batches``), so runtimes still agree.
+gradients of a group's agents are taken in batches (one forward pass each), whose float rounding
+can depend on who shares a pass; the batches are cut from the agent ids the same way on every
+runtime (``agent_batches``), so runtimes still agree.
 """
 
 from __future__ import annotations

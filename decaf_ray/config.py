@@ -192,8 +192,9 @@ class RuntimeConfig:
     shared base model (each adding its own LoRA delta on its own rows): fewer, larger matrix
     products, so faster where one agent's batch leaves the hardware idle; activations grow as
     many times. At most ``agents_per_host``; the in-process runtime groups agents the same way.
-    The numbers equal unbatched steps up to float rounding (on the CPU the draws are the same).
-    Tasks with a batched step: clip."""
+    On the CPU the numbers equal unbatched steps up to float rounding (the same augmentation and
+    LoRA dropout draws); on a GPU, and with open_clip's patch dropout, the dropout draws differ
+    (same distribution). Not with the task's ``micro_batch``. Tasks with a batched step: clip."""
     threads: int | None = None
     """torch threads per process; null: torch's default in-process, the host's CPUs on Ray."""
     train_workers: int = 1

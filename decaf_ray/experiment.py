@@ -89,6 +89,10 @@ def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
     if cfg.runtime.batch_agents > 1 and not hasattr(task, "loss_and_grads_many"):
         raise ConfigError("runtime.batch_agents", f"task kind {cfg.task.kind} has no batched "
                           "step (clip has); use 1")
+    if cfg.runtime.batch_agents > 1 and getattr(cfg.task, "micro_batch", None) is not None:
+        raise ConfigError("runtime.batch_agents", "a batched pass holds every agent's whole "
+                          "batch, so task.micro_batch cannot cap it; set batch_agents: 1 or "
+                          "micro_batch: null")
     pi = algorithm.mixing(graph_pi)
     return Plan(cfg, algorithm, graph, pi, make_shards(cfg, task, n), task,
                 tuple(_neighbourhood(pi, i) for i in range(n)))

@@ -291,6 +291,17 @@ def test_batched_agents_train_as_one_at_a_time():
                                [r["value"] for r in one.rows], rtol=1e-4, atol=1e-6)
 
 
+def test_batched_agents_refuse_micro_batches():
+    from decaf_ray.experiment import prepare
+
+    spec = experiment("decaf")
+    spec["task"]["micro_batch"] = 4
+    spec["runtime"] = {**spec["runtime"], "agents_per_host": 3, "batch_agents": 3}
+    with pytest.raises(ConfigError, match="micro_batch") as e:
+        prepare(load_config(spec))
+    assert e.value.field == "runtime.batch_agents"
+
+
 def test_sweep_config_loads_and_describes():
     from decaf_ray.cli import main
 

@@ -408,7 +408,8 @@ class CLIPTask:
     def _set_training(self, training: bool) -> None:
         """Train mode (LoRA dropout on) for steps, eval mode for evaluation, switched only on a
         change: ``nn.Module.train`` walks every submodule, about 1 ms on even a small CLIP, which
-        consecutive agent steps would otherwise pay twice each."""
+        consecutive agent steps would otherwise pay twice each. Only the root's flag is read:
+        nothing else may switch a submodule's mode."""
         if self.model.training != training:
             self.model.train(training)
 

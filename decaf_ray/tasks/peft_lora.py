@@ -116,11 +116,10 @@ class StackedLoRA:
         self.A: dict[str, Tensor] = {}
         self.B: dict[str, Tensor] = {}
         for name, layer in layers.items():
-            weight = layer.lora_A[ADAPTER].weight
-            stack = lambda i: torch.stack([f[name][i] for f in factors]).to(  # noqa: E731
-                weight.device, weight.dtype)
-            self.A[name] = stack(0).requires_grad_(train_A)
-            self.B[name] = stack(1).requires_grad_(True)
+            like = layer.lora_A[ADAPTER].weight
+            As, Bs = zip(*(f[name] for f in factors))
+            self.A[name] = torch.stack(As).to(like.device, like.dtype).requires_grad_(train_A)
+            self.B[name] = torch.stack(Bs).to(like.device, like.dtype).requires_grad_(True)
         self._hooks: list = []
         self._disabled: dict[str, bool] = {}
 

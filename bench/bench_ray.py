@@ -160,18 +160,18 @@ def memory() -> None:
                   f"{r['peak_pss_mb'] / agents:8.1f}")
 
 
-def _floor_host(config_path: str, overrides: list[str], ids: list[int], hosts: int,
-                rounds: int, barrier, out) -> None:
+def _floor_host(config_path: str, overrides: list[str], ids: list[int], rounds: int,
+                barrier, out) -> None:
     import torch
     from decaf_ray.agents import AgentGroup
     from decaf_ray.config import load_config
     from decaf_ray.experiment import prepare
     from decaf_ray.optim import build_optimizer
 
+    from decaf_ray.runtime.ray_runtime import host_threads
+
     cfg = load_config(config_path, overrides)
-    # the threads an AgentHost of this config would take on this machine
-    cpus = cfg.runtime.cpus_per_host or min(1.0, (os.cpu_count() or 1) / hosts)
-    torch.set_num_threads(cfg.runtime.threads or max(1, int(cpus)))
+    torch.set_num_threads(host_threads(cfg))  # as an AgentHost of this config
     plan = prepare(cfg)
     group = AgentGroup.build(cfg, plan.task, plan.algorithm,
                              build_optimizer(cfg.optim, cfg.total_steps),
@@ -199,8 +199,8 @@ def floor(config_path: str, agents: int, per_host: int, rounds: int, overrides: 
     overrides = [f"agents={agents}", f"runtime.agents_per_host={per_host}", *overrides]
     hosts = [list(range(a, min(a + per_host, agents))) for a in range(0, agents, per_host)]
     barrier, out = ctx.Barrier(len(hosts)), ctx.Queue()
-    procs = [ctx.Process(target=_floor_host, args=(config_path, overrides, ids, len(hosts),
-                                                   rounds, barrier, out)) for ids in hosts]
+    procs = [ctx.Process(target=_floor_host, args=(config_path, overrides, ids, rounds, barrier,
+                                                   out)) for ids in hosts]
     for p in procs:
         p.start()
     try:

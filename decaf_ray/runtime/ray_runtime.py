@@ -63,7 +63,7 @@ class AgentHost:
 
     def setup(self) -> None:
         cfg = load_config(self.config)
-        torch.set_num_threads(cfg.runtime.threads or max(1, int(_cpus_per_host(cfg, 1))))
+        torch.set_num_threads(host_threads(cfg))
         from decaf_ray.tasks import build_task
 
         task = build_task(cfg.task, cfg.lora, cfg.seed)
@@ -107,6 +107,12 @@ class AgentHost:
 
     def restore(self, snapshot: dict[int, dict]) -> None:
         self.group.restore(snapshot)
+
+
+def host_threads(cfg: ExperimentConfig) -> int:
+    """torch threads of a host: ``runtime.threads``, else its CPU reservation (at most 1 unless
+    ``cpus_per_host`` says more; see ``_cpus_per_host``), at least 1."""
+    return cfg.runtime.threads or max(1, int(cfg.runtime.cpus_per_host or 1))
 
 
 def _cpus_per_host(cfg: ExperimentConfig, hosts: int) -> float:

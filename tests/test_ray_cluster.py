@@ -53,10 +53,15 @@ def head_cluster():
     """A one-node cluster from ``ray start --head --block``, with the dashboard (job server)."""
     port, dash = _free_port(), _free_port()
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # Ray's socket paths must stay short
+    # The node's agents get free ports too: their defaults (e.g. 52365) may be held by the test
+    # session's own Ray, and a job server without its agent refuses every submission.
+    agents = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port")]
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=true", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
+         *agents, f"--temp-dir={temp}", "--disable-usage-stats"],
         env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 90

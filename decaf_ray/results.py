@@ -61,10 +61,17 @@ class RunWriter:
         _write_json(self.out / "summary.json", result.summary)
         save_adapters(self.out / "adapters.safetensors", result.factors)
 
+    def stop(self) -> None:
+        """An interrupted run (to be resumed): the rows so far stay, no summary is written."""
+        if self._csv is not None:
+            self._file.close()
+            self._csv = None
+
     def fail(self, error: BaseException) -> None:
         """Record a crash: the rows so far stay, the summary says why it stopped."""
         if self._csv is not None:
             self._file.close()
+            self._csv = None
         _write_json(self.out / "summary.json",
                     {"status": "failed", "error": f"{type(error).__name__}: {error}"})
 

@@ -16,15 +16,19 @@ A sweep file is a base experiment config plus a ``grid`` of dotted keys to vary:
     mode: max
     checkpoint_every: 10                    # rounds between trial checkpoints
 
-Each trial writes a normal run directory (config.json, metrics.csv, summary.json, adapters) in
-its Tune trial folder, so ``analysis.load`` reads a sweep like a run. Each trial reserves its
-hosts through a placement group, so concurrent trials never oversubscribe the cluster.
+Each trial writes a normal run directory (config.json, metrics.csv, summary.json, adapters) on
+its own node and uploads it to its Tune trial folder in the sweep's storage (a folder or a
+``s3://``/``gs://``/``file://`` URI; see ``sweep_storage``), so ``analysis.load`` reads a sweep like
+a run whichever nodes ran it. Each trial reserves its hosts through a placement group, so
+concurrent trials never oversubscribe the cluster; before anything starts, ``run_sweep`` stages
+the data once (``staging``) and refuses a trial that no node set of the live cluster could place.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +75,19 @@ class SweepConfig:
         lists = {k: v for k, v in self.grid.items() if isinstance(v, list)}
         return [dict(zip(lists, combo)) for combo in itertools.product(*lists.values())]
 
+    def representative_params(self) -> list[dict[str, Any]]:
+        """One parameter set per grid point and value of each ``choice`` space, the other random
+        spaces at their low end: what validation, staging and the fit check look at."""
+        choices = {k: v["choice"] for k, v in self.grid.items()
+                   if isinstance(v, dict) and "choice" in v}
+        lows = _sample_lows({k: v for k, v in self.grid.items() if k not in choices})
+        return [{**point, **lows, **dict(zip(choices, combo))}
+                for point in self.points() for combo in itertools.product(*choices.values())]
+
+    def representatives(self) -> list[ExperimentConfig]:
+        """``config_for`` of every ``representative_params``."""
+        return [self.config_for(p) for p in self.representative_params()]
+
     def config_for(self, params: dict[str, Any]) -> ExperimentConfig:
         """The experiment config of one trial: the base with ``params`` set."""
         data = self.base
@@ -102,11 +119,11 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     for item in overrides or []:
         base = apply_override(base, item)
     sweep = from_dict(SweepConfig, {**data, "base": base, "name": data.get("name", path.stem)})
-    for point in sweep.points():
+    for params in sweep.representative_params():
         try:
-            sweep.config_for({**point, **_sample_lows(sweep.grid)})
+            sweep.config_for(params)
         except ConfigError as e:
-            raise ConfigError(f"grid {point}: {e.field}", e.message) from None
+            raise ConfigError(f"grid {params}: {e.field}", e.message) from None
     return sweep
 
 
@@ -134,6 +151,43 @@ def param_space(sweep: SweepConfig) -> dict[str, Any]:
     return space
 
 
+DRIVER_CPUS = 0.01
+"""What a trial's own process (the run's driver) reserves: it only follows the run."""
+UPLOAD_EVERY_S = 10.0
+"""Least seconds between uploads of a trial's metrics as it runs (checkpoints and the end always
+upload)."""
+
+
+def trial_config(sweep: SweepConfig, params: dict[str, Any],
+                 cluster_cpus: float | None = None) -> ExperimentConfig:
+    """The config a trial runs: ``config_for(params)`` with a null ``runtime.cpus_per_host``
+    resolved to the cluster's share (``host_share``) and, for CLIP, ``task.download: false``
+    (``run_sweep`` staged the data; trials never download). The trial's bundles
+    (``trial_resources``) and its hosts both read this config, so they always agree."""
+    cfg = sweep.config_for(params)
+    sets = []
+    if cfg.runtime.kind == "ray" and cfg.runtime.cpus_per_host is None:
+        sets.append(f"runtime.cpus_per_host={host_share(cfg, cluster_cpus)!r}")
+    if cfg.task.kind == "clip" and cfg.task.download:
+        sets.append("task.download=false")
+    return load_config(cfg.to_dict(), sets) if sets else cfg
+
+
+def host_share(cfg: ExperimentConfig, cluster_cpus: float | None) -> float:
+    """CPUs per host (or Ray Train worker) when ``cpus_per_host`` is null: as a single run
+    (``ray_runtime._cpus_per_host``), the cluster's CPUs shared evenly, at most 1, after the
+    trial driver's sliver; 1 when the cluster is not known."""
+    if cluster_cpus is None:
+        return 1.0
+    return min(1.0, max(cluster_cpus - DRIVER_CPUS, 0.0) / _hosts(cfg))
+
+
+def _hosts(cfg: ExperimentConfig) -> int:
+    if _centralized(cfg):
+        return cfg.runtime.train_workers
+    return -(-cfg.agents // cfg.runtime.agents_per_host)
+
+
 def trial_resources(cfg: ExperimentConfig):
     """The placement group one trial reserves: a sliver for its driver, then one bundle per
     host (CPUs and GPUs); one bundle for an in-process trial; only the sliver for Centralized on
@@ -143,12 +197,17 @@ def trial_resources(cfg: ExperimentConfig):
     if cfg.runtime.kind == "inprocess":
         return tune.PlacementGroupFactory([{"CPU": float(cfg.runtime.threads or 1)}])
     if _centralized(cfg):  # Ray Train places its own workers; the trial is only their driver
-        return tune.PlacementGroupFactory([{"CPU": 0.01}])
-    hosts = -(-cfg.agents // cfg.runtime.agents_per_host)
-    host = {"CPU": _host_cpus(cfg)}
-    if cfg.runtime.gpus_per_host:
-        host["GPU"] = cfg.runtime.gpus_per_host
-    return tune.PlacementGroupFactory([{"CPU": 0.01}] + [host] * hosts)
+        return tune.PlacementGroupFactory([{"CPU": DRIVER_CPUS}])
+    return tune.PlacementGroupFactory([{"CPU": DRIVER_CPUS}] + [_host(cfg)] * _hosts(cfg))
+
+
+def _host(cfg: ExperimentConfig) -> dict[str, float]:
+    """One host's (or Ray Train worker's) bundle."""
+    rt = cfg.runtime
+    host = {"CPU": rt.cpus_per_host if rt.cpus_per_host is not None else 1.0}
+    if rt.gpus_per_host:
+        host["GPU"] = rt.gpus_per_host
+    return host
 
 
 def _centralized(cfg: ExperimentConfig) -> bool:
@@ -157,37 +216,72 @@ def _centralized(cfg: ExperimentConfig) -> bool:
     return ALGORITHMS[cfg.algorithm].centralized
 
 
-def _host_cpus(cfg: ExperimentConfig) -> float:
-    return cfg.runtime.cpus_per_host if cfg.runtime.cpus_per_host is not None else 1.0
+def check_fits(sweep: SweepConfig, nodes: list[dict[str, float]],
+               cluster_cpus: float | None = None) -> None:
+    """Raise ``ConfigError`` when some trial of ``sweep`` could never be placed on ``nodes``
+    (``placement.nodes()``): its bundles (``trial_resources``, or a Centralized trial's Ray Train
+    workers) against the nodes, naming the config field and the numbers. Fewer trials at once
+    (``--max-concurrent``) are always possible, so only one trial at a time is checked."""
+    from decaf_ray import placement
+
+    seen = set()
+    for params in sweep.representative_params():
+        cfg = trial_config(sweep, params, cluster_cpus)
+        rt = cfg.runtime
+        if rt.kind == "inprocess":
+            bundles, field = trial_resources(cfg).bundles, {"CPU": "runtime.threads"}
+            what = f"an in-process trial of {placement.fmt(bundles[0])}"
+        else:
+            host = _host(cfg)
+            bundles = [{"CPU": DRIVER_CPUS}] + [host] * _hosts(cfg)
+            field = {"CPU": "runtime.cpus_per_host", "GPU": "runtime.gpus_per_host"}
+            kind = "Ray Train workers" if _centralized(cfg) else "hosts"
+            what = f"a trial of {_hosts(cfg)} {kind} x {placement.fmt(host)}"
+        key = (tuple(tuple(sorted(b.items())) for b in bundles), what)
+        if key in seen:
+            continue
+        seen.add(key)
+        shown = ", ".join(f"{k}={v}" for k, v in params.items())
+        placement.check(bundles, nodes, field, what + (f" ({shown})" if shown else ""))
 
 
 # ------------------------------------------------------------------ the trial
 
 
-def trial(params: dict[str, Any], sweep: SweepConfig) -> None:
+def trial(params: dict[str, Any], sweep: SweepConfig, cluster_cpus: float | None = None) -> None:
     """One Tune trial: ``experiment.run`` on the trial's config, streaming network metrics to
-    Tune, checkpointing every ``sweep.checkpoint_every`` rounds, resuming from the last one."""
+    Tune, checkpointing every ``sweep.checkpoint_every`` rounds, resuming from the last one.
+
+    The run directory is written on this node and uploaded to the trial's folder in the sweep's
+    storage as it goes, at each checkpoint and at the end (also when the run fails)."""
+    from decaf_ray.devices import hide_unassigned_gpus
+
+    hide_unassigned_gpus()  # the trial reserved no GPU (its hosts did): it must not take one
     from ray import tune
 
     from decaf_ray.experiment import run
     from decaf_ray.results import RunWriter
+    from decaf_ray.sweep_storage import TrialUpload
 
-    cfg = sweep.config_for(params)
-    if cfg.runtime.kind == "ray":  # hosts must fit the bundles this trial reserved
-        cfg = load_config(cfg.to_dict(), [f"runtime.cpus_per_host={_host_cpus(cfg)}"])
-    out = Path(tune.get_context().get_trial_dir())
+    cfg = trial_config(sweep, params, cluster_cpus)
+    upload = TrialUpload.for_current_trial()
     resume = _load_state(tune.get_checkpoint())
-    writer = RunWriter(out).open(cfg, rows=resume.rows if resume else None, overwrite=True)
+    upload.remove("summary.json")  # an earlier attempt's; this one is running
+    writer = RunWriter(upload.local).open(cfg, rows=resume.rows if resume else None,
+                                          overwrite=True)
+    upload.sync()
     every, latest = sweep.checkpoint_every, {}
 
     def on_rows(rows):
         writer.rows(rows)
+        upload.sync(every_s=UPLOAD_EVERY_S)
         latest.update(_network(rows))
         rnd = rows[0]["round"]
         if rnd % every and rnd < cfg.rounds:  # checkpoint rounds report with the checkpoint,
             tune.report(dict(latest))         # the last round with the summary below
 
     def on_checkpoint(state):
+        upload.sync()
         with tempfile.TemporaryDirectory() as d:
             torch.save(_plain(state), os.path.join(d, "state.pt"))
             tune.report({**latest, "round": state.round},
@@ -196,12 +290,27 @@ def trial(params: dict[str, Any], sweep: SweepConfig) -> None:
     try:
         result = run(cfg, progress=False, resume=resume, checkpoint_every=every,
                      on_rows=on_rows, on_checkpoint=on_checkpoint)
-    except BaseException as e:
+    except Exception as e:
         writer.fail(e)
+        _sync_after_failure(upload)
+        raise
+    except BaseException:  # interrupted (Ctrl-C, cancelled): not a failure, --resume goes on
+        writer.stop()
+        _sync_after_failure(upload)
         raise
     writer.close(result)
+    upload.sync()  # before the last report: when Tune sees the trial end, its files are there
     tune.report({**result.summary["final"], "round": result.summary["rounds_completed"],
                  "status": result.status})
+
+
+def _sync_after_failure(upload) -> None:
+    """Upload what a stopped trial wrote; an upload error must not hide why the trial stopped."""
+    try:
+        upload.sync()
+    except Exception as e:
+        print(f"decaf-ray: could not upload {upload.local} to {upload.fs_path}: {e}",
+              file=sys.stderr)
 
 
 def _network(rows: list[dict]) -> dict[str, Any]:
@@ -258,31 +367,51 @@ def _revive(state: dict) -> dict:
 
 
 def run_sweep(sweep: SweepConfig, storage: str | Path, *, resume: bool = False,
-              max_concurrent: int | None = None):
-    """Run (or ``resume``) a sweep under ``storage/<name>``; returns Tune's ResultGrid."""
+              max_concurrent: int | None = None, stage_data: bool = True):
+    """Run (or ``resume``) a sweep under ``<storage>/<name>``; returns Tune's ResultGrid.
+
+    ``storage``: a local or shared folder, or a pyarrow filesystem URI (``s3://bucket/x``,
+    ``gs://...``, ``file:///...``). Before any trial starts: a new sweep refuses storage that
+    already holds one, every trial's resources are checked against the live cluster
+    (``check_fits``), and the data are staged once (``staging.stage``; ``stage_data=False``
+    skips it).
+
+    Raises:
+        ConfigError: storage that holds a sweep (or none to ``resume``), a bad URI, a trial that
+            can never be placed, data that are missing and cannot be fetched.
+    """
     from ray import tune
 
+    from decaf_ray import placement, sweep_storage
     from decaf_ray.runtime.ray_runtime import connect
 
-    connect()
-    storage = Path(storage).resolve()
-    trainable = tune.with_resources(tune.with_parameters(trial, sweep=sweep),
-                                    lambda params: trial_resources(sweep.config_for(params)))
-    path = storage / sweep.name
+    root = sweep_storage.location(storage)
+    path = sweep_storage.sweep_location(storage, sweep.name)
     if resume:
-        if not tune.Tuner.can_restore(str(path)):
+        if not tune.Tuner.can_restore(path):
             raise ConfigError("--resume", f"no sweep to resume at {path}")
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True,
-                                   resume_errored=True)
+    elif sweep_storage.holds_anything(path):
+        raise ConfigError("--storage", f"{path} already holds a sweep; use --resume to "
+                          "finish it or choose another --storage / name")
+    connect()
+    nodes = placement.nodes()
+    cluster_cpus = sum(n["CPU"] for n in nodes)
+    check_fits(sweep, nodes, cluster_cpus)
+    if stage_data:
+        from decaf_ray.staging import stage
+
+        stage(sweep)
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, sweep=sweep, cluster_cpus=cluster_cpus),
+        lambda params: trial_resources(trial_config(sweep, params, cluster_cpus)))
+    if resume:
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        if path.exists() and any(path.iterdir()):
-            raise ConfigError("--storage", f"{path} already holds a sweep; use --resume to "
-                              "finish it or choose another --storage / name")
         tuner = tune.Tuner(
             trainable, param_space=param_space(sweep),
             tune_config=tune.TuneConfig(num_samples=sweep.num_samples,
                                         max_concurrent_trials=max_concurrent or sweep.max_concurrent),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=root,
                                       failure_config=tune.FailureConfig(max_failures=0),
                                       verbose=1))
     return tuner.fit()

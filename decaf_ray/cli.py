@@ -6,6 +6,7 @@ Bad input exits with status 2 and one line on stderr naming the field; nothing i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     desc = sub.add_parser("describe", help="print the resolved config, graph and data facts")
     desc.add_argument("config")
     desc.add_argument("--set", dest="overrides", **sets)
+    desc.add_argument("--cluster", default=None, metavar="SPEC",
+                      help="size trials for NODESxGPUSxTYPE-MEMGB[-CPUSCPU], e.g. 2x8xA100-80GB "
+                           "(8 CPUs per GPU unless said); default: the live cluster at "
+                           "RAY_ADDRESS, else the file's '# cluster:' line")
     desc.set_defaults(func=cmd_describe)
 
     sweep = sub.add_parser("sweep", help="run a sweep file with Ray Tune (one trial per config)")
@@ -115,6 +120,7 @@ def cmd_describe(args) -> int:
         return _describe_sweep(args)
     cfg = load_config(args.config, args.overrides)
     plan = prepare(cfg)
+    cluster = _cluster(args)  # a bad --cluster fails before anything is printed
     print("# resolved config")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
     print("\n# graph")
@@ -134,7 +140,33 @@ def cmd_describe(args) -> int:
     print(f"trainable_params: {param_count(shapes, rank, plan.algorithm.train_A)}")
     for line in _warnings(cfg):
         print(f"warning: {line}")
+    from decaf_ray import sizing
+
+    print(f"\n# resources{_on(cluster)}")
+    print("\n".join(_resource_lines(sizing.size_trial(cfg, plan.task), cluster)))
     return 0
+
+
+def _cluster(args):
+    """The cluster ``describe`` sizes for: --cluster, else the live cluster at RAY_ADDRESS,
+    else the ``# cluster:`` line of the file, else None (per-trial figures only)."""
+    import os
+
+    from decaf_ray import sizing
+
+    if args.cluster is not None:
+        return sizing.parse_cluster(args.cluster)
+    if os.environ.get("RAY_ADDRESS"):
+        return sizing.live_cluster()
+    stated = sizing.stated_cluster(args.config)
+    if stated is None:
+        return None
+    cluster = sizing.parse_cluster(stated)
+    return dataclasses.replace(cluster, label=f"{cluster.label} (the file's '# cluster:' line)")
+
+
+def _on(cluster) -> str:
+    return "" if cluster is None else f" on {cluster.label}"
 
 
 def _is_sweep(path: str) -> bool:
@@ -155,7 +187,66 @@ def _describe_sweep(args) -> int:
           + (f"; sampled: {', '.join(spaces)}" if spaces else ""))
     for point in points:
         print("  " + ", ".join(f"{k}={v}" for k, v in point.items()))
+    _describe_sweep_resources(sweep, points, _cluster(args))
     return 0
+
+
+def _describe_sweep_resources(sweep, points, cluster) -> None:
+    """Per distinct trial shape: the grid values that give it, then its ``describe`` block."""
+    from decaf_ray import sizing
+
+    lows = {k: next(iter(v.values()))[0] for k, v in sweep.grid.items() if not isinstance(v, list)}
+    shapes: dict = {}
+    for point in points:
+        shapes.setdefault(sizing.size_trial(sweep.config_for({**point, **lows})), []).append(point)
+    print(f"\n# resources per trial{_on(cluster)}: {len(shapes)} distinct shape(s)")
+    for trial, members in shapes.items():
+        print(f"\n## {len(members) * sweep.num_samples} trial(s): {_members(members, sweep.grid)}")
+        print("\n".join(_resource_lines(trial, cluster)))
+
+
+def _members(members: list[dict], grid: dict) -> str:
+    """The grid values a group of points takes, per key (``any`` where it takes them all)."""
+    parts = []
+    for key in members[0]:
+        seen = [v for i, v in enumerate(p[key] for p in members)
+                if v not in [p[key] for p in members][:i]]
+        shown = "any" if len(seen) == len(grid[key]) > 1 else " | ".join(map(str, seen))
+        parts.append(f"{key}: {shown}")
+    return "; ".join(parts) or "the base config"
+
+
+def _resource_lines(trial, cluster) -> list[str]:
+    """The ``describe`` block of one trial shape, and its fit on ``cluster`` if given."""
+    from decaf_ray import sizing
+
+    gb = lambda x: f"{x / sizing.GB:.2f} GB" if x >= 0.01 * sizing.GB else f"{x / 1e6:.2f} MB"  # noqa: E731
+    cpus, gpus = trial.host
+    what = {"hosts": "AgentHost actors", "train_workers": "Ray Train workers (Centralized)",
+            "inprocess": "the trial's own process (runtime.kind inprocess)"}[trial.placement]
+    lines = [f"hosts: {trial.hosts} ({what}); {trial.agents_per_host} agent(s) per host, "
+             f"{trial.batch_agents} per forward pass",
+             f"per host: {cpus:g} CPUs, {gpus:g} GPU",
+             f"per trial: {trial.cpus:g} CPUs, {trial.gpus:g} GPUs"
+             + (f" (incl. the driver's {trial.driver_cpus:g} CPU)" if trial.driver_cpus else ""),
+             f"base-model copies: {trial.hosts}",
+             f"memory per host ({'GPU' if trial.device == 'cuda' else 'CPU RAM'}, estimate): "
+             f"{gb(trial.memory)}"]
+    lines += [f"  {p.name}: {gb(p.bytes)} = {p.formula}" for p in trial.parts]
+    if cluster is not None:
+        fit = sizing.fit(trial, cluster)
+        if fit.share is not None and not fit.problems:
+            lines.append(f"memory fits: {gb(trial.memory)} <= {gb(fit.share)} "
+                         f"({min(gpus, 1.0):g} of a {cluster.gpu_memory / sizing.GB:g} GB GPU)")
+        elif trial.device == "cuda" and cluster.gpu_memory is None:
+            lines.append("memory fit: not checked (Ray does not know a live cluster's GPU "
+                         "memory; pass --cluster)")
+        lines += list(fit.problems)
+        lines.append(f"trials at once: {fit.trials}" + (f" (bound by {fit.bound})" if fit.trials else ""))
+    lines.append(f"steps: {trial.steps_per_agent:,} per agent ({trial.rounds} rounds x "
+                 f"{trial.local_steps} local steps), {trial.steps_per_agent * trial.training_agents:,}"
+                 f" agent-steps ({trial.training_agents} agent(s))")
+    return lines
 
 
 def cmd_sweep(args) -> int:

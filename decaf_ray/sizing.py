@@ -1,0 +1,461 @@
+"""What one trial asks of a cluster, and how many trials fit at once: from the config alone.
+
+``size_trial(cfg)`` reads an ``ExperimentConfig`` and, without data, weights or network (CLIP:
+open_clip's architecture table and a meta-device model; causal LM: ``KNOWN_CONFIGS`` or a local
+config and a meta-device model; synthetic: its d and k), gives the trial's placement (hosts,
+CPUs and GPUs per host and per trial, base-model copies) and an **estimate** of the memory one
+host needs on its device, in parts (bytes; GB below means 10^9 bytes):
+
+    weights      frozen params x bytes: CLIP keeps float32 weights (bf16 is autocast);
+                 a causal LM loads bf16 on CUDA for ``precision: auto``, else float32.
+    adapters     agents_per_host x (A and B x 4 B + trainable x 4 B x (optimizer states + 1
+                 gradient)); states: sgd 0, momentum 1, adam/adamw 2. Today factors and states
+                 live in host RAM, so on a GPU this is an upper bound (a few MB to GB).
+    activations  what autograd saves for one backward pass, c bytes per layer x token x width:
+                 CLIP: agents per pass (batch_agents) x [vision layers x images x (grid^2 + 1) x
+                   width + text layers x classes x context x width] x c, plus, under bf16
+                   autocast, a 2 B copy of each adapted tower's frozen weights (the casts that
+                   linear layers save); images = micro_batch or data.batch_size;
+                 causal LM: layers x (micro_batch_size x max_length) x hidden x c (an upper
+                   bound: prompts are padded to the longest in the micro batch), plus 5 B (10 B
+                   in float32) per attention score for ``attn_implementation: eager``; with
+                   gradient checkpointing 4 B per layer x token x hidden plus one layer's c.
+                 c is measured on the CPU with torch's saved-tensor hooks on ViT-B/16 and a
+                 LLaMA-shaped model (LoRA on q, k, v / q, v) and raised 20% for kernels that
+                 differ on CUDA: ``ACTIVATION_BYTES``.
+    cuda context 0.5 GB per process on a GPU.
+
+Omitted: the allocator's fragmentation and cached blocks, cuDNN/cuBLAS workspaces, evaluation's
+transient no-grad activations (eval_batch_size, one layer at a time), the image cache and data in
+host RAM (``cache_mb``), the coordinator, and Ray's own processes. Treat the total as a floor
+with some margin, not a promise.
+
+``fit(trial, cluster)`` packs identical trials onto a cluster the way Ray places them: each
+trial's bundles (a 0.01 CPU driver sliver, then one per host, as ``sweep.trial_resources``) whole
+on one node, fractional GPUs inside one GPU, PACK first; and checks each host's estimate against
+its GPU share (a host runs on one device, so a share is min(gpus_per_host, 1) x GPU memory).
+Clusters come from ``parse_cluster("2x8xA100-80GB")`` or the live Ray cluster.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from decaf_ray.config import ConfigError, ExperimentConfig
+
+GB = 1e9
+CUDA_CONTEXT = 0.5 * GB
+DRIVER_CPU = 0.01
+"""The trial driver's sliver (``sweep.trial_resources``)."""
+CPUS_PER_GPU = 8
+"""CPUs per node a cluster spec implies when it does not say: 8 per GPU."""
+PAPER_CLUSTER = "2x8xA100-80GB"
+"""The cluster the shipped GPU sweeps are sized for (each says so in a ``# cluster:`` line)."""
+ACTIVATION_BYTES = {"clip": {2: 48, 4: 76}, "causal_lm": {2: 56, 4: 85}}
+"""c per (layer x token x width) by activation bytes (2: bf16, 4: float32). Measured on the CPU
+(saved-tensor hooks, one real training step): ViT-B/16 37 (vision) and 41 (text) bf16, 63
+float32; LLaMA-shaped (intermediate 2.69 x hidden, LoRA q, v) 46 bf16, 70 float32; +20%."""
+CHECKPOINT_BYTES = {2: 4, 4: 7}
+"""Per layer x token x hidden with gradient checkpointing (measured 3 in bf16; +20%)."""
+EAGER_SCORE_BYTES = {2: 5, 4: 10}
+"""Per attention score (heads x length^2 per sequence and layer) with eager attention."""
+OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+CLIP_CLASSES = {"digits": 10, "fashion_mnist": 10, "flowers102": 102, "food101": 101, "ucf101": 101}
+ASSUMED_CLASSES = 100
+MAX_TRIALS = 10_000
+_SPEC = re.compile(r"^(\d+)x(\d+)x([A-Za-z0-9_.]+)-(\d+(?:\.\d+)?)GB(?:-(\d+(?:\.\d+)?)CPU)?$",
+                   re.IGNORECASE)
+
+
+# ---------------------------------------------------------------------------- clusters
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Nodes' totals (``CPU``, ``GPU``) and the memory of one GPU in bytes (None: unknown)."""
+
+    nodes: tuple[tuple[float, int], ...]
+    """(CPUs, GPUs) per node."""
+    gpu_memory: float | None
+    label: str
+
+
+def parse_cluster(spec: str) -> Cluster:
+    """``NODESxGPUSxTYPE-MEMGB[-CPUSCPU]``: ``2x8xA100-80GB`` is 2 nodes of 8 GPUs of 80 GB
+    (10^9 bytes) and, unsaid, 8 CPUs per GPU; ``1x4xL4-24GB-48CPU`` says 48 CPUs per node.
+
+    Raises:
+        ConfigError("--cluster"): anything else.
+    """
+    m = _SPEC.match(spec.strip())
+    if m is None or int(m[1]) < 1 or int(m[2]) < 1 or float(m[4]) <= 0 or (m[5] and float(m[5]) <= 0):
+        raise ConfigError("--cluster", f"expected NODESxGPUSxTYPE-MEMGB[-CPUSCPU] with counts >= 1, "
+                                       f"e.g. 2x8xA100-80GB or 1x4xL4-24GB-48CPU (got {spec!r})")
+    nodes, gpus = int(m[1]), int(m[2])
+    cpus = float(m[5]) if m[5] else float(CPUS_PER_GPU * gpus)
+    return Cluster(((cpus, gpus),) * nodes, float(m[4]) * GB,
+                   f"{nodes} node(s) x {gpus} {m[3]} GPUs of {float(m[4]):g} GB, {cpus:g} CPUs each")
+
+
+def live_cluster() -> Cluster:
+    """The Ray cluster at ``RAY_ADDRESS``: its alive nodes; GPU memory is not known to Ray."""
+    from decaf_ray import placement
+    from decaf_ray.runtime.ray_runtime import connect
+
+    connect()
+    found = placement.nodes()
+    return Cluster(tuple((n["CPU"], int(n["GPU"])) for n in found), None,
+                   f"the live Ray cluster ({len(found)} node(s), "
+                   f"{sum(n['CPU'] for n in found):g} CPUs, {sum(n['GPU'] for n in found):g} GPUs)")
+
+
+def stated_cluster(path: str | Path) -> str | None:
+    """The spec in a ``# cluster: SPEC`` comment line of a config or sweep file (or, for a
+    sweep, of its ``base`` file), or None. How shipped files state what they are sized for."""
+    path = Path(path)
+    text = path.read_text() if path.is_file() else ""
+    m = re.search(r"^#\s*cluster:\s*(\S+)", text, re.M)
+    if m:
+        return m[1]
+    base = re.search(r"^base:\s*([^\s#{]+\.ya?ml)\s*(?:#.*)?$", text, re.M)
+    return stated_cluster(path.parent / base[1]) if base else None
+
+
+# ---------------------------------------------------------------------------- one trial
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    bytes: float
+    formula: str
+
+
+@dataclass(frozen=True)
+class TrialSize:
+    """What one trial of a config asks for (see the module docstring)."""
+
+    placement: str
+    """``hosts`` (AgentHost actors), ``train_workers`` (Centralized on Ray Train) or
+    ``inprocess`` (every agent in the trial's own process)."""
+    hosts: int
+    agents_per_host: int
+    batch_agents: int
+    host: tuple[float, float]
+    """(CPUs, GPUs) of each host bundle."""
+    driver_cpus: float
+    device: str
+    parts: tuple[Part, ...]
+    rounds: int
+    local_steps: int
+    training_agents: int
+
+    memory = property(lambda self: sum(p.bytes for p in self.parts))
+    """Bytes one host needs on its device (the estimate's total)."""
+    bundles = property(lambda self: [(self.driver_cpus, 0.0)] * (self.driver_cpus > 0)
+                       + [self.host] * self.hosts)
+    """(CPUs, GPUs) of each bundle the trial reserves: the driver's sliver, then its hosts."""
+    cpus = property(lambda self: sum(c for c, _ in self.bundles))
+    gpus = property(lambda self: sum(g for _, g in self.bundles))
+    steps_per_agent = property(lambda self: self.rounds * self.local_steps)
+
+
+def size_trial(cfg: ExperimentConfig, task: Any = None) -> TrialSize:
+    """Size one trial of ``cfg``. ``task``, a built task (optional), gives exact class counts
+    and vocabularies where the config alone cannot (``describe CONFIG`` has one)."""
+    from decaf_ray.algorithms import ALGORITHMS
+
+    rt, central = cfg.runtime, ALGORITHMS[cfg.algorithm].centralized
+    agents = 1 if central else cfg.agents
+    batch = cfg.data.batch_size
+    if rt.kind == "inprocess":
+        placement, hosts, per, host, driver = "inprocess", 1, agents, (float(rt.threads or 1), 0.0), 0.0
+    elif central:
+        placement, hosts, per = "train_workers", rt.train_workers, 1
+        host, driver = (rt.cpus_per_host or 1.0, rt.gpus_per_host), DRIVER_CPU
+        batch = -(-batch // rt.train_workers)
+    else:
+        placement, per = "hosts", rt.agents_per_host
+        hosts = -(-agents // per)
+        host, driver = (rt.cpus_per_host or 1.0, rt.gpus_per_host), DRIVER_CPU
+    per = min(per, agents)
+    device = cfg.task.device if hasattr(cfg.task, "device") else "cpu"
+    cuda = host[1] > 0 and not device.startswith(("cpu", "mps"))
+    n_pass = min(rt.batch_agents, per) if cfg.task.kind == "clip" else 1
+    parts = _task_parts(cfg, task, cuda, batch, n_pass) + [_adapters(cfg, per, task)]
+    if cuda:
+        parts.append(Part("cuda context", CUDA_CONTEXT, "one CUDA context per host process"))
+    return TrialSize(placement, hosts, per, n_pass, host, driver, "cuda" if cuda else "cpu",
+                     tuple(parts), cfg.rounds, cfg.local_steps, agents)
+
+
+def _task_parts(cfg, task, cuda: bool, batch: int, n_pass: int) -> list[Part]:
+    kind = cfg.task.kind
+    if kind == "clip":
+        return _clip_parts(cfg.task, task, cuda, batch, n_pass)
+    if kind == "causal_lm":
+        return _lm_parts(cfg.task, task, cuda, batch)
+    if kind == "synthetic":
+        t = cfg.task
+        return [Part("weights", t.d * t.k * 4.0, f"{t.d} x {t.k} x 4 B (float32, CPU)"),
+                Part("activations", batch * (t.d + t.k) * 4.0 * 2,
+                     f"batch {batch} x (d {t.d} + k {t.k}) x 4 B x 2")]
+    raise ConfigError("task.kind", f"no memory estimate for task kind {kind!r}; sizing knows "
+                                   "clip, causal_lm and synthetic")
+
+
+def _adapters(cfg: ExperimentConfig, per: int, task: Any) -> Part:
+    from decaf_ray.algorithms import ALGORITHMS
+    from decaf_ray.factors import param_count
+
+    shapes = _lora_shapes(cfg, task)
+    full = param_count(shapes, cfg.lora.rank, True)
+    trained = param_count(shapes, cfg.lora.rank, ALGORITHMS[cfg.algorithm].train_A)
+    states = OPTIMIZER_STATES[cfg.optim.name]
+    return Part("adapters", per * (full + trained * (states + 1)) * 4.0,
+                f"{per} agents x ({full:,} factor params + {trained:,} trained x ({states} "
+                f"{cfg.optim.name} states + 1 gradient)) x 4 B")
+
+
+def _lora_shapes(cfg: ExperimentConfig, task: Any) -> dict[str, tuple[int, int]]:
+    if task is not None:
+        return task.lora_shapes()
+    t = cfg.task
+    if t.kind == "clip":
+        return dict(_clip_meta(t)[2])
+    if t.kind == "causal_lm":
+        return dict(_lm_meta(_lm_config(t, None), tuple(t.targets))[1])
+    return {"linear": (t.d, t.k)}
+
+
+# ---------------------------------------------------------------------------- CLIP
+
+
+def _clip_meta(t) -> tuple[dict, int, tuple, dict[str, int]]:
+    """(architecture, params, LoRA shapes, params of each tower's transformer) of the CLIP of
+    task config ``t``, from a meta-device model (remembered per architecture and placement)."""
+    from decaf_ray.tasks.clip import architecture
+
+    arch = architecture(t)[0]
+    key = json.dumps(arch, sort_keys=True, default=str)
+    return (arch, *_clip_counts(key, tuple(t.targets), tuple(t.encoders), tuple(t.blocks or ())))
+
+
+@functools.lru_cache(maxsize=32)
+def _clip_counts(arch_json: str, targets: tuple, encoders: tuple, blocks: tuple):
+    import torch
+
+    from decaf_ray.config import LoRAConfig
+    from decaf_ray.tasks import peft_lora
+    from decaf_ray.tasks.clip import CLIPConfig, adapt, instantiate
+
+    arch = json.loads(arch_json)
+    with torch.device("meta"):
+        model = instantiate(arch)
+    params = sum(p.numel() for p in model.parameters())
+    towers = {"vision": sum(p.numel() for n, p in model.named_parameters()
+                            if n.startswith("visual.transformer.")),
+              "text": sum(p.numel() for n, p in model.named_parameters()
+                          if n.startswith("transformer."))}
+    tcfg = CLIPConfig(dataset="digits", model_config=arch, targets=list(targets),
+                      encoders=list(encoders), blocks=list(blocks) or None)
+    shapes = tuple(peft_lora.shapes(adapt(model, tcfg, LoRAConfig(rank=1))).items())
+    return params, shapes, towers
+
+
+def _clip_classes(t, task) -> tuple[int, str]:
+    if task is not None and getattr(task, "num_classes", None):
+        return task.num_classes, ""
+    if t.class_names:
+        return len(t.class_names), ""
+    if t.dataset in CLIP_CLASSES and t.split_file is None:
+        return CLIP_CLASSES[t.dataset], ""
+    root = Path(t.root).expanduser() if t.root else None
+    if t.split_file is None and root is not None and root.is_dir():
+        found = sum(1 for p in root.iterdir() if p.is_dir())
+        if found:
+            return found, ""
+    return ASSUMED_CLASSES, f" (classes unknown without the data: {ASSUMED_CLASSES} assumed)"
+
+
+def _clip_parts(t, task, cuda: bool, batch: int, n_pass: int) -> list[Part]:
+    arch, params, _, towers = _clip_meta(t)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
+    ab = 2 if bf16 else 4
+    c = ACTIVATION_BYTES["clip"][ab]
+    images = min(t.micro_batch or batch, batch)
+    classes, note = _clip_classes(t, task)
+    vis, txt = arch["vision_cfg"], arch["text_cfg"]
+    size = vis.get("image_size", 224)
+    grid = int(size if isinstance(size, int) else size[0]) // int(vis.get("patch_size", 16))
+    towers_in = {"vision": (vis, images * (grid * grid + 1), f"{images} images x {grid * grid + 1}"),
+                 "text": (txt, classes * txt.get("context_length", 77),
+                          f"{classes} prompts x {txt.get('context_length', 77)}")}
+    per_agent, terms, casts = 0.0, [], 0.0
+    for enc in t.encoders:
+        tower, tokens, what = towers_in[enc]
+        layers = tower.get("layers", 12)
+        first = min(b % layers for b in t.blocks) if t.blocks else 0
+        saved = layers - first  # autograd keeps activations from the first adapted block on
+        per_agent += saved * tokens * tower["width"] * c
+        terms.append(f"{enc} {saved} layers x ({what}) tokens x {tower['width']}")
+        casts += towers[enc] * 2.0 if bf16 else 0.0
+    formula = (f"{n_pass} agent(s) per pass x [{' + '.join(terms)}] x {c} B{note}"
+               + (f" + {casts / GB:.2f} GB bf16 casts of the adapted towers' weights" if casts else ""))
+    return [Part("weights", params * 4.0, f"{params:,} params x 4 B (float32"
+                 + (", bf16 autocast)" if bf16 else ")")),
+            Part("activations", n_pass * per_agent + casts, formula)]
+
+
+# ---------------------------------------------------------------------------- causal LM
+
+
+def _lm_config(t, task):
+    if task is not None and getattr(task, "config", None) is not None:
+        return task.config
+    from decaf_ray.tasks.causal_lm import hf_config
+
+    try:
+        return hf_config(t, None)
+    except OSError as e:  # a hub id outside KNOWN_CONFIGS, without network or cache
+        raise ConfigError("task.model", f"{t.model}: its architecture is not known offline "
+                          f"({str(e).splitlines()[0][:120]}); use a local folder, a GGUF "
+                          "file or one of causal_lm.KNOWN_CONFIGS") from None
+
+
+_LM_META: dict[tuple[str, tuple], tuple[int, dict]] = {}
+
+
+def _lm_meta(config, targets: tuple) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(params, LoRA shapes) of a meta-device causal LM (remembered per config and targets)."""
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from decaf_ray.config import LoRAConfig
+    from decaf_ray.tasks.causal_lm import meta_lora_shapes
+
+    key = (config.to_json_string(), targets)
+    if key not in _LM_META:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        _LM_META[key] = params, meta_lora_shapes(config, list(targets), LoRAConfig(rank=1))
+    return _LM_META[key]
+
+
+def _lm_parts(t, task, cuda: bool, batch: int) -> list[Part]:
+    config = _lm_config(t, task)
+    params, _ = _lm_meta(config, tuple(t.targets))
+    bf16 = t.precision == "bfloat16" or (t.precision == "auto" and cuda)
+    ab = 2 if bf16 else 4
+    layers, hidden = config.num_hidden_layers, config.hidden_size
+    micro = min(t.micro_batch_size, batch)
+    tokens, c = micro * t.max_length, ACTIVATION_BYTES["causal_lm"][ab]
+    formula = f"{layers} layers x {tokens:,} tokens ({micro} x max_length {t.max_length}) x {hidden}"
+    if t.gradient_checkpointing:  # each layer's input kept, one layer recomputed at a time
+        act = layers * tokens * hidden * CHECKPOINT_BYTES[ab] + tokens * hidden * c
+        formula += f" x {CHECKPOINT_BYTES[ab]} B checkpoints + one layer x {c} B"
+    else:
+        act = layers * tokens * hidden * c
+        formula += f" x {c} B"
+    if t.attn_implementation == "eager":
+        heads = config.num_attention_heads
+        act += layers * micro * heads * t.max_length ** 2 * EAGER_SCORE_BYTES[ab]
+        formula += f" + eager scores {layers} x {micro} x {heads} heads x {t.max_length}^2 x {EAGER_SCORE_BYTES[ab]} B"
+    return [Part("weights", params * float(ab), f"{params:,} params x {ab} B "
+                 f"({'bfloat16' if bf16 else 'float32'})"),
+            Part("activations", float(act), formula)]
+
+
+# ---------------------------------------------------------------------------- on a cluster
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How ``trial`` fares on ``cluster``: trials at once, what bounds them, and problems."""
+
+    trials: int
+    bound: str
+    share: float | None
+    """GPU memory one host gets (bytes), None when unknown or on the CPU."""
+    problems: tuple[str, ...]
+
+
+def fit(trial: TrialSize, cluster: Cluster) -> Fit:
+    """Trials of this shape that run at once on ``cluster`` (0 with a reason when none can)."""
+    cpus, gpus = trial.host
+    problems = []
+    if gpus > 1 and gpus != int(gpus):
+        problems.append(f"DOES NOT FIT: Ray gives whole GPUs above 1 (gpus_per_host {gpus:g})")
+    elif not any(_take(cpus, gpus, c, [1.0] * g) for c, g in cluster.nodes):
+        biggest = max(cluster.nodes)
+        problems.append(f"DOES NOT FIT: a host bundle of {cpus:g} CPUs, {gpus:g} GPU is larger "
+                        f"than every node ({biggest[0]:g} CPUs, {biggest[1]} GPUs)")
+    share = None
+    if trial.device == "cuda" and cluster.gpu_memory is not None:
+        share = min(gpus, 1.0) * cluster.gpu_memory
+        if trial.memory > share:
+            problems.append(f"DOES NOT FIT: a host needs ~{trial.memory / GB:.1f} GB but its GPU "
+                            f"share is {share / GB:.1f} GB ({min(gpus, 1.0):g} x "
+                            f"{cluster.gpu_memory / GB:g} GB); raise gpus_per_host or lower "
+                            "batch_agents / micro batch")
+    if problems:
+        return Fit(0, "", share, tuple(problems))
+    both = _pack(trial.bundles, cluster.nodes)
+    cpu_only = _pack([(c, 0.0) for c, _ in trial.bundles], cluster.nodes)
+    gpu_only = _pack([(0.0, g) for _, g in trial.bundles], cluster.nodes) if trial.gpus else MAX_TRIALS
+    bound = " and ".join(n for n, v in (("CPUs", cpu_only), ("GPUs", gpu_only)) if v == both) \
+        or "packing both"
+    return Fit(both, bound, share, ())
+
+
+def _take(cpus: float, gpus: float, free_cpus: float, free: list[float]):
+    """(CPUs left, per-GPU free fractions left) after placing one bundle, or None. A fraction
+    below 1 must fit inside one GPU; whole GPUs need wholly free ones."""
+    eps = 1e-9
+    if cpus > free_cpus + eps:
+        return None
+    free = list(free)
+    if 0 < gpus < 1:
+        i = next((i for i, f in enumerate(free) if f >= gpus - eps), None)
+        if i is None:
+            return None
+        free[i] -= gpus
+    elif gpus >= 1:
+        whole = [i for i, f in enumerate(free) if f >= 1 - eps][:int(gpus)]
+        if len(whole) < int(gpus):
+            return None
+        for i in whole:
+            free[i] = 0.0
+    return free_cpus - cpus, free
+
+
+def _pack(bundles: list[tuple[float, float]], nodes) -> int:
+    """Identical trials placed until one does not fit (at most ``MAX_TRIALS``): each trial on
+    one node if it fits there (Tune's PACK), else bundle by bundle on the first node with room."""
+    state = [(float(c), [1.0] * int(g)) for c, g in nodes]
+    for count in range(MAX_TRIALS):
+        placed = None
+        for i in range(len(state)):  # whole trial on one node
+            node = state[i]
+            for c, g in bundles:
+                node = node and _take(c, g, *node)
+            if node:
+                placed = state[:i] + [node] + state[i + 1:]
+                break
+        if placed is None:  # spread
+            placed = list(state)
+            for c, g in bundles:
+                i = next((i for i, n in enumerate(placed) if _take(c, g, *n)), None)
+                if i is None:
+                    return count
+                placed[i] = _take(c, g, *placed[i])
+        state = placed
+    return MAX_TRIALS

@@ -9,8 +9,9 @@ host actor. Both call the same methods in the same order, so they compute the sa
                      group.mix_and_apply(t, inbox)   # w_{t+1/2} = mix(neighbours' w_t);
                                                      # w_{t+1} = w_{t+1/2} + update(g)
 
-Every source of randomness is per agent (its batch order, its dropout seed per step), so the
-numbers do not depend on which agents share a group. With ``runtime.batch_agents`` > 1 the
+Every source of randomness is per agent (its batch order, its seed per step, which the task
+seeds its augmentation and dropout from), so the numbers do not depend on which agents share a
+group, and no global generator is read or written here. With ``runtime.batch_agents`` > 1 the
 gradients of a group's agents are taken in batches (one forward pass each), whose float rounding
 can depend on who shares a pass; the batches are cut from the agent ids the same way on every
 runtime (``agent_batches``), so runtimes still agree.
@@ -49,15 +50,6 @@ def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers, stable across processes and Python versions."""
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
                >> np.uint64(1))
-
-
-def seed_dropout(seed: int) -> None:
-    """Seed the generators dropout draws from (per agent and step, so numbers do not depend on
-    which agents share a process). Not ``torch.manual_seed``: that also queues a seed for every
-    CUDA device, which costs milliseconds per call even on a CPU run."""
-    torch.random.default_generator.manual_seed(seed)
-    if torch.cuda.is_initialized():
-        torch.cuda.default_generators[torch.cuda.current_device()].manual_seed(seed)
 
 
 class Sampler:
@@ -140,9 +132,8 @@ class AgentGroup:
             indices = [a.sampler.next() for a in agents]
             seeds = [derive_seed(self.seed, 3, a.id, t) for a in agents]
             if len(agents) == 1:
-                seed_dropout(seeds[0])
                 results = [self.task.loss_and_grads(agents[0].factors, indices[0],
-                                                    self.algorithm.train_A)]
+                                                    self.algorithm.train_A, seeds[0])]
             else:
                 results = self.task.loss_and_grads_many([a.factors for a in agents], indices,
                                                         self.algorithm.train_A, seeds)
@@ -253,7 +244,7 @@ class AgentGroup:
         """Each agent's full-shard gradient of f_i at the given adapter (for grad f at v-bar)."""
         out = {}
         for a in self.agents.values():
-            seed_dropout(derive_seed(self.seed, 4, a.id))
-            out[a.id] = self.task.loss_and_grads(factors, a.sampler.shard, self.algorithm.train_A)[1]
+            out[a.id] = self.task.loss_and_grads(factors, a.sampler.shard, self.algorithm.train_A,
+                                                 derive_seed(self.seed, 4, a.id))[1]
         return out
 

@@ -194,7 +194,7 @@ def test_multi_token_answers_with_the_byte_tokenizer():
                 manual = sum(logp[len(seq) - len(ans) - 1 + j, t] for j, t in enumerate(ans))
                 assert lp[i, c].item() == pytest.approx(manual.item(), abs=1e-4)
     idx = np.arange(5)
-    loss, _ = task.loss_and_grads(f, idx)
+    loss, _ = task.loss_and_grads(f, idx, True, 0)
     with torch.no_grad():
         nll = sum(-task.scores(f, split=0, indices=[i])[0, task.train_labels[i]] for i in idx)
         n_tok = sum(len(task.answers[task.train_labels[i]]) for i in idx)
@@ -204,12 +204,11 @@ def test_multi_token_answers_with_the_byte_tokenizer():
 def test_gradients(task):
     f = init_factors(task.lora_shapes(), LORA.rank, torch.Generator().manual_seed(0))  # B = 0
     idx = np.arange(8)
-    torch.manual_seed(0)
-    loss, g = task.loss_and_grads(f, idx)
+    loss, g = task.loss_and_grads(f, idx, True, 0)
     assert math.isfinite(loss)
     assert all(torch.count_nonzero(ga) == 0 for ga, _ in g.values())
     assert any(gb.abs().sum() > 0 for _, gb in g.values())
-    _, g2 = task.loss_and_grads(random_factors(task), idx, train_A=False)
+    _, g2 = task.loss_and_grads(random_factors(task), idx, False, 0)
     assert all(ga is None and gb.abs().sum() > 0 for ga, gb in g2.values())
     assert all(gb.dtype == torch.float32 and gb.device.type == "cpu" for _, gb in g2.values())
 
@@ -218,16 +217,32 @@ def test_micro_batches_and_dropout_seeding():
     nodrop = LoRAConfig(rank=4, alpha=8.0, dropout=0.0)
     big, small = make(nodrop, micro_batch_size=16), make(nodrop, micro_batch_size=3)
     f, idx = random_factors(big), np.arange(10)
-    (l1, g1), (l2, g2) = big.loss_and_grads(f, idx), small.loss_and_grads(f, idx)
+    (l1, g1), (l2, g2) = big.loss_and_grads(f, idx, True, 0), small.loss_and_grads(f, idx, True, 0)
     assert l1 == pytest.approx(l2, rel=1e-5)
     for n in g1:
         torch.testing.assert_close(g1[n][1], g2[n][1], atol=1e-6, rtol=1e-4)
     task = make()
-    runs = []
-    for seed in (5, 5, 6):
-        torch.random.default_generator.manual_seed(seed)
-        runs.append(task.loss_and_grads(f, idx)[0])
-    assert runs[0] == runs[1] != runs[2]  # dropout draws from the runtime-seeded generator
+    runs = [task.loss_and_grads(f, idx, True, seed)[0] for seed in (5, 5, 6)]
+    assert runs[0] == runs[1] != runs[2]  # dropout draws from the step's seed
+
+
+def test_a_step_is_the_same_whenever_the_model_loaded_and_leaves_the_global_rng_alone():
+    """A step that loads the model lazily (the first after a restore on a fresh host) gives
+    what a step on a model loaded long before gives; the caller's generator is untouched."""
+    f, idx = random_factors(make()), np.arange(12)
+    early = make()
+    early.load()
+    early.load()  # idempotent
+    early.loss_and_grads(f, idx, True, 11)  # another step in between changes nothing
+    ref = early.loss_and_grads(f, idx, True, 7)
+    lazy = make()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    got = lazy.loss_and_grads(f, idx, True, 7)  # loads inside the step
+    assert torch.equal(torch.get_rng_state(), state)
+    assert got[0] == ref[0]
+    for n in ref[1]:
+        assert torch.equal(got[1][n][0], ref[1][n][0]) and torch.equal(got[1][n][1], ref[1][n][1])
 
 
 def test_data_parallel_chunks_weighted_by_answer_tokens_sum_to_the_batch():
@@ -240,9 +255,9 @@ def test_data_parallel_chunks_weighted_by_answer_tokens_sum_to_the_batch():
     labels = task.train_labels
     idx = np.concatenate([np.flatnonzero(labels == 0)[:5], np.flatnonzero(labels == 1)[:2]])
     chunks = np.array_split(idx, 2)  # 4 "no" rows, then 1 "no" and 2 "yes"
-    loss, grads = task.loss_and_grads(f, idx)
+    loss, grads = task.loss_and_grads(f, idx, True, 0)
     assert len({len(a) for a in task.answers}) == 2  # bytes: " no" and " yes" differ in length
-    parts = [(chunk_share(task, c, idx), *task.loss_and_grads(f, c)) for c in chunks]
+    parts = [(chunk_share(task, c, idx), *task.loss_and_grads(f, c, True, 0)) for c in chunks]
     assert sum(w for w, _, _ in parts) == pytest.approx(1.0)
     assert sum(w * l for w, l, _ in parts) == pytest.approx(loss, rel=1e-5)
     for n in grads:
@@ -356,7 +371,7 @@ def test_gguf_loading_path(tmp_path, monkeypatch):
     task.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(task.model(input_ids=ids).logits, source(input_ids=ids).logits)
-    assert math.isfinite(task.loss_and_grads(f, np.arange(4))[0])
+    assert math.isfinite(task.loss_and_grads(f, np.arange(4), True, 0)[0])
     # A bare name inside ``model``, and ``auto:<package>`` that finds a file without importing it.
     assert resolve_gguf("tiny.gguf", str(tmp_path)) == (str(tmp_path), "tiny.gguf")
     pkg = tmp_path / "site" / "fake_gguf_pkg"
@@ -388,7 +403,7 @@ def test_smollm2_gguf():
     shapes = task.lora_shapes()
     assert len(shapes) == 60 and param_count(shapes, 4) == 30 * 4 * (576 + 576 + 192 + 576)
     f = init_factors(shapes, 4, torch.Generator().manual_seed(0))
-    loss, g = task.loss_and_grads(f, np.arange(4))
+    loss, g = task.loss_and_grads(f, np.arange(4), True, 0)
     assert 0 < loss < 20 and all(torch.isfinite(gb).all() for _, gb in g.values())
     m = task.evaluate(f)
     assert 0 <= m["test_accuracy"] <= 1

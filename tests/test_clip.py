@@ -17,7 +17,8 @@ import torch
 from decaf_ray.config import ConfigError, LoRAConfig, from_dict, load_config
 from decaf_ray.factors import init_factors, param_count
 from decaf_ray.tasks import build_task, peft_lora
-from decaf_ray.tasks.clip import CLIPConfig, SplitAttention, build, instantiate
+from decaf_ray.tasks.clip import CLIPConfig, build
+from decaf_ray.tasks.clip_model import SplitAttention, instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOWERS5 = ROOT.parent / "shared" / "data" / "flowers5"
@@ -160,22 +161,41 @@ def test_factors_round_trip_and_merge_equals_adapter():
 def test_gradients(task):
     idx = np.arange(8)
     zero_b = init_factors(task.lora_shapes(), 2, torch.Generator().manual_seed(0))
-    loss, grads = task.loss_and_grads(zero_b, idx)
+    loss, grads = task.loss_and_grads(zero_b, idx, True, 0)
     assert np.isfinite(loss)
     assert all(torch.equal(ga, torch.zeros_like(ga)) for ga, _ in grads.values())
     assert any(gb.abs().sum() > 0 for _, gb in grads.values())
     factors = random_factors(task)
-    _, grads = task.loss_and_grads(factors, idx, train_A=False)
+    _, grads = task.loss_and_grads(factors, idx, False, 0)
     assert all(ga is None for ga, _ in grads.values())
-    for name, (ga, gb) in task.loss_and_grads(factors, idx)[1].items():
+    for name, (ga, gb) in task.loss_and_grads(factors, idx, True, 0)[1].items():
         assert ga.shape == factors[name][0].shape and gb.shape == factors[name][1].shape
         assert ga.dtype == torch.float32 and ga.abs().sum() > 0
-    # Same global seed -> same dropout and crops.
-    torch.random.default_generator.manual_seed(7)
-    one = task.loss_and_grads(factors, idx)
-    torch.random.default_generator.manual_seed(7)
-    two = task.loss_and_grads(factors, idx)
+    # Same step seed -> same dropout and crops, whatever the global generator holds.
+    torch.manual_seed(1)
+    one = task.loss_and_grads(factors, idx, True, 7)
+    torch.manual_seed(2)
+    two = task.loss_and_grads(factors, idx, True, 7)
     assert one[0] == two[0] and all(torch.equal(one[1][n][1], two[1][n][1]) for n in factors)
+    assert task.loss_and_grads(factors, idx, True, 8)[0] != one[0]
+
+
+def test_a_step_leaves_the_global_rng_alone(task):
+    """Augmentation and dropout draw from the step's seed; the caller's generator is as it was,
+    after a single step and after a batched one."""
+    factors, idx = random_factors(task), np.arange(8)
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    task.loss_and_grads(factors, idx, True, 3)
+    assert torch.equal(torch.get_rng_state(), state)
+    task.loss_and_grads_many([factors, factors], [idx, idx + 8], True, [3, 4])
+    assert torch.equal(torch.get_rng_state(), state)
+    # On the CPU the stream is the one the step's seed starts in torch's default generator:
+    # the numbers of a runtime that seeded the global generator before each step.
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(3)
+        ref = task._loss_and_grads(factors, idx, True)
+    assert ref[0] == task.loss_and_grads(factors, idx, True, 3)[0]
 
 
 def test_micro_batches_give_the_same_gradient():
@@ -184,7 +204,8 @@ def test_micro_batches_give_the_same_gradient():
     chunked = copy.copy(whole)
     chunked.cfg = from_dict(CLIPConfig, {**_cfg_dict(whole.cfg), "micro_batch": 3})
     factors, idx = random_factors(whole), np.arange(8)
-    (la, ga), (lb, gb) = whole.loss_and_grads(factors, idx), chunked.loss_and_grads(factors, idx)
+    la, ga = whole.loss_and_grads(factors, idx, True, 0)
+    lb, gb = chunked.loss_and_grads(factors, idx, True, 0)
     assert lb == pytest.approx(la, rel=1e-5)
     for n in factors:
         torch.testing.assert_close(gb[n][0], ga[n][0], atol=1e-6, rtol=1e-4)
@@ -202,8 +223,7 @@ def test_batched_step_equals_one_agent_at_a_time(task, train_A, sizes):
     many = task.loss_and_grads_many(factors, indices, train_A, seeds)
     assert len(many) == 3
     for f, idx, seed, (loss, grads) in zip(factors, indices, seeds, many):
-        torch.random.default_generator.manual_seed(seed)  # as the runtime seeds one agent
-        ref_loss, ref = task.loss_and_grads(f, idx, train_A)
+        ref_loss, ref = task.loss_and_grads(f, idx, train_A, seed)
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         for n, (ga, gb) in ref.items():
             torch.testing.assert_close(grads[n][1], gb, atol=1e-6, rtol=1e-4)
@@ -291,6 +311,45 @@ def test_batched_agents_train_as_one_at_a_time():
                                [r["value"] for r in one.rows], rtol=1e-4, atol=1e-6)
 
 
+def test_a_restored_group_replays_exactly_whenever_the_model_loads():
+    """Replay and resume: a fresh host whose model loads inside the first step after a restore
+    gives the uninterrupted group's numbers (its model loaded long before), whatever the global
+    generator holds; ``load`` changes no number."""
+    from decaf_ray.agents import AgentGroup
+    from decaf_ray.experiment import prepare
+    from decaf_ray.optim import build_optimizer
+
+    spec = experiment("dlora")
+    spec["task"]["augment"] = True
+    cfg = load_config(spec)
+    plan = prepare(cfg)
+
+    def group(task):
+        return AgentGroup.build(cfg, task, plan.algorithm,
+                                build_optimizer(cfg.optim, cfg.total_steps),
+                                dict(enumerate(plan.shards)))
+
+    plan.task.load()
+    whole = group(plan.task)
+    for t in (1, 2):
+        whole.local_step(t)
+    snapshot = copy.deepcopy(whole.snapshot())
+    for t in (3, 4):
+        whole.local_step(t)
+    fresh = prepare(cfg).task
+    assert fresh.model is None
+    resumed = group(fresh)
+    resumed.restore(snapshot)
+    torch.manual_seed(99)
+    for t in (3, 4):
+        resumed.local_step(t)  # the model loads inside the first of these
+    for aid, agent in whole.agents.items():
+        assert resumed.agents[aid].losses == agent.losses
+        for n, (a, b) in agent.factors.items():
+            assert torch.equal(resumed.agents[aid].factors[n][0], a)
+            assert torch.equal(resumed.agents[aid].factors[n][1], b)
+
+
 def test_batched_agents_refuse_micro_batches():
     from decaf_ray.experiment import prepare
 
@@ -327,7 +386,7 @@ def test_image_folder_flowers5():
     assert np.bincount(task.test_labels).tolist() == [1] * 5
     x = task.preprocess.batch(task.data.train, np.arange(4), train=True)
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32
-    loss, _ = task.loss_and_grads(random_factors(task), np.arange(10))
+    loss, _ = task.loss_and_grads(random_factors(task), np.arange(10), True, 0)
     assert np.isfinite(loss)
     assert set(task.evaluate(random_factors(task))) == {"test_loss", "test_accuracy"}
     same = make(dataset="imagefolder", root=str(FLOWERS5), max_per_class=3, test_fraction=0.34)

@@ -18,12 +18,14 @@ from decaf_ray.pretrain import (
     DEFAULT_MODEL_CONFIG,
     PretrainConfig,
     cached_path,
+    checkpoint_digest,
     checkpoint_task_fields,
     cli_pretrain,
     config_hash,
     ensure_pretrained,
     load_pretrain_config,
     pretrain,
+    resolve_checkpoint,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +81,7 @@ def test_pretrain_learns_and_saves_whole(trained):
     assert load_pretrain_config(info["config"]) == PretrainConfig(**{**BASE, "out": str(out)})
     assert info["config_hash"] == config_hash(load_pretrain_config(BASE))
     assert json.loads((out / "model_config.json").read_text()) == TINY
-    from decaf_ray.tasks.clip import instantiate
+    from decaf_ray.tasks.clip_model import instantiate
 
     state = load_file(str(out / "model.safetensors"))
     fresh = instantiate(TINY)
@@ -161,6 +163,89 @@ def test_ensure_pretrained_uses_an_entry_that_appears_while_it_trains(tmp_path, 
     assert sorted(p.name for p in final.parent.iterdir()) == [f".{final.name}.lock", final.name]
 
 
+def _imports(path: Path) -> set[str]:
+    """Every module a source file imports, at module level or inside functions."""
+    import ast
+
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def test_pretrain_and_the_clip_task_do_not_import_each_other():
+    clip, pre = ROOT / "decaf_ray" / "tasks" / "clip.py", ROOT / "decaf_ray" / "pretrain.py"
+    assert not {m for m in _imports(clip) if m.startswith("decaf_ray.pretrain")}
+    assert not {m for m in _imports(pre) if m.startswith("decaf_ray.tasks.clip")
+                and not m.startswith(("decaf_ray.tasks.clip_model", "decaf_ray.tasks.clip_config"))}
+    shared = ROOT / "decaf_ray" / "tasks"
+    for module in ("clip_model.py", "clip_config.py", "checkpoints.py", "pretrain_config.py"):
+        found = _imports(shared / module)
+        assert not {m for m in found if m.startswith(("decaf_ray.pretrain", "decaf_ray.tasks.clip."))
+                    or m == "decaf_ray.tasks.clip"}, module
+
+
+def _standin_experiment(spec: str) -> dict:
+    return {"algorithm": "dlora", "agents": 2, "topology": "ring", "rounds": 1, "local_steps": 1,
+            "seed": 0, "grad_norm": False,
+            "task": {"kind": "clip", "dataset": "digits", "checkpoint": f"pretrain:{spec}",
+                     "logit_scale": 20.0, "test_samples": 20, "augment": False},
+            "data": {"partition": "iid", "shots": 4, "batch_size": 4},
+            "lora": {"rank": 2, "alpha": 1.0}, "runtime": {"kind": "inprocess", "threads": 1}}
+
+
+def test_a_task_build_never_trains_the_driver_resolves_the_standin(tmp_path, monkeypatch):
+    """``checkpoint: pretrain:<spec>``: a build on a cache miss fails with a one-line
+    ConfigError naming task.checkpoint and trains nothing; ``resolve_checkpoint`` (the driver)
+    trains once and returns the concrete file, which builds; a build given the ``pretrain:``
+    form then reads the same cache entry."""
+    from decaf_ray.config import load_config
+    from decaf_ray.tasks import build_task
+
+    monkeypatch.setenv("DECAF_RAY_CACHE", str(tmp_path / "cache"))
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(QUICK))
+    calls = []
+    train = pt._train
+    monkeypatch.setattr(pt, "_train", lambda *a, **k: calls.append(1) or train(*a, **k))
+    cfg = load_config(_standin_experiment(str(spec)))
+    with pytest.raises(ConfigError) as e:
+        build_task(cfg.task, cfg.lora, cfg.seed)
+    assert e.value.field == "task.checkpoint" and "\n" not in str(e.value)
+    assert "decaf-ray pretrain" in str(e.value) and "resolve_checkpoint" in str(e.value)
+    assert not calls and not (tmp_path / "cache").exists()
+
+    resolved = resolve_checkpoint(cfg, progress=False)
+    entry = cached_path(QUICK)
+    assert len(calls) == 1 and resolved.task.checkpoint == str(entry / "model.safetensors")
+    assert resolved.task.model_config == TINY
+    assert resolved.task.checkpoint.endswith(".safetensors") and cfg.task.checkpoint.startswith(
+        "pretrain:")  # the input config is left as it was
+    assert resolve_checkpoint(resolved) is resolved  # concrete already: unchanged
+    assert resolve_checkpoint(cfg, progress=False) == resolved and len(calls) == 1  # cached
+    assert load_config(resolved.to_dict()) == resolved  # what a driver ships to its hosts
+
+    concrete = build_task(resolved.task, resolved.lora, resolved.seed)
+    lazy = build_task(cfg.task, cfg.lora, cfg.seed)  # reads the cache now that it is there
+    assert lazy.cfg.checkpoint == concrete.cfg.checkpoint and len(calls) == 1
+    digest = checkpoint_digest(resolved.task.checkpoint)
+    import hashlib
+
+    assert digest == hashlib.sha256(Path(resolved.task.checkpoint).read_bytes()).hexdigest()
+    assert len(digest) == 64
+
+    with pytest.raises(ConfigError) as e:
+        resolve_checkpoint(load_config(_standin_experiment("no-such-preset")))
+    assert e.value.field == "task.checkpoint"
+    with pytest.raises(ConfigError) as e:
+        build_task(*[getattr(load_config(_standin_experiment("no-such-preset")), k)
+                     for k in ("task", "lora", "seed")])
+    assert e.value.field == "task.checkpoint"
+
+
 # ---------------------------------------------------------------------------- config
 
 
@@ -215,7 +300,7 @@ def test_errors_before_training_or_writing(tmp_path):
 def test_shipped_config_is_the_stand_in_and_the_preset():
     """sweeps/pretrain-fmnist.yaml: 7.6M parameters, 1600 steps of 64, AdamW 1e-3; the same
     cache entry as ensure_pretrained('pretrain-fmnist'). Loads the config only (no data)."""
-    from decaf_ray.tasks.clip import instantiate
+    from decaf_ray.tasks.clip_model import instantiate
 
     cfg = load_pretrain_config(ROOT / "sweeps" / "pretrain-fmnist.yaml")
     assert cfg.dataset == "fashion_mnist" and cfg.model_config == DEFAULT_MODEL_CONFIG

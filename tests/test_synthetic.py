@@ -32,7 +32,7 @@ def gradient_descent(task, lr: float, steps: int, indices=None):
     f = init_factors(task.lora_shapes(), LORA.rank, torch.Generator().manual_seed(0))
     idx = np.arange(len(task.train_labels)) if indices is None else indices
     for _ in range(steps):
-        _, g = task.loss_and_grads(f, idx)
+        _, g = task.loss_and_grads(f, idx, True, 0)
         f = {n: (a - lr * g[n][0], b - lr * g[n][1]) for n, (a, b) in f.items()}
     return f
 
@@ -58,7 +58,7 @@ def test_determinism_and_global_rng_untouched(form):
     assert torch.equal(t1.x_test, t2.x_test) and torch.equal(t1.delta, t2.delta)
     np.testing.assert_array_equal(t1.train_labels, t2.train_labels)
     f, idx = random_factors(t1), np.arange(0, 200, 3)
-    (l1, g1), (l2, g2) = t1.loss_and_grads(f, idx), t2.loss_and_grads(f, idx)
+    (l1, g1), (l2, g2) = t1.loss_and_grads(f, idx, True, 0), t2.loss_and_grads(f, idx, True, 0)
     assert l1 == l2 and all(torch.equal(a, b) for a, b in zip(g1["linear"], g2["linear"]))
     assert not torch.equal(t1.x_train, t3.x_train) and not torch.equal(t1.delta, t3.delta)
 
@@ -73,7 +73,7 @@ def test_more_samples_keep_the_model_and_test_set():
 def test_gradients_match_the_analytic_formula(form):
     task = make(0, form=form)
     f, idx = random_factors(task), np.array([5, 17, 17, 400, 1999, 3, 250])
-    loss, grads = task.loss_and_grads(f, idx)
+    loss, grads = task.loss_and_grads(f, idx, True, 0)
     a, b = (t.double() for t in f["linear"])
     s, x = LORA.scale, task.x_train[idx].double()
     out = x @ (task.w0.double() + s * b @ a).T
@@ -97,14 +97,14 @@ def test_gradients_match_the_analytic_formula(form):
 def test_gradient_matches_finite_difference(form):
     task = make(0, form=form)
     f, idx = random_factors(task), np.arange(64)
-    _, grads = task.loss_and_grads(f, idx)
+    _, grads = task.loss_and_grads(f, idx, True, 0)
     g = torch.Generator().manual_seed(9)
     dirs = [torch.randn(t.shape, generator=g) for t in f["linear"]]
     eps = 1e-3
 
     def loss_at(t):
         return task.loss_and_grads({"linear": tuple(p + t * d for p, d in zip(f["linear"], dirs))},
-                                   idx)[0]
+                                   idx, True, 0)[0]
 
     numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
     analytic = sum(float((gr * d).sum()) for gr, d in zip(grads["linear"], dirs))
@@ -115,7 +115,7 @@ def test_gradient_matches_finite_difference(form):
 def test_zero_B_gives_zero_grad_A(form):
     task = make(0, form=form)
     f = init_factors(task.lora_shapes(), 2, torch.Generator().manual_seed(0))
-    _, grads = task.loss_and_grads(f, np.arange(64))
+    _, grads = task.loss_and_grads(f, np.arange(64), True, 0)
     ga, gb = grads["linear"]
     assert torch.count_nonzero(ga) == 0
     assert gb.norm() > 1e-3
@@ -126,23 +126,34 @@ def test_frozen_A_and_caller_tensors_untouched(form):
     task = make(0, form=form)
     f, idx = random_factors(task), np.arange(32)
     before = [t.clone() for t in f["linear"]]
-    loss_full, full = task.loss_and_grads(f, idx)
-    loss_fa, fa = task.loss_and_grads(f, idx, train_A=False)
+    loss_full, full = task.loss_and_grads(f, idx, True, 0)
+    loss_fa, fa = task.loss_and_grads(f, idx, False, 0)
     assert fa["linear"][0] is None and loss_fa == loss_full
     torch.testing.assert_close(fa["linear"][1], full["linear"][1])
     assert all(torch.equal(t, u) and not t.requires_grad for t, u in zip(f["linear"], before))
     assert not any(g.requires_grad for g in full["linear"])
 
 
-def test_dropout_uses_global_rng_and_not_evaluation():
+def test_dropout_draws_from_the_step_seed_alone_and_not_in_evaluation():
     task = make(0, lora=LoRAConfig(rank=2, alpha=2.0, dropout=0.5))
     f, idx = random_factors(task), np.arange(64)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    l1, g1 = task.loss_and_grads(f, idx, True, 3)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is left alone
+    torch.manual_seed(7)  # whatever the global generator holds, the step's draws are its seed's
+    l2, g2 = task.loss_and_grads(f, idx, True, 3)
+    l3, _ = task.loss_and_grads(f, idx, True, 4)
+    assert l1 == l2 and all(torch.equal(a, b) for a, b in zip(g1["linear"], g2["linear"]))
+    assert l1 != l3
+    # The stream is torch's CPU generator seeded with the step's seed (the CPU numbers of the
+    # runtime that seeded the global generator before each step).
     torch.manual_seed(3)
-    l1, _ = task.loss_and_grads(f, idx)
-    torch.manual_seed(3)
-    l2, _ = task.loss_and_grads(f, idx)
-    l3, _ = task.loss_and_grads(f, idx)
-    assert l1 == l2 and l1 != l3
+    x = task.x_train[torch.as_tensor(idx)]
+    xin = torch.nn.functional.dropout(x, 0.5, training=True)
+    a, b = f["linear"]
+    out = x @ task.w0.T + task.scale * (xin @ a.T) @ b.T
+    assert float(torch.nn.functional.cross_entropy(out, task.y_train[torch.as_tensor(idx)])) == l1
     assert task.evaluate(f) == task.evaluate(f)
 
 
@@ -196,7 +207,7 @@ def test_heterogeneous_clusters_disagree_but_the_mixture_optimum_is_the_shift():
 def test_degenerate_but_valid_shapes():
     task = make(0, form="regression", d=1, k=1, true_rank=1, clusters=3, samples=30)
     assert torch.count_nonzero(task.mus) == 0  # no room for means beside the shift
-    loss, grads = task.loss_and_grads(random_factors(task, rank=2), np.arange(30))
+    loss, grads = task.loss_and_grads(random_factors(task, rank=2), np.arange(30), True, 0)
     assert np.isfinite(loss) and grads["linear"][1].shape == (1, 2)
 
 

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from decaf_ray.agents import derive_seed, seed_dropout
+from decaf_ray import devices
+from decaf_ray.agents import derive_seed
 from decaf_ray.config import ExperimentConfig, load_config
 from decaf_ray.experiment import RunFailed, RunResult, prepare
 from decaf_ray.factors import Grads
@@ -58,15 +59,15 @@ class DataParallelTask:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.task, name)
 
-    def loss_and_grads(self, factors, indices: np.ndarray, train_A: bool = True
+    def loss_and_grads(self, factors, indices: np.ndarray, train_A: bool, seed: int
                        ) -> tuple[float, Grads]:
         import torch.distributed as dist
 
         indices = np.asarray(indices)
         mine = np.array_split(indices, self.world)[self.rank]
-        if self.rank:  # the runtime seeded dropout for the step; chunks need their own draws
-            seed_dropout(derive_seed(torch.initial_seed(), self.rank))
-        loss, grads = self.task.loss_and_grads(factors, mine, train_A)
+        # Rank 0 draws as the unsplit step would; the other chunks need draws of their own.
+        chunk_seed = derive_seed(seed, self.rank) if self.rank else seed
+        loss, grads = self.task.loss_and_grads(factors, mine, train_A, chunk_seed)
         names = list(grads)
         parts = [g for n in names for g in grads[n] if g is not None]
         flat = torch.cat([p.reshape(-1).float() for p in parts]
@@ -92,6 +93,7 @@ def _worker(config: dict) -> None:
 
     from decaf_ray.runtime.inprocess import InProcessHosts
 
+    devices.hide_unassigned_gpus()  # before anything touches CUDA: use_gpu False sees no GPU
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = load_config(config["experiment"])

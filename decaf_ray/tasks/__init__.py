@@ -28,11 +28,15 @@ class Task(Protocol):
         """Adapted module name -> (d, k) of its frozen weight, in a fixed order."""
         ...
 
-    def loss_and_grads(self, factors: Factors, indices: np.ndarray, train_A: bool = True
+    def loss_and_grads(self, factors: Factors, indices: np.ndarray, train_A: bool, seed: int
                        ) -> tuple[float, Grads]:
         """Mean training loss on ``indices`` at ``factors`` and its gradient per factor.
 
-        The gradient of A is None when ``train_A`` is False (the FA variants).
+        The gradient of A is None when ``train_A`` is False (the FA variants). Everything the
+        step draws (augmentation, dropout, sampling) comes from ``seed`` (63-bit), seeded by the
+        task itself after its model is loaded and on its own device (``tasks.step_rng``): the
+        same call gives the same numbers whatever ran or loaded before it, and the caller's
+        random generators are left as they were.
         """
         ...
 
@@ -40,8 +44,12 @@ class Task(Protocol):
         """Test metrics of one adapter, e.g. ``{"test_loss": ..., "test_accuracy": ...}``."""
         ...
 
+    # Optional: ``load()``, make the model now (idempotent, changes no number): runtimes call it
+    # once at setup (``getattr(task, "load", None)``) so load time is measured on its own;
+    # without it, or before it, the model loads on first use.
     # Optional: ``loss_and_grads_many(factors, indices, train_A, seeds)``, ``loss_and_grads`` of
-    # several agents in one pass (``runtime.batch_agents``); see ``CLIPTask``.
+    # several agents in one pass (``runtime.batch_agents``), agent k's draws from ``seeds[k]``
+    # as its own ``loss_and_grads`` would; see ``CLIPTask``.
     # Optional: ``loss_weight(indices) -> float``, what the loss on ``indices`` is a mean over
     # (the causal LM: answer tokens). Without it, the number of examples. Data-parallel
     # workers weight their chunks by it so that their sum is the batch's loss exactly.

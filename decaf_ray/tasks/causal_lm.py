@@ -13,8 +13,11 @@ The model is one of:
         randomly initialised model drawn from the seed (tests), with a built-in tokenizer.
 
 ``build`` reads the data and computes the adapted shapes on the meta device (no weights, and for
-the hub ids in ``KNOWN_CONFIGS`` no download); weights and the tokenizer load on the first
-``loss_and_grads`` / ``evaluate``. The loss is the cross-entropy of the answer tokens given the
+the hub ids in ``KNOWN_CONFIGS`` no download); weights and the tokenizer load in ``load`` (which
+the runtimes call once at setup) or else on the first ``loss_and_grads`` / ``evaluate``, on the
+device ``devices.resolve(cfg.device)`` gives (``auto``: what Ray assigned to this process). A
+step's LoRA dropout draws from its own ``seed`` on that device (``step_rng``), after the model
+is loaded, so numbers do not depend on when it loaded. The loss is the cross-entropy of the answer tokens given the
 prompt (mean over answer tokens); the prediction is the answer with the higher summed
 log-probability; ``test_f1`` is the F1 of " yes". Prompts are left-padded with explicit position
 ids, so every answer ends at the last position and only the last few logits are computed.
@@ -33,10 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from decaf_ray import devices
 from decaf_ray.config import ConfigError, LoRAConfig
 from decaf_ray.factors import Factors, Grads
 from decaf_ray.tasks import peft_lora as pl
 from decaf_ray.tasks import text_data as td
+from decaf_ray.tasks.step_rng import step_rng
 
 _LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -91,7 +96,8 @@ class CausalLMConfig:
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """``auto``: bfloat16 on CUDA, float32 on the CPU. LoRA factors stay float32."""
     device: str = "auto"
-    """``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:1``, ..."""
+    """``auto`` (the GPU Ray assigned to this process, else the CPU; outside Ray, cuda if
+    available), ``cpu``, ``cuda``, ``cuda:1``, ..."""
     micro_batch_size: int = 16
     """Examples per forward pass inside one gradient (gradients accumulate, same result)."""
     eval_batch_size: int = 32
@@ -254,6 +260,10 @@ class CausalLMTask:
 
     # ------------------------------------------------------------------ lazy model
 
+    def load(self) -> None:
+        """Load the model now (idempotent): the Task protocol's optional load phase."""
+        self.materialize()
+
     def materialize(self) -> None:
         """Load the tokenizer and weights, wrap them in peft; a no-op after the first call.
 
@@ -263,10 +273,8 @@ class CausalLMTask:
         if self.model is not None:
             return
         cfg = self.cfg
-        self.device = torch.device(cfg.device if cfg.device != "auto" else
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
-        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda), warnings.catch_warnings():
+        self.device = devices.resolve(cfg.device)
+        with step_rng(None, self.device), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             self._load()
 
@@ -339,17 +347,22 @@ class CausalLMTask:
 
     # ------------------------------------------------------------------ the Task protocol
 
-    def loss_and_grads(self, factors: Factors, indices: np.ndarray, train_A: bool = True
+    def loss_and_grads(self, factors: Factors, indices: np.ndarray, train_A: bool, seed: int
                        ) -> tuple[float, Grads]:
         """Mean cross-entropy per answer token on training rows ``indices``, and its gradient.
 
-        LoRA dropout is active and draws from torch's default generator (seeded by the runtime).
+        LoRA dropout is active and draws from ``seed`` on the model's device (``step_rng``).
         Returns gradients as float32 CPU tensors; A's is None when not ``train_A``.
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size == 0:
             raise ValueError("loss_and_grads needs at least one index")
         self.materialize()
+        with step_rng(seed, self.device):
+            return self._loss_and_grads(factors, idx, train_A)
+
+    def _loss_and_grads(self, factors: Factors, idx: np.ndarray, train_A: bool
+                        ) -> tuple[float, Grads]:
         pl.set_factors(self.layers, factors)
         pl.set_trainable(self.layers, train_A)
         pl.zero_grads(self.layers)

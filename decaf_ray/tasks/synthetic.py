@@ -23,7 +23,9 @@ Forms:
         mixture stays exactly ``W*``: non-IID agents disagree, the network's answer is known.
 
 Randomness: the model, the training set and the test set use three generators derived from
-``seed``, so changing ``samples`` changes neither the planted model nor the test set.
+``seed``, so changing ``samples`` changes neither the planted model nor the test set. A step's
+dropout draws from the step's own seed (``loss_and_grads(..., seed)``), never from the caller's
+generator.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from torch import Tensor
 
 from decaf_ray.config import ConfigError, LoRAConfig
 from decaf_ray.factors import Factors, Grads
+from decaf_ray.tasks.step_rng import step_rng
 
 MODULE = "linear"
+_CPU = torch.device("cpu")
 _MODEL, _TRAIN, _TEST = 0, 1, 2  # generator streams
 
 
@@ -170,12 +174,15 @@ class SyntheticTask:
             return F.cross_entropy(out, y)
         return 0.5 * (out - y).pow(2).sum(1).mean()
 
-    def loss_and_grads(self, factors: Factors, indices: np.ndarray, train_A: bool = True
+    def load(self) -> None:
+        """Nothing to load: the task is made whole by ``build``."""
+
+    def loss_and_grads(self, factors: Factors, indices: np.ndarray, train_A: bool, seed: int
                        ) -> tuple[float, Grads]:
         """Mean loss on training examples ``indices`` (m,) and its gradient.
 
-        Dropout (``lora.dropout``) acts on the LoRA branch's input, like peft, and uses torch's
-        global RNG, which the runtime seeds per agent and step.
+        Dropout (``lora.dropout``) acts on the LoRA branch's input, like peft, and draws from
+        ``seed`` (the CPU generator seeded for this step only; the caller's is left alone).
 
         Returns:
             (loss, {"linear": (grad A (r, k) or None when not ``train_A``, grad B (d, r))}),
@@ -188,7 +195,11 @@ class SyntheticTask:
         a0, b0 = factors[MODULE]
         a = a0.detach().float().requires_grad_(train_A)
         b = b0.detach().float().requires_grad_(True)
-        xin = F.dropout(x, self.dropout, training=True) if self.dropout > 0 else x
+        if self.dropout > 0:
+            with step_rng(seed, _CPU):
+                xin = F.dropout(x, self.dropout, training=True)
+        else:
+            xin = x
         loss = self._loss(x @ self.w0.T + self.scale * (xin @ a.T) @ b.T, y)
         if train_A:
             ga, gb = torch.autograd.grad(loss, (a, b))

@@ -1,0 +1,41 @@
+"""The randomness of one task step: seeded by the step's own seed, on the task's device.
+
+A step (one agent's gradient at one step) draws augmentation from torch's CPU generator and
+dropout from the generator of the device its tensors live on. ``step_rng(seed, device)`` seeds
+exactly those, and only for the step: the caller's generators are restored afterwards, so a
+step's numbers depend on its seed alone, not on what ran (or loaded a model) before it, and a
+step never disturbs its caller's randomness.
+
+On the CPU the stream is the one ``torch.random.default_generator.manual_seed(seed)`` starts,
+which is what the runtime set before each step when tasks still read the global generator: the
+CPU numbers are unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@contextlib.contextmanager
+def step_rng(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Inside: torch's CPU generator and, for a CUDA ``device``, that device's generator, both
+    seeded with ``seed`` (a 64-bit int; None: left as they are, only restored afterwards);
+    outside, every generator is as it was before.
+
+    Not ``torch.manual_seed``: that seeds every CUDA device (and queues a seed even where CUDA is
+    not initialised), which costs milliseconds per call and touches GPUs this task does not use.
+    """
+    cuda = [_cuda_index(device)] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        if seed is not None:
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.default_generators[cuda[0]].manual_seed(seed)
+        yield

@@ -1,5 +1,11 @@
 """Centralized on Ray runs as a Ray Train TorchTrainer with data-parallel workers."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 
 from decaf_ray.config import load_config
@@ -31,6 +37,7 @@ def test_one_train_worker_gives_the_inprocess_numbers_exactly(ray_session):
     got = run(_cfg(kind="ray", train_workers=1), progress=False, on_rows=streamed.append)
     assert got.status == ref.status == "completed"
     assert got.summary["train_workers"] == 1
+    assert got.summary["train_cuda_visible_devices"] == ""  # reserved no GPU: sees none
     assert _values(got) == _values(ref)
     assert len(streamed) == 3  # rounds 0, 3 and 6 arrived as they were evaluated
     for n, (a, b) in ref.factors[0].items():
@@ -55,3 +62,36 @@ def test_more_workers_than_a_batch_holds_is_a_config_error():
     with pytest.raises(ConfigError, match="runtime.train_workers"):
         prepare(load_config({**BASE, "data": {"partition": "iid", "batch_size": 2},
                              "runtime": {"kind": "ray", "train_workers": 3}}))
+
+
+FAKE_GPUS = textwrap.dedent("""
+    import json, ray
+    from decaf_ray.config import load_config
+    from decaf_ray.experiment import run
+
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+    data = json.loads(%r)
+    got = run(load_config(data), progress=False)
+    data["runtime"] = {"kind": "inprocess", "threads": 1}
+    ref = run(load_config(data), progress=False)
+    print(json.dumps({"status": got.status, "visible": got.summary["train_cuda_visible_devices"],
+                      "rows": len(got.rows) == len(ref.rows)}))
+    ray.shutdown()
+""")
+
+
+def test_train_workers_use_the_gpus_ray_assigned(tmp_path):
+    """On a fake-GPU Ray (a CPU machine with num_gpus=2, in its own process): two workers of
+    0.5 GPU each pack onto GPU 0 and see only it; the run completes on the CPU (torch sees no
+    GPU, so device auto is the CPU)."""
+    cfg = {**BASE, "rounds": 2, "local_steps": 1, "eval_every": 2,
+           "runtime": {"kind": "ray", "threads": 1, "train_workers": 2, "cpus_per_host": 0.5,
+                       "gpus_per_host": 0.5}}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, "-c", FAKE_GPUS % json.dumps(cfg)], env=env,
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    facts = json.loads(res.stdout.strip().splitlines()[-1])
+    assert facts == {"status": "completed", "visible": "0", "rows": True}

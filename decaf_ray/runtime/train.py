@@ -108,6 +108,8 @@ def _worker(config: dict) -> None:
         if rank == 0:
             if isinstance(item, RunResult):
                 item.summary["train_workers"] = world
+                # What worker 0 could see: "" none (it reserved no GPU), else Ray's ids.
+                item.summary["train_cuda_visible_devices"] = devices.visible()
                 item.factors = {i: {n: (a.clone(), b.clone()) for n, (a, b) in f.items()}
                                 for i, f in item.factors.items()}
             queue.put(item)

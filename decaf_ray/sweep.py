@@ -38,6 +38,7 @@ import torch
 
 from decaf_ray.config import (ConfigError, ExperimentConfig, apply_override, from_dict,
                               load_config, read_yaml)
+from decaf_ray.sweep_resources import check_fits, trial_config, trial_resources
 
 SPACES = ("uniform", "loguniform", "randint", "choice")
 
@@ -151,98 +152,9 @@ def param_space(sweep: SweepConfig) -> dict[str, Any]:
     return space
 
 
-DRIVER_CPUS = 0.01
-"""What a trial's own process (the run's driver) reserves: it only follows the run."""
 UPLOAD_EVERY_S = 10.0
 """Least seconds between uploads of a trial's metrics as it runs (checkpoints and the end always
 upload)."""
-
-
-def trial_config(sweep: SweepConfig, params: dict[str, Any],
-                 cluster_cpus: float | None = None) -> ExperimentConfig:
-    """The config a trial runs: ``config_for(params)`` with a null ``runtime.cpus_per_host``
-    resolved to the cluster's share (``host_share``) and, for CLIP, ``task.download: false``
-    (``run_sweep`` staged the data; trials never download). The trial's bundles
-    (``trial_resources``) and its hosts both read this config, so they always agree."""
-    cfg = sweep.config_for(params)
-    sets = []
-    if cfg.runtime.kind == "ray" and cfg.runtime.cpus_per_host is None:
-        sets.append(f"runtime.cpus_per_host={host_share(cfg, cluster_cpus)!r}")
-    if cfg.task.kind == "clip" and cfg.task.download:
-        sets.append("task.download=false")
-    return load_config(cfg.to_dict(), sets) if sets else cfg
-
-
-def host_share(cfg: ExperimentConfig, cluster_cpus: float | None) -> float:
-    """CPUs per host (or Ray Train worker) when ``cpus_per_host`` is null: as a single run
-    (``ray_runtime._cpus_per_host``), the cluster's CPUs shared evenly, at most 1, after the
-    trial driver's sliver; 1 when the cluster is not known."""
-    if cluster_cpus is None:
-        return 1.0
-    return min(1.0, max(cluster_cpus - DRIVER_CPUS, 0.0) / _hosts(cfg))
-
-
-def _hosts(cfg: ExperimentConfig) -> int:
-    if _centralized(cfg):
-        return cfg.runtime.train_workers
-    return -(-cfg.agents // cfg.runtime.agents_per_host)
-
-
-def trial_resources(cfg: ExperimentConfig):
-    """The placement group one trial reserves: a sliver for its driver, then one bundle per
-    host (CPUs and GPUs); one bundle for an in-process trial; only the sliver for Centralized on
-    Ray, whose Ray Train workers reserve their own."""
-    from ray import tune
-
-    if cfg.runtime.kind == "inprocess":
-        return tune.PlacementGroupFactory([{"CPU": float(cfg.runtime.threads or 1)}])
-    if _centralized(cfg):  # Ray Train places its own workers; the trial is only their driver
-        return tune.PlacementGroupFactory([{"CPU": DRIVER_CPUS}])
-    return tune.PlacementGroupFactory([{"CPU": DRIVER_CPUS}] + [_host(cfg)] * _hosts(cfg))
-
-
-def _host(cfg: ExperimentConfig) -> dict[str, float]:
-    """One host's (or Ray Train worker's) bundle."""
-    rt = cfg.runtime
-    host = {"CPU": rt.cpus_per_host if rt.cpus_per_host is not None else 1.0}
-    if rt.gpus_per_host:
-        host["GPU"] = rt.gpus_per_host
-    return host
-
-
-def _centralized(cfg: ExperimentConfig) -> bool:
-    from decaf_ray.algorithms import ALGORITHMS
-
-    return ALGORITHMS[cfg.algorithm].centralized
-
-
-def check_fits(sweep: SweepConfig, nodes: list[dict[str, float]],
-               cluster_cpus: float | None = None) -> None:
-    """Raise ``ConfigError`` when some trial of ``sweep`` could never be placed on ``nodes``
-    (``placement.nodes()``): its bundles (``trial_resources``, or a Centralized trial's Ray Train
-    workers) against the nodes, naming the config field and the numbers. Fewer trials at once
-    (``--max-concurrent``) are always possible, so only one trial at a time is checked."""
-    from decaf_ray import placement
-
-    seen = set()
-    for params in sweep.representative_params():
-        cfg = trial_config(sweep, params, cluster_cpus)
-        rt = cfg.runtime
-        if rt.kind == "inprocess":
-            bundles, field = trial_resources(cfg).bundles, {"CPU": "runtime.threads"}
-            what = f"an in-process trial of {placement.fmt(bundles[0])}"
-        else:
-            host = _host(cfg)
-            bundles = [{"CPU": DRIVER_CPUS}] + [host] * _hosts(cfg)
-            field = {"CPU": "runtime.cpus_per_host", "GPU": "runtime.gpus_per_host"}
-            kind = "Ray Train workers" if _centralized(cfg) else "hosts"
-            what = f"a trial of {_hosts(cfg)} {kind} x {placement.fmt(host)}"
-        key = (tuple(tuple(sorted(b.items())) for b in bundles), what)
-        if key in seen:
-            continue
-        seen.add(key)
-        shown = ", ".join(f"{k}={v}" for k, v in params.items())
-        placement.check(bundles, nodes, field, what + (f" ({shown})" if shown else ""))
 
 
 # ------------------------------------------------------------------ the trial

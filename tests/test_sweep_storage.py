@@ -15,7 +15,8 @@ import yaml
 
 import analysis
 from decaf_ray.config import ConfigError
-from decaf_ray.sweep import check_fits, load_sweep, trial_config, trial_resources
+from decaf_ray.sweep import load_sweep
+from decaf_ray.sweep_resources import check_fits, trial_config, trial_resources
 from decaf_ray.sweep_storage import holds_anything, location, sweep_location
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,6 +5,8 @@ peft keeps, for each adapted ``nn.Linear``, ``lora_A[name].weight`` (r, k) and
 base per host) and swaps agents in by copying their factors into these weights before each
 forward pass; gradients are read back from the same parameters. Copying r (d + k) floats per
 module is negligible next to a forward pass, and it lets every agent on a host share the base.
+On a GPU the copies go as one transfer each way per step (``decaf_ray.tasks.transfer``), not one
+per module; on the CPU they are the plain per-module copies.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from decaf_ray.factors import Factors, Grads
+from decaf_ray.tasks.transfer import to_device, to_host
 
 ADAPTER = "default"
 
@@ -48,11 +51,15 @@ def shapes(layers: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
 
 @torch.no_grad()
 def set_factors(layers: dict[str, nn.Module], factors: Factors) -> None:
-    """Copy an agent's factors into the peft weights (exact: same dtype round trip on float32)."""
-    for name, (a, b) in factors.items():
-        layer = layers[name]
-        layer.lora_A[ADAPTER].weight.copy_(a)
-        layer.lora_B[ADAPTER].weight.copy_(b)
+    """Copy an agent's factors into the peft weights (exact: same dtype round trip on float32);
+    on a GPU as one host-to-device transfer for all modules."""
+    targets = [w for name in factors for w in (layers[name].lora_A[ADAPTER].weight,
+                                                 layers[name].lora_B[ADAPTER].weight)]
+    sources = [t for pair in factors.values() for t in pair]
+    if targets and targets[0].device.type == "cuda":
+        sources = to_device(sources, targets[0].device)
+    for weight, src in zip(targets, sources):
+        weight.copy_(src)
 
 
 def get_factors(layers: dict[str, nn.Module]) -> Factors:
@@ -75,17 +82,18 @@ def zero_grads(layers: dict[str, nn.Module]) -> None:
 
 
 def get_grads(layers: dict[str, nn.Module], train_A: bool) -> Grads:
-    """Gradients of the last backward pass per module, float32 on the CPU (None for frozen A)."""
-    out: Grads = {}
-    for n, m in layers.items():
+    """Gradients of the last backward pass per module, float32 on the CPU (None for frozen A);
+    from a GPU as one device-to-host transfer for all modules."""
+    device_grads = []
+    for m in layers.values():
         ga = m.lora_A[ADAPTER].weight.grad
         gb = m.lora_B[ADAPTER].weight.grad
         gb = torch.zeros_like(m.lora_B[ADAPTER].weight) if gb is None else gb
-        if train_A and ga is None:
-            ga = torch.zeros_like(m.lora_A[ADAPTER].weight)
-        out[n] = (ga.detach().float().cpu().clone() if train_A else None,
-                  gb.detach().float().cpu().clone())
-    return out
+        if train_A:
+            device_grads.append(torch.zeros_like(m.lora_A[ADAPTER].weight) if ga is None else ga)
+        device_grads.append(gb)
+    host = iter(to_host(device_grads))
+    return {n: ((next(host) if train_A else None), next(host)) for n in layers}
 
 
 def merged_delta(layer: nn.Module) -> torch.Tensor:
@@ -115,11 +123,14 @@ class StackedLoRA:
         self.n, self.rows = len(factors), [0] * len(factors)
         self.A: dict[str, Tensor] = {}
         self.B: dict[str, Tensor] = {}
-        for name, layer in layers.items():
-            like = layer.lora_A[ADAPTER].weight
-            As, Bs = zip(*(f[name] for f in factors))
-            self.A[name] = torch.stack(As).to(like.device, like.dtype).requires_grad_(train_A)
-            self.B[name] = torch.stack(Bs).to(like.device, like.dtype).requires_grad_(True)
+        like = {n: layer.lora_A[ADAPTER].weight for n, layer in layers.items()}
+        stacked = [torch.stack([f[n][k] for f in factors]).to(like[n].dtype)
+                   for n in layers for k in (0, 1)]
+        if like and next(iter(like.values())).device.type == "cuda":
+            stacked = to_device(stacked, next(iter(like.values())).device)  # one transfer
+        for (name, w), a, b in zip(like.items(), stacked[0::2], stacked[1::2]):
+            self.A[name] = a.to(w.device).requires_grad_(train_A)
+            self.B[name] = b.to(w.device).requires_grad_(True)
         self._hooks: list = []
         self._disabled: dict[str, bool] = {}
 
@@ -171,13 +182,16 @@ class StackedLoRA:
     def grads(self) -> list[Grads]:
         """Each agent's gradients after ``backward``, float32 on the CPU (as ``get_grads``)."""
         out: list[Grads] = [{} for _ in range(self.n)]
+        device_grads = []
         for name in self.layers:
             ga, gb = self.A[name].grad, self.B[name].grad
-            gb = torch.zeros_like(self.B[name]) if gb is None else gb
-            if self.train_A and ga is None:
-                ga = torch.zeros_like(self.A[name])
-            gb = gb.detach().float().cpu()
-            ga = ga.detach().float().cpu() if self.train_A else None
+            if self.train_A:
+                device_grads.append(torch.zeros_like(self.A[name]) if ga is None else ga)
+            device_grads.append(torch.zeros_like(self.B[name]) if gb is None else gb)
+        host = iter(to_host(device_grads))  # on a GPU one transfer for all modules
+        for name in self.layers:
+            ga = next(host) if self.train_A else None
+            gb = next(host)
             for k in range(self.n):
                 out[k][name] = (None if ga is None else ga[k].clone(), gb[k].clone())
         return out

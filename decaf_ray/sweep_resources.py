@@ -51,12 +51,16 @@ def _hosts(cfg: ExperimentConfig) -> int:
 
 def trial_resources(cfg: ExperimentConfig):
     """The placement group one trial reserves: a sliver for its driver, then one bundle per
-    host (CPUs and GPUs); one bundle for an in-process trial; only the sliver for Centralized on
-    Ray, whose Ray Train workers reserve their own."""
+    host (CPUs and GPUs); one bundle for an in-process trial (``threads`` CPUs and
+    ``gpus_per_host`` GPUs: a trial uses only the GPUs it reserved); only the sliver for
+    Centralized on Ray, whose Ray Train workers reserve their own."""
     from ray import tune
 
-    if cfg.runtime.kind == "inprocess":
-        return tune.PlacementGroupFactory([{"CPU": float(cfg.runtime.threads or 1)}])
+    if cfg.runtime.kind == "inprocess":  # the trial's process is the one host
+        own = {"CPU": float(cfg.runtime.threads or 1)}
+        if cfg.runtime.gpus_per_host:
+            own["GPU"] = cfg.runtime.gpus_per_host
+        return tune.PlacementGroupFactory([own])
     if _centralized(cfg):  # Ray Train places its own workers; the trial is only their driver
         return tune.PlacementGroupFactory([{"CPU": DRIVER_CPUS}])
     return tune.PlacementGroupFactory([{"CPU": DRIVER_CPUS}] + [_host(cfg)] * _hosts(cfg))
@@ -90,7 +94,8 @@ def check_fits(sweep, nodes: list[dict[str, float]],
         cfg = trial_config(sweep, params, cluster_cpus)
         rt = cfg.runtime
         if rt.kind == "inprocess":
-            bundles, field = trial_resources(cfg).bundles, {"CPU": "runtime.threads"}
+            bundles = trial_resources(cfg).bundles
+            field = {"CPU": "runtime.threads", "GPU": "runtime.gpus_per_host"}
             what = f"an in-process trial of {placement.fmt(bundles[0])}"
         else:
             host = _host(cfg)

@@ -12,6 +12,7 @@ whichever nodes ran it.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class TrialUpload:
 
         storage = get_storage()
         local = Path(storage.trial_working_directory) / "decaf-run"
+        shutil.rmtree(local, ignore_errors=True)  # an earlier attempt's files are not this one's
         return cls(local, storage.storage_filesystem, storage.trial_fs_path)
 
     def remove(self, name: str) -> None:

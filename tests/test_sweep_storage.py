@@ -38,13 +38,18 @@ WORKER_NODE_SWEEP = textwrap.dedent("""
 
     sweep_file, store = sys.argv[1], sys.argv[2]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    cluster.add_node(num_cpus=2)
+    cluster.add_node(num_cpus=2, num_gpus=1)  # a fake GPU: Ray assigns it, torch sees none
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     try:
+        facts = {}
+        try:  # one in-process trial asking 2 GPUs: the worker node has 1
+            run_sweep(load_sweep(sweep_file, ["runtime.gpus_per_host=2"]), store)
+        except ConfigError as e:
+            facts["too_big"] = str(e)
         sweep = load_sweep(sweep_file)
         grid = run_sweep(sweep, store)
-        facts = {"trials": len(grid), "errors": [str(r.error) for r in grid if r.error],
-                 "paths": sorted(r.path for r in grid)}
+        facts.update(trials=len(grid), errors=[str(r.error) for r in grid if r.error],
+                     paths=sorted(r.path for r in grid))
         try:
             run_sweep(sweep, store)
         except ConfigError as e:
@@ -72,7 +77,8 @@ def _env() -> dict:
 @pytest.mark.slow
 def test_trials_on_a_worker_node_put_their_run_directories_in_uri_storage(tmp_path):
     sweep_file = tmp_path / "sweep.yaml"
-    sweep_file.write_text(yaml.safe_dump({"name": "remote", "base": BASE,
+    base = {**BASE, "runtime": {"kind": "inprocess", "threads": 1, "gpus_per_host": 0.5}}
+    sweep_file.write_text(yaml.safe_dump({"name": "remote", "base": base,
                                           "grid": {"algorithm": ["decaf", "dlora"]}}))
     store = tmp_path / "store"
     uri = f"file://{store}"
@@ -80,6 +86,11 @@ def test_trials_on_a_worker_node_put_their_run_directories_in_uri_storage(tmp_pa
                          env=_env(), capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     facts = json.loads(res.stdout.strip().splitlines()[-1])
+    # fail fast against the live cluster, before anything is written
+    assert facts["too_big"].startswith("runtime.gpus_per_host: an in-process trial of 1 CPU, "
+                                       "2 GPU"), facts["too_big"]
+    assert "the largest of the cluster's 2 node(s) has 1" in facts["too_big"]
+    # two trials of 0.5 GPU each share the worker's one GPU
     assert facts["trials"] == 2 and facts["errors"] == [], facts
     runs = sorted(p.parent for p in (store / "remote").glob("*/config.json"))
     assert [str(p) for p in runs] == facts["paths"]  # Tune's trial folders, in storage
@@ -128,6 +139,18 @@ def test_a_null_cpus_per_host_takes_the_clusters_share_and_the_quickstart_fits(t
     assert sum(b["CPU"] for b in bundles) <= 2.0
     # a big cluster: at most 1 CPU per host, as a single run
     assert trial_config(sweep, {"algorithm": "decaf"}, 64.0).runtime.cpus_per_host == 1.0
+
+
+def test_fractional_gpu_hosts_fit_one_gpu_and_in_process_trials_reserve_their_gpus(tmp_path):
+    base = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text())
+    gpu_node = [{"CPU": 8.0, "GPU": 1.0, "memory": 8e9}]
+    sweep = _sweep(tmp_path, base, {"runtime.gpus_per_host": [0.5]})
+    check_fits(sweep, gpu_node, 8.0)
+    bundles = trial_resources(trial_config(sweep, {"runtime.gpus_per_host": 0.5}, 8.0)).bundles
+    assert bundles == [{"CPU": 0.01}] + [{"CPU": 1.0, "GPU": 0.5}] * 2
+    inproc = _sweep(tmp_path, {**BASE, "runtime": {"kind": "inprocess", "gpus_per_host": 1}},
+                    {"seed": [0]})
+    assert trial_resources(inproc.config_for({"seed": 0})).bundles == [{"CPU": 1.0, "GPU": 1.0}]
 
 
 @pytest.mark.parametrize("grid, field, numbers", [

@@ -112,7 +112,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_describe(args) -> int:
-    from decaf_ray import partition, topology
+    from decaf_ray import partition, sizing, topology
     from decaf_ray.experiment import prepare
     from decaf_ray.factors import param_count
 
@@ -140,10 +140,12 @@ def cmd_describe(args) -> int:
     print(f"trainable_params: {param_count(shapes, rank, plan.algorithm.train_A)}")
     for line in _warnings(cfg):
         print(f"warning: {line}")
-    from decaf_ray import sizing
-
+    try:
+        lines = _resource_lines(sizing.size_trial(cfg, plan.task), cluster)
+    except (ConfigError, ImportError, OSError) as e:  # the run is valid; only sizing failed
+        lines = [f"not estimated ({str(e).splitlines()[0]})"]
     print(f"\n# resources{_on(cluster)}")
-    print("\n".join(_resource_lines(sizing.size_trial(cfg, plan.task), cluster)))
+    print("\n".join(lines))
     return 0
 
 
@@ -182,12 +184,13 @@ def _describe_sweep(args) -> int:
 
     sweep = load_sweep(args.config, args.overrides)
     points = sweep.points()
+    cluster = _cluster(args)  # a bad --cluster fails before anything is printed
     spaces = [k for k, v in sweep.grid.items() if not isinstance(v, list)]
     print(f"# sweep {sweep.name}: {len(points)} grid points x {sweep.num_samples} samples"
           + (f"; sampled: {', '.join(spaces)}" if spaces else ""))
     for point in points:
         print("  " + ", ".join(f"{k}={v}" for k, v in point.items()))
-    _describe_sweep_resources(sweep, points, _cluster(args))
+    _describe_sweep_resources(sweep, points, cluster)
     return 0
 
 
@@ -197,9 +200,14 @@ def _describe_sweep_resources(sweep, points, cluster) -> None:
 
     lows = {k: next(iter(v.values()))[0] for k, v in sweep.grid.items() if not isinstance(v, list)}
     shapes: dict = {}
-    for point in points:
-        shapes.setdefault(sizing.size_trial(sweep.config_for({**point, **lows})), []).append(point)
-    print(f"\n# resources per trial{_on(cluster)}: {len(shapes)} distinct shape(s)")
+    try:
+        for point in points:
+            shapes.setdefault(sizing.size_trial(sweep.config_for({**point, **lows})), []).append(point)
+    except (ConfigError, ImportError, OSError) as e:  # the sweep is valid; only sizing failed
+        print(f"\n# resources per trial: not estimated ({str(e).splitlines()[0]})")
+        return
+    cap = f"; max_concurrent {sweep.max_concurrent} caps trials at once" if sweep.max_concurrent else ""
+    print(f"\n# resources per trial{_on(cluster)}: {len(shapes)} distinct shape(s){cap}")
     for trial, members in shapes.items():
         print(f"\n## {len(members) * sweep.num_samples} trial(s): {_members(members, sweep.grid)}")
         print("\n".join(_resource_lines(trial, cluster)))
@@ -220,7 +228,10 @@ def _resource_lines(trial, cluster) -> list[str]:
     """The ``describe`` block of one trial shape, and its fit on ``cluster`` if given."""
     from decaf_ray import sizing
 
-    gb = lambda x: f"{x / sizing.GB:.2f} GB" if x >= 0.01 * sizing.GB else f"{x / 1e6:.2f} MB"  # noqa: E731
+    def gb(x: float) -> str:
+        return (f"{x / sizing.GB:.2f} GB" if x >= 0.01 * sizing.GB else
+                f"{x / 1e6:.2f} MB" if x >= 1e4 else f"{x:,.0f} B")
+
     cpus, gpus = trial.host
     what = {"hosts": "AgentHost actors", "train_workers": "Ray Train workers (Centralized)",
             "inprocess": "the trial's own process (runtime.kind inprocess)"}[trial.placement]

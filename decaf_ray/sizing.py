@@ -31,7 +31,8 @@ host RAM (``cache_mb``), the coordinator, and Ray's own processes. Treat the tot
 with some margin, not a promise.
 
 ``fit(trial, cluster)`` packs identical trials onto a cluster the way Ray places them: each
-trial's bundles (a 0.01 CPU driver sliver, then one per host, as ``sweep.trial_resources``) whole
+trial's bundles (a 0.01 CPU driver sliver, then one per host, as ``sweep_resources.trial_resources``;
+a null ``cpus_per_host`` counts as 1 CPU, the most a cluster's share gives) whole
 on one node, fractional GPUs inside one GPU, PACK first; and checks each host's estimate against
 its GPU share (a host runs on one device, so a share is min(gpus_per_host, 1) x GPU memory).
 Clusters come from ``parse_cluster("2x8xA100-80GB")`` or the live Ray cluster.
@@ -39,10 +40,10 @@ Clusters come from ``parse_cluster("2x8xA100-80GB")`` or the live Ray cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,7 @@ _SPEC = re.compile(r"^(\d+)x(\d+)x([A-Za-z0-9_.]+)-(\d+(?:\.\d+)?)GB(?:-(\d+(?:\
 # ---------------------------------------------------------------------------- clusters
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Cluster:
     """Nodes' totals (``CPU``, ``GPU``) and the memory of one GPU in bytes (None: unknown)."""
 
@@ -129,14 +130,14 @@ def stated_cluster(path: str | Path) -> str | None:
 # ---------------------------------------------------------------------------- one trial
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Part:
     name: str
     bytes: float
     formula: str
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TrialSize:
     """What one trial of a config asks for (see the module docstring)."""
 
@@ -174,7 +175,8 @@ def size_trial(cfg: ExperimentConfig, task: Any = None) -> TrialSize:
     agents = 1 if central else cfg.agents
     batch = cfg.data.batch_size
     if rt.kind == "inprocess":
-        placement, hosts, per, host, driver = "inprocess", 1, agents, (float(rt.threads or 1), 0.0), 0.0
+        placement, hosts, per, driver = "inprocess", 1, agents, 0.0
+        host = (float(rt.threads or 1), rt.gpus_per_host)  # the trial's own process is the host
     elif central:
         placement, hosts, per = "train_workers", rt.train_workers, 1
         host, driver = (rt.cpus_per_host or 1.0, rt.gpus_per_host), DRIVER_CPU
@@ -241,6 +243,11 @@ def _clip_meta(t) -> tuple[dict, int, tuple, dict[str, int]]:
     task config ``t``, from a meta-device model (remembered per architecture and placement)."""
     from decaf_ray.tasks.clip import architecture
 
+    spec = t.checkpoint[len("pretrain:"):] if (t.checkpoint or "").startswith("pretrain:") else None
+    if spec is not None:  # a stand-in: its pretrain config names the architecture (none trained)
+        from decaf_ray.tasks.pretrain_config import as_config
+
+        t = dataclasses.replace(t, model_config=as_config(spec).model_config, checkpoint=None)
     arch = architecture(t)[0]
     key = json.dumps(arch, sort_keys=True, default=str)
     return (arch, *_clip_counts(key, tuple(t.targets), tuple(t.encoders), tuple(t.blocks or ())))
@@ -377,7 +384,7 @@ def _lm_parts(t, task, cuda: bool, batch: int) -> list[Part]:
 # ---------------------------------------------------------------------------- on a cluster
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Fit:
     """How ``trial`` fares on ``cluster``: trials at once, what bounds them, and problems."""
 
@@ -392,9 +399,7 @@ def fit(trial: TrialSize, cluster: Cluster) -> Fit:
     """Trials of this shape that run at once on ``cluster`` (0 with a reason when none can)."""
     cpus, gpus = trial.host
     problems = []
-    if gpus > 1 and gpus != int(gpus):
-        problems.append(f"DOES NOT FIT: Ray gives whole GPUs above 1 (gpus_per_host {gpus:g})")
-    elif not any(_take(cpus, gpus, c, [1.0] * g) for c, g in cluster.nodes):
+    if not any(_take(cpus, gpus, c, [1.0] * g) for c, g in cluster.nodes):
         biggest = max(cluster.nodes)
         problems.append(f"DOES NOT FIT: a host bundle of {cpus:g} CPUs, {gpus:g} GPU is larger "
                         f"than every node ({biggest[0]:g} CPUs, {biggest[1]} GPUs)")

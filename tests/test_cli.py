@@ -168,3 +168,34 @@ def test_a_missing_data_file_is_one_line_and_exit_2(config, tmp_path):
     res = cli("run", tmp_path / "lm.yaml", "--out", tmp_path / "out", "--quiet")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "nowhere.jsonl" in res.stderr and not (tmp_path / "out").exists()
+
+
+def test_describe_config_ends_with_its_resources_on_a_cluster(config):
+    res = cli("describe", config, "--cluster", "1x4xL4-24GB")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert out.index("trainable_params: 24") < out.index(
+        "# resources on 1 node(s) x 4 L4 GPUs of 24 GB, 32 CPUs each")
+    tail = out.split("# resources on")[1].splitlines()[1:]
+    assert tail[:4] == ["hosts: 1 (the trial's own process (runtime.kind inprocess)); 4 agent(s) "
+                        "per host, 1 per forward pass", "per host: 1 CPUs, 0 GPU",
+                        "per trial: 1 CPUs, 0 GPUs", "base-model copies: 1"]
+    assert "  weights: 128 B = 4 x 8 x 4 B (float32, CPU)" in tail  # synthetic W0 (d, k)
+    assert "trials at once: 32 (bound by CPUs)" in tail
+    assert tail[-1] == "steps: 12 per agent (6 rounds x 2 local steps), 48 agent-steps (4 agent(s))"
+    res = cli("describe", config)  # no cluster: the per-trial figures only
+    assert "# resources\n" in res.stdout and "trials at once" not in res.stdout
+    res = cli("describe", config, "--cluster", "4xA100")
+    assert res.returncode == 2 and res.stdout == "" and "--cluster" in res.stderr
+
+
+@pytest.mark.ray
+def test_describe_uses_the_live_cluster_at_ray_address(config, ray_session, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # Ray is already up here: describe joins it
+    res = cli("describe", config, "--set", "runtime.kind=ray", "--set", "runtime.agents_per_host=2",
+              "--set", "runtime.cpus_per_host=0.5")
+    assert res.returncode == 0, res.stderr
+    assert "# resources on the live Ray cluster (1 node(s), 2 CPUs, 0 GPUs)" in res.stdout
+    # a trial asks 0.01 + 2 hosts x 0.5 CPU: one at a time on 2 CPUs
+    assert "per trial: 1.01 CPUs, 0 GPUs (incl. the driver's 0.01 CPU)" in res.stdout
+    assert "trials at once: 1 (bound by CPUs)" in res.stdout

@@ -107,7 +107,7 @@ def _client_app():
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         import numpy as np
-        from decaf_ray.agents import Sampler, derive_seed, seed_dropout
+        from decaf_ray.agents import Sampler, derive_seed
         from decaf_ray.optim import apply_updates
 
         conf = msg.content["config"]
@@ -135,8 +135,8 @@ def _client_app():
         for k in range(cfg.local_steps):
             t = (rnd - 1) * cfg.local_steps + k + 1      # our step counter (lr schedule, seeds)
             batch = sampler.next()
-            seed_dropout(derive_seed(cfg.seed, 3, i, t))
-            loss, grads = task.loss_and_grads(factors, batch, alg.train_A)
+            loss, grads = task.loss_and_grads(factors, batch, alg.train_A,
+                                              derive_seed(cfg.seed, 3, i, t))
             losses.append(loss)
             updates, opt_state = opt.update(grads, opt_state, factors, t)
             factors = apply_updates(factors, updates)

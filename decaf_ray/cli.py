@@ -63,11 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run a sweep file with Ray Tune (one trial per config)")
     sweep.add_argument("sweep")
     sweep.add_argument("--set", dest="overrides", **sets)
-    sweep.add_argument("--storage", default="runs/sweeps", help="where sweeps are written")
+    sweep.add_argument("--storage", default="runs/sweeps",
+                       help="folder or URI (s3://, gs://, file://) where sweeps are written")
     sweep.add_argument("--max-concurrent", type=int, default=None)
     sweep.add_argument("--resume", action="store_true",
                        help="finish an interrupted sweep (finished trials are not redone)")
     sweep.set_defaults(func=cmd_sweep)
+
+    data = sub.add_parser("data", help="download or check, once, every dataset a config or "
+                                       "sweep needs (decaf-ray sweep does it first)")
+    data.add_argument("config")
+    data.add_argument("--set", dest="overrides", **sets)
+    data.set_defaults(func=cmd_data)
 
     pre = sub.add_parser("pretrain", help="train a stand-in CLIP foundation model (all weights)")
     pre.add_argument("config")
@@ -91,8 +98,16 @@ def cmd_run(args) -> int:
     from decaf_ray.experiment import prepare, run
     from decaf_ray.results import RunWriter
 
-    cfg = load_config(args.config, args.overrides)
+    from decaf_ray.algorithms import ALGORITHMS
+    from decaf_ray.pretrain import resolve_checkpoint
+
+    # a stand-in checkpoint is made here, once (trained on a cache miss); hosts only read it
+    cfg = resolve_checkpoint(load_config(args.config, args.overrides))
     plan = prepare(cfg)  # every config error surfaces here, before anything is written
+    if cfg.runtime.kind == "ray" and not ALGORITHMS[cfg.algorithm].centralized:
+        from decaf_ray.runtime.ray_runtime import check_resources
+
+        check_resources(cfg)  # hosts no node could hold: one line now, not a hang later
     for line in _warnings(cfg):
         print(f"decaf-ray: warning: {line}", file=sys.stderr)
     out = Path(args.out or f"runs/{cfg.name or cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -118,7 +133,9 @@ def cmd_describe(args) -> int:
 
     if _is_sweep(args.config):
         return _describe_sweep(args)
-    cfg = load_config(args.config, args.overrides)
+    from decaf_ray.pretrain import resolve_checkpoint
+
+    cfg = resolve_checkpoint(load_config(args.config, args.overrides))
     plan = prepare(cfg)
     cluster = _cluster(args)  # a bad --cluster fails before anything is printed
     print("# resolved config")
@@ -266,10 +283,23 @@ def cmd_sweep(args) -> int:
     sweep = load_sweep(args.sweep, args.overrides)
     grid = run_sweep(sweep, args.storage, resume=args.resume, max_concurrent=args.max_concurrent)
     failed = [r for r in grid if r.error is not None]
+    from decaf_ray.sweep_storage import sweep_location
+
     print(f"sweep {sweep.name}: {len(grid)} trials, {len(failed)} failed; "
-          f"results: {Path(args.storage) / sweep.name}")
+          f"results: {sweep_location(args.storage, sweep.name)}")
     for r in failed:
         print(f"  failed: {r.path}: {str(r.error).splitlines()[0]}", file=sys.stderr)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from decaf_ray.staging import stage
+    from decaf_ray.sweep import load_sweep
+
+    target = (load_sweep(args.config, args.overrides) if _is_sweep(args.config)
+              else load_config(args.config, args.overrides))
+    for line in stage(target) or ["nothing to stage (bundled or synthetic data)"]:
+        print(line)
     return 0
 
 

@@ -182,6 +182,12 @@ class RuntimeConfig:
     cpus_per_host: float | None = None
     """CPUs reserved per host; null shares the cluster's CPUs evenly, at most 1 per host."""
     gpus_per_host: float = 0.0
+    """GPUs reserved per host (fractional packs several hosts on one GPU). A host uses exactly
+    the GPUs Ray assigned to it (``device: auto``); with 0 it runs on the CPU and sees no GPU."""
+    placement_timeout_s: float = 600.0
+    """How long a run waits for its hosts to be placed (busy nodes, an autoscaler adding one)
+    before it ends with a line naming the pending resources. A request no node could ever hold
+    fails at once instead."""
     max_host_restarts: int = 3
     """Host deaths the run recovers from (restart, restore the last round, replay)."""
     checkpoint_every: int = 10
@@ -195,6 +201,11 @@ class RuntimeConfig:
     On the CPU the numbers equal unbatched steps up to float rounding (the same augmentation and
     LoRA dropout draws); on a GPU, and with open_clip's patch dropout, the dropout draws differ
     (same distribution). Not with the task's ``micro_batch``. Tasks with a batched step: clip."""
+    deterministic: bool = False
+    """``torch.use_deterministic_algorithms`` in every process that trains (and cuBLAS's
+    workspace set for it): on GPUs, the same config and seed then give the same numbers run to
+    run, at some speed cost. Bit-exactness across runtimes and restarts is a CPU promise; on a
+    GPU without this, kernels (atomics in backward passes) may round differently each run."""
     threads: int | None = None
     """torch threads per process; null: torch's default in-process, the host's CPUs on Ray."""
     train_workers: int = 1
@@ -212,6 +223,10 @@ class RuntimeConfig:
         _check(self.cpus_per_host is None or self.cpus_per_host > 0, "cpus_per_host",
                "must be > 0 or null")
         _check(self.gpus_per_host >= 0, "gpus_per_host", "must be >= 0")
+        _check(self.gpus_per_host <= 1 or float(self.gpus_per_host).is_integer(),
+               "gpus_per_host", f"a fraction of one GPU or a whole number (got "
+               f"{self.gpus_per_host}): Ray places fractions above 1 on no node")
+        _check(self.placement_timeout_s > 0, "placement_timeout_s", "must be > 0")
         _check(self.max_host_restarts >= 0, "max_host_restarts", "must be >= 0")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         _check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")

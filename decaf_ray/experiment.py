@@ -85,6 +85,11 @@ def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
         graph_pi = topology.mixing_matrix(graph, cfg.mixing.scheme, cfg.mixing.matrix)
     except (ValueError, OSError) as e:
         raise ConfigError("mixing", str(e)) from None
+    device = getattr(cfg.task, "device", "auto")
+    if cfg.runtime.kind == "ray" and device.startswith("cuda") and not cfg.runtime.gpus_per_host:
+        raise ConfigError("task.device", f"{device} on Ray needs GPUs reserved per host: set "
+                          "runtime.gpus_per_host (a host that reserves none runs on the CPU and "
+                          "sees no GPU), or device: auto")
     task = task if task is not None else build_task(cfg.task, cfg.lora, cfg.seed)
     if cfg.runtime.batch_agents > 1 and not hasattr(task, "loss_and_grads_many"):
         raise ConfigError("runtime.batch_agents", f"task kind {cfg.task.kind} has no batched "
@@ -135,6 +140,10 @@ def run(cfg: ExperimentConfig, *, on_rows: Callable[[list[Row]], None] | None = 
             rounds (a sweep trial's checkpoints).
     """
     kwargs = dict(on_rows=on_rows, progress=progress, on_checkpoint=on_checkpoint)
+    if plan is None:  # a stand-in checkpoint is resolved (trained on a miss) here, once
+        from decaf_ray.pretrain import resolve_checkpoint
+
+        cfg = resolve_checkpoint(cfg)
     if cfg.runtime.kind == "ray":
         if ALGORITHMS[cfg.algorithm].centralized:  # a data-parallel fine-tune: Ray Train's job
             from decaf_ray.runtime.train import run_on_train as run_remote

@@ -26,6 +26,7 @@ the data once (``staging``) and refuses a trial that no node set of the live clu
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import sys
@@ -160,7 +161,8 @@ upload)."""
 # ------------------------------------------------------------------ the trial
 
 
-def trial(params: dict[str, Any], sweep: SweepConfig, cluster_cpus: float | None = None) -> None:
+def trial(params: dict[str, Any], sweep: SweepConfig, cluster_cpus: float | None = None,
+          shipped=None) -> None:
     """One Tune trial: ``experiment.run`` on the trial's config, streaming network metrics to
     Tune, checkpointing every ``sweep.checkpoint_every`` rounds, resuming from the last one.
 
@@ -175,7 +177,12 @@ def trial(params: dict[str, Any], sweep: SweepConfig, cluster_cpus: float | None
     from decaf_ray.results import RunWriter
     from decaf_ray.sweep_storage import TrialUpload
 
+    from decaf_ray.config import load_config
+    from decaf_ray.runtime.weights import receive
+
     cfg = trial_config(sweep, params, cluster_cpus)
+    if shipped is not None:  # the driver's checkpoint bytes, as a file on this node
+        cfg = load_config(receive(cfg.to_dict(), shipped))
     upload = TrialUpload.for_current_trial()
     resume = _load_state(tune.get_checkpoint())
     upload.remove("summary.json")  # an earlier attempt's; this one is running
@@ -309,12 +316,13 @@ def run_sweep(sweep: SweepConfig, storage: str | Path, *, resume: bool = False,
     nodes = placement.nodes()
     cluster_cpus = sum(n["CPU"] for n in nodes)
     check_fits(sweep, nodes, cluster_cpus)
+    sweep, shipped = _resolve_weights(sweep)
     if stage_data:
         from decaf_ray.staging import stage
 
         stage(sweep)
     trainable = tune.with_resources(
-        tune.with_parameters(trial, sweep=sweep, cluster_cpus=cluster_cpus),
+        tune.with_parameters(trial, sweep=sweep, cluster_cpus=cluster_cpus, shipped=shipped),
         lambda params: trial_resources(trial_config(sweep, params, cluster_cpus)))
     if resume:
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
@@ -327,3 +335,26 @@ def run_sweep(sweep: SweepConfig, storage: str | Path, *, resume: bool = False,
                                       failure_config=tune.FailureConfig(max_failures=0),
                                       verbose=1))
     return tuner.fit()
+
+
+def _resolve_weights(sweep: SweepConfig):
+    """The sweep with a ``pretrain:`` stand-in resolved once, here in the driver (trained on a
+    cache miss), and its checkpoint file shipped through the object store to every trial
+    (``runtime.weights``), so that no trial trains and all load the same bytes. A grid that
+    varies the checkpoint is resolved point by point into the driver's cache instead (trials on
+    this node read it; other nodes need a shared cache folder)."""
+    from decaf_ray.pretrain import resolve_checkpoint
+    from decaf_ray.runtime import weights
+
+    if any("task.checkpoint" in key.split(",") or "task.model_config" in key.split(",")
+           for key in sweep.grid):
+        for point in sweep.points():
+            resolve_checkpoint(sweep.config_for({**point, **_sample_lows(sweep.grid)}))
+        return sweep, None
+    first = sweep.config_for({**(sweep.points() or [{}])[0], **_sample_lows(sweep.grid)})
+    resolved = resolve_checkpoint(first)
+    if resolved is first:
+        return sweep, weights.ship(first)
+    task = {**sweep.base["task"], "checkpoint": resolved.task.checkpoint,
+            "model_config": resolved.task.model_config}
+    return dataclasses.replace(sweep, base={**sweep.base, "task": task}), weights.ship(resolved)

@@ -142,7 +142,7 @@ class QuadraticTask:
         G = self.s * (self.s * B @ A - self.targets[i])  # dL/dW
         return self.s * B.T @ (G / self.s), G @ A.T  # dL/dA = s B^T R, dL/dB = s R A^T
 
-    def loss_and_grads(self, factors, indices, train_A=True):
+    def loss_and_grads(self, factors, indices, train_A=True, seed=None):
         A, B = factors["w"]
         i = int(indices[0])
         gA, gB = self.grad(A, B, i)

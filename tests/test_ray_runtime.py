@@ -123,3 +123,66 @@ def test_checkpoints_taken_on_ray_resume_in_process_and_vice_versa(ray_session):
     got = run(_cfg("ray", algorithm="dlora", runtime={"agents_per_host": 3}), progress=False,
               resume=states[0])
     assert _values(got) == _values(ref)
+
+
+def test_a_host_busy_in_a_long_call_while_another_is_killed_is_not_taken_for_dead(ray_session):
+    """Liveness is Ray's word, asked on the host's own ping thread: host 1, busy for seconds
+    when host 0 is killed, answers at once, keeps its place, and the run ends exactly as the
+    uninterrupted one (one restart, not two)."""
+    import ray
+
+    cfg = _cfg("ray", algorithm="decaf", runtime={"agents_per_host": 3})
+    ref = run(_cfg("inprocess", algorithm="decaf"), progress=False)
+    run_id = "busy-and-killed"
+    done = threading.Event()
+
+    def on_rows(rows):
+        if rows[0]["round"] >= 6 and not done.is_set():
+            done.set()
+            busy = ray.get_actor(f"{run_id}/host1")
+            busy.busy.remote(6.0)  # queued ahead of the next round's calls, like a long step
+            assert ray.get(busy.where.remote(), timeout=5)["agents"] == [3, 4, 5]  # answers now
+            ray.kill(ray.get_actor(f"{run_id}/host0"))
+
+    got = run(cfg, progress=False, on_rows=on_rows, run_id=run_id)
+    assert done.is_set()
+    assert got.summary["host_restarts"] == 1
+    assert _values(got) == _values(ref)
+
+
+def test_timings_split_load_training_mixing_and_evaluation(ray_session):
+    res = run(_cfg("ray", algorithm="decaf", runtime={"agents_per_host": 3}), progress=False)
+    s = res.summary
+    assert s["load_time_s"] > 0 and s["train_time_s"] > 0 and s["eval_time_s"] > 0
+    assert 0 < s["mix_time_s"] <= s["train_time_s"] + s["mix_time_s"]
+    rows = s["round_times"]["rows"]
+    assert [r[0] for r in rows] == list(range(1, 13))
+    assert s["time_per_round_s"] == pytest.approx(sum(r[1] + r[2] for r in rows) / 12)
+    assert s["time_per_round_s"] * 12 < s["wall_time_s"]  # evaluation and load left out
+
+
+def test_a_checkpoint_file_is_shipped_to_hosts_by_bytes_and_digest(ray_session, tmp_path,
+                                                                   monkeypatch):
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from decaf_ray.runtime import weights
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.arange(6.0)}, str(path))
+    spec = {**BASE, "task": {"kind": "clip", "dataset": "digits", "checkpoint": str(path),
+                             "model_config": {"embed_dim": 8, "vision_cfg": {}, "text_cfg": {}}}}
+    cfg = load_config(spec)
+    shipped = weights.ship(cfg)
+    assert shipped.digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setenv(weights.ENV_DIR, str(tmp_path / "node"))
+    got = weights.receive(cfg.to_dict(), shipped)
+    local = tmp_path / "node" / f"{shipped.digest}.safetensors"
+    assert got["task"]["checkpoint"] == str(local) and local.read_bytes() == path.read_bytes()
+    local.unlink()
+    bad = weights.Shipped(shipped.ref, "0" * 64, ".safetensors")
+    with pytest.raises(RuntimeError, match="corrupted"):
+        weights.receive(cfg.to_dict(), bad)
+    assert weights.ship(load_config(BASE)) is None  # nothing to ship for the synthetic task

@@ -3,8 +3,11 @@ runtimes must match number for number."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from decaf_ray import devices
 from decaf_ray.agents import AgentGroup, Inbox
 from decaf_ray.experiment import Plan
 from decaf_ray.factors import Factors, Grads
@@ -19,9 +22,15 @@ class InProcessHosts:
         if cfg.runtime.threads:
             torch.set_num_threads(cfg.runtime.threads)
         self.plan = plan
+        devices.set_deterministic(cfg.runtime.deterministic)
+        start = time.perf_counter()
+        load = getattr(plan.task, "load", None)
+        if load is not None:  # the one-off model load, timed apart from the rounds
+            load()
         self.group = AgentGroup.build(cfg, plan.task, plan.algorithm,
                                       build_optimizer(cfg.optim, cfg.total_steps),
                                       dict(enumerate(plan.shards)))
+        self.load_s, self.mix_s = time.perf_counter() - start, 0.0
 
     def local_steps(self, t: int, count: int) -> None:
         for step in range(t, t + count):
@@ -33,7 +42,10 @@ class InProcessHosts:
         for i in payloads:
             ids, weights = self.plan.neighbours(i)
             inbox[i] = (ids, weights, [payloads[j] for j in ids])
-        return self.group.mix_and_apply(t, inbox, diagnose)
+        start = time.perf_counter()
+        diags = self.group.mix_and_apply(t, inbox, diagnose)
+        self.mix_s = time.perf_counter() - start
+        return diags
 
     def evaluate(self) -> dict[int, dict[str, float]]:
         return self.group.evaluate()

@@ -8,6 +8,7 @@ driver (callbacks, progress bar).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol, Union
@@ -22,7 +23,14 @@ from decaf_ray.factors import Factors, Grads
 
 
 class Hosts(Protocol):
-    """Agents wherever they live; every call covers all agents."""
+    """Agents wherever they live; every call covers all agents.
+
+    Two timings the loop reads: ``load_s``, the seconds the hosts took to build their task and
+    load its model (once, before round 0; the slowest host), and ``mix_s``, the seconds the last
+    ``communicate`` spent mixing and applying (the slowest host)."""
+
+    load_s: float
+    mix_s: float
 
     def local_steps(self, t: int, count: int) -> None:
         """Steps t, t+1, ..., t+count-1 without communication."""
@@ -70,6 +78,7 @@ def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
     which is how a remote run streams its metrics. ``resume`` continues from a ``RunState``.
     """
     cfg, start, status, diverged = plan.config, time.perf_counter(), "completed", None
+    clock = _Clock()
     if resume is None:
         rows, t, first = [], 0, 1
     else:
@@ -78,20 +87,25 @@ def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
     rnd = first - 1
     try:
         if resume is None:
-            rows += (new := _eval_rows(plan, hosts, 0, 0, {}))
-            hosts.end_round(0)
+            with clock.phase("eval"):
+                rows += (new := _eval_rows(plan, hosts, 0, 0, {}))
+                hosts.end_round(0)
             yield 0, new
         for rnd in range(first, cfg.rounds + 1):
             evaluate = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
             talk = plan.algorithm.communicates
             quiet = cfg.local_steps - 1 if talk else cfg.local_steps
-            if quiet:
-                hosts.local_steps(t + 1, quiet)
-            t += cfg.local_steps
-            diags = hosts.communicate(t, diagnose=evaluate) if talk else {}
-            new = _eval_rows(plan, hosts, rnd, t, diags) if evaluate else []
+            with clock.phase("train"):
+                if quiet:
+                    hosts.local_steps(t + 1, quiet)
+                t += cfg.local_steps
+                diags = hosts.communicate(t, diagnose=evaluate) if talk else {}
+            mix = getattr(hosts, "mix_s", 0.0) if talk else 0.0
+            with clock.phase("eval"):
+                new = _eval_rows(plan, hosts, rnd, t, diags) if evaluate else []
+                hosts.end_round(rnd)  # Ray: the round's deferred steps run here, if any
+            clock.end_round(rnd, mix)
             rows += new
-            hosts.end_round(rnd)
             yield rnd, new
             if checkpoint_every and rnd % checkpoint_every == 0 and rnd < cfg.rounds:
                 yield RunState(rnd, t, list(rows), hosts.snapshot())
@@ -102,7 +116,51 @@ def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
     factors = hosts.factors()
     done = rnd if status == "completed" else rnd - 1
     summary = _summary(plan, status, done, t, diverged, final, time.perf_counter() - start)
+    summary.update(clock.summary(getattr(hosts, "load_s", 0.0)))
     yield RunResult(cfg, status, rows, summary, factors)
+
+
+class _Clock:
+    """Wall-clock time per phase and round, measured where the loop runs (the coordinator).
+
+    ``train`` is the round's local steps and communication, wall clock, which includes mixing;
+    ``mix`` (reported by the hosts) is split out of it, so train + mix is a round's wall time
+    without evaluation: the paper's time per round (Tables 6 and 7). ``eval`` is evaluation and
+    diagnostics. On Ray a round's quiet steps run with its communication, so both land in train.
+    """
+
+    def __init__(self):
+        self.totals = {"train": 0.0, "eval": 0.0}
+        self.rounds: list[list[float]] = []
+        self._round = {"train": 0.0, "eval": 0.0}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self.totals[name] += spent
+            self._round[name] += spent
+
+    def end_round(self, rnd: int, mix: float) -> None:
+        train, ev = self._round["train"], self._round["eval"]
+        mix = min(mix, train)
+        self.rounds.append([rnd, round(train - mix, 6), round(mix, 6), round(ev, 6)])
+        self._round = {"train": 0.0, "eval": 0.0}
+
+    def summary(self, load_s: float) -> dict[str, Any]:
+        mix = sum(r[2] for r in self.rounds)
+        train = sum(r[1] for r in self.rounds)
+        n = max(len(self.rounds), 1)
+        return {
+            "load_time_s": load_s,
+            "train_time_s": train, "mix_time_s": mix, "eval_time_s": self.totals["eval"],
+            "time_per_round_s": (train + mix) / n,
+            "round_times": {"columns": ["round", "train_s", "mix_s", "eval_s"],
+                            "rows": self.rounds},
+        }
 
 
 def follow(items: Iterable[Item], rounds: int, desc: str, *,
@@ -175,7 +233,6 @@ def _summary(plan: Plan, status: str, rounds: int, steps: int, diverged: Any,
         "status": status, "algorithm": cfg.algorithm, "agents": plan.agents,
         "rounds_completed": rounds, "steps_completed": steps, "diverged_at": diverged,
         "final": final, "wall_time_s": wall,
-        "time_per_round_s": wall / max(rounds, 1),
         "floats_sent_per_round_per_agent": _floats_per_round(plan),
         "trainable_params_per_agent": F.param_count(plan.task.lora_shapes(), cfg.lora.rank,
                                                      plan.algorithm.train_A),

@@ -8,17 +8,26 @@ object store and never through the driver.
   one object per agent (the agent's published factors, as numpy arrays so reads are zero-copy);
   the coordinator hands every host the refs of its agents' neighbours and the host mixes
   locally. Rows stream back to the driver through a Ray generator, one item per round.
+- Placement: a run's hosts are one placement group (a sweep trial's hosts take the trial's), so
+  they start together or not at all; a request no node could hold fails before anything starts
+  (``decaf_ray.placement``), and one not placed within ``runtime.placement_timeout_s`` ends with
+  the pending resources named. Every actor uses exactly the GPUs Ray assigned to it
+  (``decaf_ray.devices``): a host that reserved none, and the coordinator, see no GPU.
 - Crash recovery: every ``checkpoint_every`` rounds each host returns a snapshot of its agents as
   an object the coordinator owns (so it outlives the host's process). When a host dies, the
-  coordinator starts a replacement, restores every host to the last snapshot, and replays the
-  calls made since, which reproduces the same numbers because all randomness is seeded per
-  agent and step. ``max_host_restarts`` bounds it.
+  coordinator kills what is left of it, starts a replacement in its bundle, restores every host to
+  the last snapshot, and replays the calls made since, which reproduces the same numbers because
+  all randomness is seeded per agent and step. ``max_host_restarts`` bounds it. Whether a host
+  died is Ray's word (its actor is dead), asked through a ``ping`` that has its own thread, so a
+  host busy in a long step or evaluation is never mistaken for a dead one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import time
 import uuid
 import warnings
 from typing import Any, Callable
@@ -28,11 +37,13 @@ import ray
 import torch
 
 from decaf_ray.agents import AgentGroup, Diverged
+from decaf_ray import devices, placement
 from decaf_ray.algorithms import ALGORITHMS
-from decaf_ray.config import ExperimentConfig, load_config
+from decaf_ray.config import ConfigError, ExperimentConfig, load_config
 from decaf_ray.experiment import Plan, RunFailed, RunResult, prepare
 from decaf_ray.factors import Factors, Grads
 from decaf_ray.optim import build_optimizer
+from decaf_ray.runtime import weights
 from decaf_ray.runtime.loop import RunState, follow, stream
 
 NumpyFactors = dict[str, tuple[Any, np.ndarray]]
@@ -54,26 +65,45 @@ class HostFailure(RunFailed):
     """A host died more often than ``runtime.max_host_restarts`` allows."""
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"ping": 1})
 class AgentHost:
     """Agents that share one frozen base model; methods mirror ``AgentGroup``'s."""
 
-    def __init__(self, config: dict, shards: dict[int, np.ndarray]):
+    def __init__(self, config: dict, shards: dict[int, np.ndarray],
+                 shipped: weights.Shipped | None = None):
+        devices.hide_unassigned_gpus()  # before anything can touch CUDA
         self.config, self.shards, self.group = config, shards, None
+        self.shipped = shipped
 
-    def setup(self) -> None:
-        cfg = load_config(self.config)
+    def setup(self) -> float:
+        """Build the task and the agents, load the base model; returns the seconds it took."""
+        start = time.perf_counter()
+        cfg = load_config(weights.receive(self.config, self.shipped))
         torch.set_num_threads(host_threads(cfg))
+        devices.set_deterministic(cfg.runtime.deterministic)
         from decaf_ray.tasks import build_task
 
         task = build_task(cfg.task, cfg.lora, cfg.seed)
+        load = getattr(task, "load", None)
+        if load is not None:  # the one-off model load, timed apart from the rounds
+            load()
         self.group = AgentGroup.build(cfg, task, ALGORITHMS[cfg.algorithm],
                                       build_optimizer(cfg.optim, cfg.total_steps), self.shards)
+        return time.perf_counter() - start
 
+    @ray.method(concurrency_group="ping")
     def where(self) -> dict[str, Any]:
-        """This host's node, process and agents (placement checks, fault injection in tests)."""
-        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                "agents": sorted(self.shards)}
+        """This host's node, process, agents and accelerators (placement checks, liveness,
+        fault injection in tests). Answers at once, even while the host is in a long step."""
+        ctx = ray.get_runtime_context()
+        return {"node": ctx.get_node_id(), "pid": os.getpid(), "agents": sorted(self.shards),
+                "gpu_ids": devices.assigned_gpu_ids(), "cuda_visible": devices.visible(),
+                "device": str(devices.resolve("auto"))}
+
+    def busy(self, seconds: float) -> None:
+        """Occupy the host's call queue for ``seconds``, as a long step or evaluation would
+        (fault injection in tests)."""
+        time.sleep(seconds)
 
     def local_steps(self, t: int, count: int) -> None:
         for step in range(t, t + count):
@@ -86,12 +116,17 @@ class AgentHost:
         out = [to_numpy(payloads[i]) for i in sorted(payloads)]
         return out[0] if len(out) == 1 else tuple(out)
 
-    def mix_and_apply(self, t: int, inbox: dict, diagnose: bool) -> dict[int, dict[str, float]]:
+    def mix_and_apply(self, t: int, inbox: dict, diagnose: bool
+                      ) -> tuple[dict[int, dict[str, float]], float]:
+        """Fetch the neighbours' factors, mix, apply; returns the diagnostics and the seconds
+        spent mixing and applying (fetching excluded)."""
         refs = sorted({r for _, _, rs in inbox.values() for r in rs}, key=lambda r: r.hex())
         fetched = dict(zip(refs, ray.get(refs)))
         local = {i: (ids, w, [from_numpy(fetched[r]) for r in rs])
                  for i, (ids, w, rs) in inbox.items()}
-        return self.group.mix_and_apply(t, local, diagnose)
+        start = time.perf_counter()
+        diags = self.group.mix_and_apply(t, local, diagnose)
+        return diags, time.perf_counter() - start
 
     def evaluate(self) -> dict[int, dict[str, float]]:
         return self.group.evaluate()
@@ -119,26 +154,67 @@ def _cpus_per_host(cfg: ExperimentConfig, hosts: int) -> float:
     if cfg.runtime.cpus_per_host is not None:
         return cfg.runtime.cpus_per_host
     total = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
-    return min(1.0, total / max(hosts, 1))
+    # Ray counts resources in units of 1e-4 and rounds: 3 x 0.666667 would ask 2.0001 of 2 CPUs
+    return min(1.0, math.floor(total / max(hosts, 1) * 1e4) / 1e4)
+
+
+def host_count(cfg: ExperimentConfig) -> int:
+    """Hosts of a run: ``agents`` in groups of ``runtime.agents_per_host``."""
+    return -(-cfg.agents // cfg.runtime.agents_per_host)
+
+
+def host_bundle(cfg: ExperimentConfig, hosts: int | None = None) -> dict[str, float]:
+    """The resources one host reserves: its CPUs and, if any, GPUs."""
+    bundle = {"CPU": _cpus_per_host(cfg, hosts or host_count(cfg))}
+    if cfg.runtime.gpus_per_host:
+        bundle["GPU"] = cfg.runtime.gpus_per_host
+    return bundle
+
+
+def hosts_group(run_id: str) -> str:
+    """The name of the placement group a run's hosts live in (outside a sweep trial)."""
+    return f"{run_id}/hosts"
+
+
+HOST_FIELDS = {"CPU": "runtime.cpus_per_host", "GPU": "runtime.gpus_per_host"}
+
+
+def check_resources(cfg: ExperimentConfig) -> None:
+    """Raise ``ConfigError`` (naming the field and the numbers) when the run's hosts could never
+    be placed on the cluster Ray is connected to. Connects first (an embedded Ray if none)."""
+    connect()
+    n = host_count(cfg)
+    bundle = host_bundle(cfg, n)
+    placement.check([bundle] * n, placement.nodes(), HOST_FIELDS,
+                     f"runtime: {n} hosts ({cfg.agents} agents, agents_per_host "
+                     f"{cfg.runtime.agents_per_host}) of {placement.fmt(bundle)} each")
 
 
 class RayHosts:
     """``Hosts`` (see ``runtime.loop``) over AgentHost actors, with crash recovery."""
 
-    def __init__(self, plan: Plan, run_id: str):
+    def __init__(self, plan: Plan, run_id: str, shipped: weights.Shipped | None = None):
         cfg = plan.config
-        self.plan, self.run_id, self.restarts = plan, run_id, 0
+        self.plan, self.run_id, self.restarts, self.shipped = plan, run_id, 0, shipped
         per = cfg.runtime.agents_per_host
         ids = list(range(plan.agents))
         self.members = [ids[k:k + per] for k in range(0, len(ids), per)]
-        self.cpus = _cpus_per_host(cfg, len(self.members))
-        total = ray.cluster_resources().get("CPU", 0.0)
-        if self.cpus * len(self.members) > total + 1e-6:
-            raise HostFailure(
-                f"runtime: {len(self.members)} hosts x {self.cpus} CPUs exceeds the cluster's "
-                f"{total:g} CPUs; raise agents_per_host or lower cpus_per_host")
+        self.bundle = host_bundle(cfg, len(self.members))
+        self.cpus = self.bundle["CPU"]
+        what = (f"runtime: {len(self.members)} hosts of {placement.fmt(self.bundle)} each "
+                f"(run {run_id})")
+        # Inside a sweep trial the hosts take the trial's placement group (reserved by Tune);
+        # otherwise the run reserves its own, spread over nodes, and waits for it with a limit.
+        self.pg = None
+        if ray.util.get_current_placement_group() is None:
+            placement.check([self.bundle] * len(self.members), placement.nodes(), HOST_FIELDS,
+                            what)
+            self.pg = ray.util.placement_group([self.bundle] * len(self.members),
+                                               strategy="SPREAD", name=hosts_group(run_id))
+            placement.wait_ready(self.pg, cfg.runtime.placement_timeout_s, what)
         self.hosts = [self._start(k, f"{run_id}/host{k}") for k in range(len(self.members))]
-        ray.get([h.setup.remote() for h in self.hosts])
+        self.load_s = max(ray.get([h.setup.remote() for h in self.hosts]))
+        self.mix_s = 0.0
         self.log: list[tuple[str, tuple]] = []
         self.snapshots = [h.snapshot.remote() for h in self.hosts]
         self.deferred: tuple[int, int] | None = None
@@ -146,12 +222,15 @@ class RayHosts:
     def _start(self, k: int, name: str):
         cfg = self.plan.config
         shards = {i: self.plan.shards[i] for i in self.members[k]}
-        # Inside a placement group (a sweep trial) hosts take its bundles; otherwise spread them.
-        in_group = ray.util.get_current_placement_group() is not None
+        strategy = None  # a sweep trial's hosts: its placement group captures them
+        if self.pg is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k)
         return AgentHost.options(
             name=name, num_cpus=self.cpus, num_gpus=cfg.runtime.gpus_per_host,
-            scheduling_strategy=None if in_group else "SPREAD",
-        ).remote(cfg.to_dict(), shards)
+            scheduling_strategy=strategy,
+        ).remote(cfg.to_dict(), shards, self.shipped)
 
     # ------------------------------------------------------------ recovery
 
@@ -177,7 +256,9 @@ class RayHosts:
                     f"host(s) {dead} died ({type(error).__name__}); {self.restarts} restarts "
                     f"exceed runtime.max_host_restarts={limit}")
             try:
-                for k in dead:
+                for k in dead:  # what is left of it (a wedged process) must free its bundle
+                    with contextlib.suppress(Exception):
+                        ray.kill(self.hosts[k], no_restart=True)
                     self.hosts[k] = self._start(k, f"{self.run_id}/host{k}-r{self.restarts}")
                 ray.get([self.hosts[k].setup.remote() for k in dead])
                 ray.get([h.restore.remote(s) for h, s in zip(self.hosts, self.snapshots)])
@@ -224,7 +305,9 @@ class RayHosts:
                 nbrs, weights = self.plan.neighbours(i)
                 inbox[i] = (nbrs, weights, [refs[j] for j in nbrs])
             calls.append(h.mix_and_apply.remote(t, inbox, diagnose))
-        return {i: d for part in ray.get(calls) for i, d in part.items()}
+        parts = ray.get(calls)
+        self.mix_s = max(s for _, s in parts)  # hosts mix side by side: the slowest counts
+        return {i: d for part, _ in parts for i, d in part.items()}
 
     def evaluate(self) -> dict[int, dict[str, float]]:
         self._flush()
@@ -274,6 +357,8 @@ class RayHosts:
     def close(self) -> None:
         for h in self.hosts:
             ray.kill(h)
+        if self.pg is not None:
+            ray.util.remove_placement_group(self.pg)
 
 
 @contextlib.contextmanager
@@ -288,10 +373,13 @@ def _unwrapped():
 
 
 def _alive(host) -> bool:
+    """Ray's word on whether a host's actor lives. ``where`` runs in its own concurrency group,
+    so a host in a long step answers at once; a dead one raises (Ray detects dead processes and
+    nodes itself), so no timeout decides it."""
     try:
-        ray.get(host.where.remote(), timeout=30)
+        ray.get(host.where.remote())
         return True
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+    except ray.exceptions.RayActorError:
         return False
 
 
@@ -299,18 +387,25 @@ def _alive(host) -> bool:
 class Coordinator:
     """Owns the plan and the hosts of one run; ``run`` streams (round, rows) then the result."""
 
-    def __init__(self, config: dict, run_id: str):
-        self.config, self.run_id = config, run_id
+    def __init__(self, config: dict, run_id: str, shipped: weights.Shipped | None = None):
+        devices.hide_unassigned_gpus()  # it reserved none; it must never start a CUDA context
+        self.config, self.run_id, self.shipped = config, run_id, shipped
 
     def run(self, resume=None, checkpoint_every: int | None = None):
-        plan = prepare(load_config(self.config))
-        hosts = RayHosts(plan, self.run_id)
+        plan = prepare(load_config(self.config))  # reads no weights: the hosts load them
+        hosts = RayHosts(plan, self.run_id, self.shipped)
         try:
             for item in stream(plan, hosts, resume=resume, checkpoint_every=checkpoint_every):
                 if isinstance(item, RunResult):
+                    where = hosts.where()
                     item.summary["hosts"] = len(hosts.members)
                     item.summary["host_restarts"] = hosts.restarts
-                    item.summary["host_nodes"] = len({w["node"] for w in hosts.where()})
+                    item.summary["host_nodes"] = len({w["node"] for w in where})
+                    item.summary["placement"] = {
+                        "hosts": [{k: w[k] for k in ("node", "gpu_ids", "cuda_visible", "device")}
+                                  for w in where],
+                        "coordinator": {"cuda_visible": devices.visible(),
+                                        "device": str(devices.resolve("auto"))}}
                 yield item
         finally:
             hosts.close()
@@ -335,17 +430,25 @@ def run_on_ray(cfg: ExperimentConfig, *, run_id: str | None = None, resume: RunS
     """Run ``cfg`` on Ray; rows reach ``on_rows`` as each evaluation round completes.
 
     ``follow_kwargs`` go to ``runtime.loop.follow`` (on_rows, on_checkpoint, progress)."""
-    connect()
+    from decaf_ray.pretrain import resolve_checkpoint
+
+    check_resources(cfg)
+    cfg = resolve_checkpoint(cfg)  # a stand-in is trained here, once, never in a host
     run_id = run_id or f"decaf-ray-{uuid.uuid4().hex[:8]}"
-    coordinator = Coordinator.options(name=f"{run_id}/coordinator").remote(cfg.to_dict(), run_id)
+    coordinator = Coordinator.options(name=f"{run_id}/coordinator").remote(
+        cfg.to_dict(), run_id, weights.ship(cfg))
     try:
         gen = coordinator.run.remote(resume, checkpoint_every)
         items = (ray.get(ref) for ref in gen)
         return follow(items, cfg.rounds, cfg.algorithm,
                       initial=resume.round if resume else 0, **follow_kwargs)
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, RunFailed):
+        if isinstance(e.cause, (RunFailed, ConfigError)):
             raise e.cause from None
         raise
     finally:
         ray.kill(coordinator)
+        # The coordinator is killed as soon as its result is in, before its own cleanup can
+        # run; its hosts die with it (their owner), its placement group is freed here.
+        with contextlib.suppress(Exception):
+            ray.util.remove_placement_group(ray.util.get_placement_group(hosts_group(run_id)))

@@ -98,6 +98,7 @@ def _worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = load_config(config["experiment"])
     torch.set_num_threads(cfg.runtime.threads or max(1, int(cfg.runtime.cpus_per_host or 1)))
+    devices.set_deterministic(cfg.runtime.deterministic)
     plan = prepare(cfg)
     if world > 1:
         plan = replace(plan, task=DataParallelTask(plan.task, rank, world))

@@ -1,0 +1,106 @@
+"""Will a request fit the cluster? Answered before anything is placed, so that an impossible run or
+sweep ends in a second with one line instead of actors that stay pending forever.
+
+Ray itself never refuses an infeasible actor or placement group: it waits (for an autoscaler that
+may add a node). ``check`` compares what is asked (bundles of resources: one per host, or a
+trial's driver sliver plus its hosts) with the nodes' totals and raises a ``ConfigError`` naming
+the config field and the numbers when no cluster state could ever hold it. A request that could
+fit but is not placed in time (busy nodes, an autoscaler that does not come) ends through
+``wait_ready`` with a line saying which resources are pending.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from decaf_ray.config import ConfigError
+from decaf_ray.experiment import RunFailed
+
+Bundle = Mapping[str, float]
+RESOURCES = ("CPU", "GPU", "memory")
+EPS = 1e-6
+
+
+class PlacementTimeout(RunFailed):
+    """A feasible request that Ray did not place within the configured time."""
+
+
+def nodes() -> list[dict[str, float]]:
+    """The alive nodes' total resources (``CPU``, ``GPU``, ``memory`` in bytes; 0 if absent)."""
+    import ray
+
+    return [{k: float(n["Resources"].get(k, 0.0)) for k in RESOURCES}
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def fmt(bundle: Bundle, keys: tuple[str, ...] = ()) -> str:
+    """``{CPU: 1, GPU: 0.5}`` as ``1 CPU, 0.5 GPU`` (memory in GiB); ``keys`` are shown even
+    when zero."""
+    parts = []
+    for k in RESOURCES:
+        v = float(bundle.get(k, 0.0))
+        if v or k in keys:
+            parts.append(f"{v / 2**30:.3g} GiB memory" if k == "memory" else f"{v:g} {k}")
+    return ", ".join(parts) or "nothing"
+
+
+def problem(bundles: list[Bundle], cluster: list[Bundle]) -> tuple[str, str] | None:
+    """Why ``bundles`` can never be placed on ``cluster`` (resource, reason), or None.
+
+    Two necessary conditions, each exact: every bundle fits on some node (a bundle is never split
+    between nodes), and the bundles' sum fits the cluster's total. A request that passes may still
+    not pack (bundles are placed whole); that case waits and ends through ``wait_ready``.
+    """
+    for k in RESOURCES:
+        largest = max((float(n.get(k, 0.0)) for n in cluster), default=0.0)
+        need = max((float(b.get(k, 0.0)) for b in bundles), default=0.0)
+        if need > largest + EPS:
+            unit = "GiB of memory" if k == "memory" else k
+            scale = 2**30 if k == "memory" else 1
+            return k, (f"one bundle asks {need / scale:g} {unit} but the largest of the "
+                       f"cluster's {len(cluster)} node(s) has {largest / scale:g}")
+        total = sum(float(n.get(k, 0.0)) for n in cluster)
+        asked = sum(float(b.get(k, 0.0)) for b in bundles)
+        if asked > total + EPS:
+            unit = "GiB of memory" if k == "memory" else k
+            scale = 2**30 if k == "memory" else 1
+            return k, (f"{len(bundles)} bundles ask {asked / scale:g} {unit} in all but the "
+                       f"cluster has {total / scale:g}")
+    return None
+
+
+def check(bundles: list[Bundle], cluster: list[Bundle], field: str | Mapping[str, str],
+          what: str) -> None:
+    """Raise ``ConfigError`` when ``bundles`` can never be placed on ``cluster``.
+
+    Args:
+        bundles: the resources asked, one mapping per bundle (e.g. one per host).
+        cluster: the nodes' totals (``nodes()``, or a planned cluster).
+        field: the config field to blame, or one per resource name (``{"GPU":
+            "runtime.gpus_per_host", ...}``); a resource missing from the mapping blames
+            ``field["*"]`` or ``runtime``.
+        what: what is being placed, for the message (``"4 hosts of 1 CPU, 1 GPU"``).
+    """
+    found = problem(bundles, cluster)
+    if found is None:
+        return
+    resource, reason = found
+    name = field if isinstance(field, str) else field.get(resource, field.get("*", "runtime"))
+    raise ConfigError(name, f"{what} cannot be placed: {reason}; ask for less or use a "
+                            "bigger cluster")
+
+
+def wait_ready(pg, timeout_s: float, what: str) -> None:
+    """Wait until placement group ``pg`` is placed; after ``timeout_s`` seconds remove it and
+    raise ``PlacementTimeout`` naming what is pending and what the cluster has free."""
+    import ray
+
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        free = ray.available_resources()
+        ray.util.remove_placement_group(pg)
+        raise PlacementTimeout(
+            f"{what}: not placed after {timeout_s:g} s (runtime.placement_timeout_s); pending "
+            f"{len(pg.bundle_specs)} bundles of {fmt(pg.bundle_specs[0])}; the cluster has "
+            f"{fmt(free, tuple(pg.bundle_specs[0]))} free now") from None

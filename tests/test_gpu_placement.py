@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent("""
     out["whole"] = placed(res)
 
     # impossible requests end at once with one line naming the field
-    for key, runtime in [("too_big", {"gpus_per_host": 2, "agents_per_host": 2}),
+    for key, runtime in [("too_big", {"gpus_per_host": 3, "agents_per_host": 4}),
                          ("too_many", {"gpus_per_host": 1})]:
         start = time.perf_counter()
         try:
@@ -131,7 +131,7 @@ def test_impossible_gpu_requests_fail_at_once_naming_the_field(facts):
     big, many = facts["too_big"], facts["too_many"]
     assert big != "ran" and many != "ran"
     assert big["field"] == many["field"] == "runtime.gpus_per_host"
-    assert "largest" in big["message"] and "2" in big["message"]
+    assert "one bundle asks 3 GPU but the largest" in big["message"] and "has 2" in big["message"]
     assert "4 bundles ask 4 GPU" in many["message"] and "cluster has 2" in many["message"]
     for f in (big, many):
         assert "\n" not in f["message"]
@@ -141,7 +141,8 @@ def test_impossible_gpu_requests_fail_at_once_naming_the_field(facts):
 def test_a_possible_request_not_placed_in_time_names_what_is_pending(facts):
     busy = facts["busy"]
     assert busy != "ran"
-    assert "not placed after 3 s" in busy["message"] and "1 CPU, 1 GPU" in busy["message"]
+    assert "not placed after 3 s" in busy["message"] and "pending 2 bundles of 0.5 CPU, 1 GPU" in busy["message"]
+    assert "0 GPU" in busy["message"]  # what is free now
     assert "\n" not in busy["message"]
 
 

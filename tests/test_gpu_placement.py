@@ -57,6 +57,27 @@ SCRIPT = textwrap.dedent("""
     res = run(cfg(gpus_per_host=1, agents_per_host=2), progress=False)
     out["whole"] = placed(res)
 
+    # a host killed while another is busy in a long call: one restart, into the dead host's
+    # bundle (its GPU), and the numbers of the uninterrupted in-process run
+    import threading
+    done = threading.Event()
+
+    def on_rows(rows):
+        if rows[0]["round"] >= 2 and not done.is_set():
+            done.set()
+            ray.get_actor("gpu-busy/host1").busy.remote(4.0)
+            ray.kill(ray.get_actor("gpu-busy/host0"))
+
+    long = {**base, "rounds": 4, "eval_every": 1}
+    got = run(load_config({**long, "runtime": {**base["runtime"], "gpus_per_host": 1,
+                                                "agents_per_host": 2}}),
+              progress=False, on_rows=on_rows, run_id="gpu-busy")
+    ref = run(load_config({**long, "runtime": {"kind": "inprocess", "threads": 1}}),
+              progress=False)
+    out["recovered"] = {"killed": done.is_set(), "restarts": got.summary["host_restarts"],
+                        "same": [r["value"] for r in got.rows] == [r["value"] for r in ref.rows],
+                        "gpus": sorted(h["gpu_ids"] for h in placed(got)["hosts"])}
+
     # impossible requests end at once with one line naming the field
     for key, runtime in [("too_big", {"gpus_per_host": 3, "agents_per_host": 4}),
                          ("too_many", {"gpus_per_host": 1})]:
@@ -177,3 +198,9 @@ TINY_CLIP = {"embed_dim": 8,
                             "head_width": 8},
              "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 2,
                           "layers": 1}}
+
+
+def test_a_host_killed_while_another_is_busy_recovers_exactly_on_its_gpu(facts):
+    rec = facts["recovered"]
+    assert rec["killed"] and rec["restarts"] == 1 and rec["same"]
+    assert rec["gpus"] == [["0"], ["1"]]  # the replacement took the dead host's GPU

@@ -101,13 +101,14 @@ def cmd_run(args) -> int:
     from decaf_ray.algorithms import ALGORITHMS
     from decaf_ray.pretrain import resolve_checkpoint
 
-    # a stand-in checkpoint is made here, once (trained on a cache miss); hosts only read it
-    cfg = resolve_checkpoint(load_config(args.config, args.overrides))
-    plan = prepare(cfg)  # every config error surfaces here, before anything is written
+    cfg = load_config(args.config, args.overrides)
     if cfg.runtime.kind == "ray" and not ALGORITHMS[cfg.algorithm].centralized:
         from decaf_ray.runtime.ray_runtime import check_resources
 
         check_resources(cfg)  # hosts no node could hold: one line now, not a hang later
+    # a stand-in checkpoint is made here, once (trained on a cache miss); hosts only read it
+    cfg = resolve_checkpoint(cfg)
+    plan = prepare(cfg)  # every config error surfaces here, before anything is written
     for line in _warnings(cfg):
         print(f"decaf-ray: warning: {line}", file=sys.stderr)
     out = Path(args.out or f"runs/{cfg.name or cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")

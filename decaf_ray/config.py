@@ -26,6 +26,9 @@ class ConfigError(ValueError):
         super().__init__(f"{field}: {message}" if field else message)
         self.field, self.message = field, message
 
+    def __reduce__(self):  # crosses process boundaries (raised in a Ray actor, shown here)
+        return type(self), (self.field, self.message)
+
     def under(self, prefix: str) -> "ConfigError":
         return ConfigError(f"{prefix}.{self.field}" if self.field else prefix, self.message)
 

@@ -79,7 +79,6 @@ def visible() -> str | None:
 def set_deterministic(on: bool) -> None:
     """``runtime.deterministic``: deterministic kernels in this process (before CUDA starts, so
     cuBLAS reads its workspace setting)."""
-    if not on:
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)  # off again for the next run of this process

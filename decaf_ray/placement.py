@@ -51,14 +51,25 @@ def problem(bundles: list[Bundle], cluster: list[Bundle]) -> tuple[str, str] | N
     between nodes), and the bundles' sum fits the cluster's total. A request that passes may still
     not pack (bundles are placed whole); that case waits and ends through ``wait_ready``.
     """
+    def holds(node: Bundle, bundle: Bundle) -> bool:
+        return all(float(bundle.get(k, 0.0)) <= float(node.get(k, 0.0)) + EPS
+                   for k in RESOURCES)
+
+    for bundle in bundles:  # whole on one node: every resource of it on the same node
+        if any(holds(n, bundle) for n in cluster):
+            continue
+        for k in RESOURCES:
+            largest = max((float(n.get(k, 0.0)) for n in cluster), default=0.0)
+            need = float(bundle.get(k, 0.0))
+            if need > largest + EPS:
+                unit = "GiB of memory" if k == "memory" else k
+                scale = 2**30 if k == "memory" else 1
+                return k, (f"one bundle asks {need / scale:g} {unit} but the largest of the "
+                           f"cluster's {len(cluster)} node(s) has {largest / scale:g}")
+        k = next((k for k in RESOURCES if bundle.get(k)), "CPU")
+        return k, (f"one bundle asks {fmt(bundle)} and no node has all of it at once (each "
+                   "resource exists, on different nodes)")
     for k in RESOURCES:
-        largest = max((float(n.get(k, 0.0)) for n in cluster), default=0.0)
-        need = max((float(b.get(k, 0.0)) for b in bundles), default=0.0)
-        if need > largest + EPS:
-            unit = "GiB of memory" if k == "memory" else k
-            scale = 2**30 if k == "memory" else 1
-            return k, (f"one bundle asks {need / scale:g} {unit} but the largest of the "
-                       f"cluster's {len(cluster)} node(s) has {largest / scale:g}")
         total = sum(float(n.get(k, 0.0)) for n in cluster)
         asked = sum(float(b.get(k, 0.0)) for b in bundles)
         if asked > total + EPS:

@@ -348,8 +348,8 @@ def _resolve_weights(sweep: SweepConfig):
 
     if any("task.checkpoint" in key.split(",") or "task.model_config" in key.split(",")
            for key in sweep.grid):
-        for point in sweep.points():
-            resolve_checkpoint(sweep.config_for({**point, **_sample_lows(sweep.grid)}))
+        for params in sweep.representative_params():  # every grid point and choice
+            resolve_checkpoint(sweep.config_for(params))
         return sweep, None
     first = sweep.config_for({**(sweep.points() or [{}])[0], **_sample_lows(sweep.grid)})
     resolved = resolve_checkpoint(first)

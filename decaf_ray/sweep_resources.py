@@ -10,6 +10,8 @@ pending forever).
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 from decaf_ray.config import ExperimentConfig, load_config
@@ -40,7 +42,10 @@ def host_share(cfg: ExperimentConfig, cluster_cpus: float | None) -> float:
     if cluster_cpus is None:
         return 1.0
     # never 0 (not a valid cpus_per_host): on a cluster without CPUs, check_fits says so
-    return max(min(1.0, (cluster_cpus - DRIVER_CPUS) / _hosts(cfg)), DRIVER_CPUS)
+    # floored to Ray's unit of 1e-4: Ray rounds to the nearest unit, so 6 x 0.33165 would ask
+    # 6 x 0.3317 + 0.01 = 2.0002 of 2 CPUs and the trial would stay pending forever
+    share = math.floor((cluster_cpus - DRIVER_CPUS) / _hosts(cfg) * 1e4) / 1e4
+    return max(min(1.0, share), DRIVER_CPUS)
 
 
 def _hosts(cfg: ExperimentConfig) -> int:

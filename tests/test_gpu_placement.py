@@ -204,3 +204,34 @@ def test_a_host_killed_while_another_is_busy_recovers_exactly_on_its_gpu(facts):
     rec = facts["recovered"]
     assert rec["killed"] and rec["restarts"] == 1 and rec["same"]
     assert rec["gpus"] == [["0"], ["1"]]  # the replacement took the dead host's GPU
+
+
+def test_placement_checks_each_bundle_whole_on_one_node():
+    from decaf_ray.placement import problem
+
+    mixed = [{"CPU": 32.0}, {"CPU": 8.0, "GPU": 8.0}]  # a CPU head, GPU workers
+    assert problem([{"CPU": 16.0, "GPU": 1.0}], mixed)[1].startswith("one bundle asks 16 CPU")
+    assert problem([{"CPU": 8.0, "GPU": 1.0}] + [{"CPU": 30.0}], mixed) is None
+    assert problem([{"CPU": 1.0, "GPU": 9.0}], mixed)[0] == "GPU"
+
+
+def test_a_config_error_raised_in_an_actor_reaches_the_driver_as_itself():
+    import pickle
+
+    from decaf_ray.config import ConfigError
+
+    e = pickle.loads(pickle.dumps(ConfigError("task.root", "no such folder")))
+    assert (e.field, e.message, str(e)) == ("task.root", "no such folder",
+                                            "task.root: no such folder")
+
+
+def test_a_null_cpus_per_host_share_never_rounds_above_the_cluster():
+    from decaf_ray.config import load_config
+    from decaf_ray.sweep_resources import DRIVER_CPUS, host_share
+
+    for cpus in (2.0, 8.0, 16.0):
+        for hosts in range(1, 21):
+            cfg = load_config({"agents": hosts, "task": "synthetic"})
+            share = host_share(cfg, cpus)
+            # Ray counts in units of 1e-4, rounding to the nearest
+            assert round(share * 1e4) * hosts + round(DRIVER_CPUS * 1e4) <= cpus * 1e4

@@ -247,7 +247,8 @@ class RayHosts:
 
     def _recover(self, error: Exception) -> None:
         """Replace dead hosts, restore every host to the last snapshot, replay the log."""
-        limit = self.plan.config.runtime.max_host_restarts
+        cfg = self.plan.config
+        limit, idle = cfg.runtime.max_host_restarts, 0
         while True:
             dead = [k for k, h in enumerate(self.hosts) if not _alive(h)]
             self.restarts += len(dead)
@@ -255,7 +256,16 @@ class RayHosts:
                 raise HostFailure(
                     f"host(s) {dead} died ({type(error).__name__}); {self.restarts} restarts "
                     f"exceed runtime.max_host_restarts={limit}")
+            # Every host alive yet the call failed again: what failed is not a host (e.g. a
+            # snapshot lost with its host's process); retrying once more could only spin.
+            idle = idle + 1 if not dead else 0
+            if idle > 1:
+                raise HostFailure(f"recovery failed though every host is alive: "
+                                  f"{str(error).strip().splitlines()[0] if str(error) else error!r}")
             try:
+                if dead and self.pg is not None:  # the bundle may be moving off a lost node
+                    placement.wait_ready(self.pg, cfg.runtime.placement_timeout_s,
+                                         f"replacement of host(s) {dead} (run {self.run_id})")
                 for k in dead:  # what is left of it (a wedged process) must free its bundle
                     with contextlib.suppress(Exception):
                         ray.kill(self.hosts[k], no_restart=True)

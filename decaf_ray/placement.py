@@ -11,6 +11,7 @@ fit but is not placed in time (busy nodes, an autoscaler that does not come) end
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 from decaf_ray.config import ConfigError
@@ -23,6 +24,19 @@ EPS = 1e-6
 
 class PlacementTimeout(RunFailed):
     """A feasible request that Ray did not place within the configured time."""
+
+
+def cpu_share(total: float, hosts: int, reserved: float = 0.0) -> float:
+    """CPUs per host when ``cpus_per_host`` is null: ``total`` less ``reserved`` shared evenly
+    between ``hosts``, at most 1, floored to Ray's unit of 1e-4. Ray rounds a request to the
+    nearest unit, so an unfloored share can ask more than there is (6 x 0.33165 + 0.01 is
+    asked as 2.0002 of 2 CPUs) and stay pending forever."""
+    return min(1.0, math.floor((total - reserved) / max(hosts, 1) * 1e4) / 1e4)
+
+
+def host_count(agents: int, agents_per_host: int) -> int:
+    """Hosts of a run: ``agents`` in groups of ``agents_per_host``."""
+    return -(-agents // agents_per_host)
 
 
 def nodes() -> list[dict[str, float]]:

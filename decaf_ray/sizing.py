@@ -48,10 +48,11 @@ from pathlib import Path
 from typing import Any
 
 from decaf_ray.config import ConfigError, ExperimentConfig
+from decaf_ray.placement import host_count
+from decaf_ray.sweep_resources import DRIVER_CPUS
 
 GB = 1e9
 CUDA_CONTEXT = 0.5 * GB
-DRIVER_CPU = 0.01
 """The trial driver's sliver (``sweep.trial_resources``)."""
 CPUS_PER_GPU = 8
 """CPUs per node a cluster spec implies when it does not say: 8 per GPU."""
@@ -179,12 +180,12 @@ def size_trial(cfg: ExperimentConfig, task: Any = None) -> TrialSize:
         host = (float(rt.threads or 1), rt.gpus_per_host)  # the trial's own process is the host
     elif central:
         placement, hosts, per = "train_workers", rt.train_workers, 1
-        host, driver = (rt.cpus_per_host or 1.0, rt.gpus_per_host), DRIVER_CPU
+        host, driver = (rt.cpus_per_host or 1.0, rt.gpus_per_host), DRIVER_CPUS
         batch = -(-batch // rt.train_workers)
     else:
         placement, per = "hosts", rt.agents_per_host
-        hosts = -(-agents // per)
-        host, driver = (rt.cpus_per_host or 1.0, rt.gpus_per_host), DRIVER_CPU
+        hosts = host_count(agents, per)
+        host, driver = (rt.cpus_per_host or 1.0, rt.gpus_per_host), DRIVER_CPUS
     per = min(per, agents)
     device = cfg.task.device if hasattr(cfg.task, "device") else "cpu"
     cuda = host[1] > 0 and not device.startswith(("cpu", "mps"))

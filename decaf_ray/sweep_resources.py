@@ -10,8 +10,6 @@ pending forever).
 
 from __future__ import annotations
 
-import math
-
 from typing import Any
 
 from decaf_ray.config import ExperimentConfig, load_config
@@ -41,17 +39,18 @@ def host_share(cfg: ExperimentConfig, cluster_cpus: float | None) -> float:
     trial driver's sliver; 1 when the cluster is not known."""
     if cluster_cpus is None:
         return 1.0
+    from decaf_ray.placement import cpu_share
+
     # never 0 (not a valid cpus_per_host): on a cluster without CPUs, check_fits says so
-    # floored to Ray's unit of 1e-4: Ray rounds to the nearest unit, so 6 x 0.33165 would ask
-    # 6 x 0.3317 + 0.01 = 2.0002 of 2 CPUs and the trial would stay pending forever
-    share = math.floor((cluster_cpus - DRIVER_CPUS) / _hosts(cfg) * 1e4) / 1e4
-    return max(min(1.0, share), DRIVER_CPUS)
+    return max(cpu_share(cluster_cpus, _hosts(cfg), reserved=DRIVER_CPUS), DRIVER_CPUS)
 
 
 def _hosts(cfg: ExperimentConfig) -> int:
+    from decaf_ray.placement import host_count
+
     if _centralized(cfg):
         return cfg.runtime.train_workers
-    return -(-cfg.agents // cfg.runtime.agents_per_host)
+    return host_count(cfg.agents, cfg.runtime.agents_per_host)
 
 
 def trial_resources(cfg: ExperimentConfig):

@@ -6,18 +6,16 @@ itself; the test session's own Ray is untouched.
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import yaml
+from test_ray_cluster import _env
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {
     "algorithm": "decaf", "agents": 4, "topology": "ring", "rounds": 2, "local_steps": 2,
     "eval_every": 2, "seed": 2, "grad_norm": False,
@@ -103,12 +101,6 @@ SCRIPT = textwrap.dedent("""
     ray.shutdown()
     cluster.shutdown()
 """)
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    return env
 
 
 @pytest.fixture(scope="module")

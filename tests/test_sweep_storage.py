@@ -14,19 +14,15 @@ import pytest
 import yaml
 
 import analysis
+import test_sweep
+from test_ray_cluster import _env
 from decaf_ray.config import ConfigError
 from decaf_ray.sweep import load_sweep
 from decaf_ray.sweep_resources import check_fits, trial_config, trial_resources
 from decaf_ray.sweep_storage import holds_anything, location, sweep_location
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {
-    "agents": 4, "topology": "ring", "rounds": 6, "local_steps": 2, "eval_every": 3,
-    "task": {"kind": "synthetic", "d": 4, "k": 8, "samples": 200, "test_samples": 100},
-    "data": {"partition": "classes_per_agent", "batch_size": 8},
-    "lora": {"rank": 2, "alpha": 2.0}, "optim": {"name": "sgd", "lr": 0.3},
-    "runtime": {"kind": "inprocess", "threads": 1},
-}
+BASE = {**test_sweep.BASE, "rounds": 6}
 
 # The head has no CPU, so every trial runs on the worker node; the driver (this script) is on
 # the head. Storage is a file:// URI of a folder no trial writes to directly.
@@ -65,12 +61,6 @@ WORKER_NODE_SWEEP = textwrap.dedent("""
         ray.shutdown()
         cluster.shutdown()
 """)
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    return env
 
 
 @pytest.mark.ray

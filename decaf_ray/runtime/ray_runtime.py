@@ -25,7 +25,6 @@ object store and never through the driver.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 import uuid
@@ -154,13 +153,11 @@ def _cpus_per_host(cfg: ExperimentConfig, hosts: int) -> float:
     if cfg.runtime.cpus_per_host is not None:
         return cfg.runtime.cpus_per_host
     total = ray.cluster_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
-    # Ray counts resources in units of 1e-4 and rounds: 3 x 0.666667 would ask 2.0001 of 2 CPUs
-    return min(1.0, math.floor(total / max(hosts, 1) * 1e4) / 1e4)
+    return placement.cpu_share(total, hosts)
 
 
 def host_count(cfg: ExperimentConfig) -> int:
-    """Hosts of a run: ``agents`` in groups of ``runtime.agents_per_host``."""
-    return -(-cfg.agents // cfg.runtime.agents_per_host)
+    return placement.host_count(cfg.agents, cfg.runtime.agents_per_host)
 
 
 def host_bundle(cfg: ExperimentConfig, hosts: int | None = None) -> dict[str, float]:

@@ -379,7 +379,7 @@ def plan_facts(run_dir: str) -> dict[str, Any]:
     trains nothing. Cached per run directory."""
     import numpy as _np
 
-    from decaf_ray.experiment import prepare
+    from decaf_ray.plan import prepare
     from decaf_ray.partition import label_histogram
     from decaf_ray.results import load_run_config
 

@@ -63,8 +63,8 @@ def setup(config: str, overrides: list[str]) -> dict:
         import torch
         from decaf_ray.agents import derive_seed
         from decaf_ray.algorithms import ALGORITHMS
-        from decaf_ray.config import load_config
-        from decaf_ray.experiment import prepare
+        from decaf_ray.experiment_config import load_config
+        from decaf_ray.plan import prepare
         from decaf_ray.factors import init_factors
         from decaf_ray.optim import build_optimizer
         from decaf_ray.tasks import build_task

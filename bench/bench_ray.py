@@ -84,7 +84,7 @@ class PeakPSS:
 
 def run_case(args) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from decaf_ray.config import load_config
+    from decaf_ray.experiment_config import load_config
     from decaf_ray.experiment import run
 
     cfg = load_config(config(args.task, args.agents, args.runtime, args.per_host, args.rounds,
@@ -164,14 +164,14 @@ def _floor_host(config_path: str, overrides: list[str], ids: list[int], rounds: 
                 barrier, out) -> None:
     import torch
     from decaf_ray.agents import AgentGroup
-    from decaf_ray.config import load_config
-    from decaf_ray.experiment import prepare
+    from decaf_ray.experiment_config import load_config
+    from decaf_ray.plan import prepare
     from decaf_ray.optim import build_optimizer
 
-    from decaf_ray.runtime.ray_runtime import host_threads
+    from decaf_ray.placement import host_threads
 
     cfg = load_config(config_path, overrides)
-    torch.set_num_threads(host_threads(cfg))  # as an AgentHost of this config
+    torch.set_num_threads(host_threads(cfg.runtime))  # as an AgentHost of this config
     plan = prepare(cfg)
     group = AgentGroup.build(cfg, plan.task, plan.algorithm,
                              build_optimizer(cfg.optim, cfg.total_steps),

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from decaf_ray.config import load_config
-from decaf_ray.experiment import prepare
+from decaf_ray.experiment_config import load_config
+from decaf_ray.plan import prepare
 from decaf_ray.runtime.inprocess import InProcessHosts
 
 

@@ -39,11 +39,10 @@ MixManyFn = Callable[[list[Factors], list[list[Factors]], Tensor, "MixOptions"],
 
 @dataclass(frozen=True)
 class MixOptions:
-    """Options a mix may read: the TSVD split of DeCAF, its target rank, and what happens to
-    optimizer state when the factors are re-factorized (``keep``, ``rotate``, ``reset``)."""
+    """Options a mix may read: the TSVD split of DeCAF and what happens to optimizer state when
+    the factors are re-factorized (``keep``, ``rotate``, ``reset``)."""
 
     split: str = "balanced"
-    rank: int | None = None
     state: str = "keep"
 
     @property
@@ -60,7 +59,6 @@ class Algorithm:
     train_A: bool
     mix: MixFn | None
     pi: Literal["graph", "server", "identity"]
-    paper: str
     centralized: bool = False
     refactorizes: bool = False
     """True when mixing re-factorizes (DeCAF): the factors change basis at each mix."""
@@ -157,7 +155,7 @@ def mix_decaf_many(owns: list[Factors], payloads: list[list[Factors]], weights: 
         per_agent = [stack(p, names) for p in payloads]          # n x ((m, L, r, k), (m, L, d, r))
         As = torch.stack([a for a, _ in per_agent], dim=1)       # (m, n, L, r, k)
         Bs = torch.stack([b for _, b in per_agent], dim=1)       # (m, n, L, d, r)
-        A, B = consensus.decaf_mix(As, Bs, weights.T, rank=opt.rank, split=opt.split)
+        A, B = consensus.decaf_mix(As, Bs, weights.T, split=opt.split)
         if opt.per_agent:  # aligned or conserved: fitted to each agent's own factors
             ref = stack(owns, names)
             A, B = consensus.align(A, B, *ref)
@@ -194,13 +192,11 @@ def diagnostics(own: Factors, payloads: list[Factors], weights: Tensor, mixed: F
     return {k: v ** 0.5 for k, v in sq.items()}
 
 
-register(Algorithm("decaf", True, mix_decaf, "graph", "DeCAF, Algorithm 1 (lines 9-10)",
-                   refactorizes=True, mix_many=mix_decaf_many))
-register(Algorithm("dlora", True, mix_dlora, "graph", "DLoRA / Dec-LoRA, Algorithm 1 (lines 6-7)"))
-register(Algorithm("dlora_fa", False, mix_fa, "graph", "DLoRA-FA, Algorithm 2"))
-register(Algorithm("fedavg", True, mix_dlora, "server", "FedAvg of A and B (Table 2)"))
-register(Algorithm("fedavg_fa", False, mix_fa, "server", "FedAvg-FA (Table 2)"))
-register(Algorithm("local", True, None, "identity", "Local fine-tuning (Table 2)"))
-register(Algorithm("local_fa", False, None, "identity", "Local-FA (Table 2)"))
-register(Algorithm("centralized", True, None, "identity", "Centralized: one agent, all data",
-                   centralized=True))
+register(Algorithm("decaf", True, mix_decaf, "graph", refactorizes=True, mix_many=mix_decaf_many))
+register(Algorithm("dlora", True, mix_dlora, "graph"))
+register(Algorithm("dlora_fa", False, mix_fa, "graph"))
+register(Algorithm("fedavg", True, mix_dlora, "server"))
+register(Algorithm("fedavg_fa", False, mix_fa, "server"))
+register(Algorithm("local", True, None, "identity"))
+register(Algorithm("local_fa", False, None, "identity"))
+register(Algorithm("centralized", True, None, "identity", centralized=True))

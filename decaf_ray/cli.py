@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from decaf_ray.config import ConfigError, ExperimentConfig, load_config
-from decaf_ray.experiment import RunFailed
+from decaf_ray.config import ConfigError
+from decaf_ray.experiment_config import ExperimentConfig, load_config
+from decaf_ray.plan import RunFailed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from decaf_ray.experiment import prepare, run
+    from decaf_ray.experiment import run
+    from decaf_ray.plan import prepare
     from decaf_ray.results import RunWriter
 
     from decaf_ray.algorithms import ALGORITHMS
@@ -114,7 +116,7 @@ def cmd_run(args) -> int:
     out = Path(args.out or f"runs/{cfg.name or cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
     writer = RunWriter(out).open(cfg)
     try:
-        result = run(cfg, plan=plan, on_rows=writer.rows, progress=not args.quiet)
+        result = run(cfg, plan=plan if cfg.runtime.kind == "inprocess" else None, on_rows=writer.rows, progress=not args.quiet)
     except BaseException as e:
         writer.fail(e)
         raise
@@ -129,7 +131,7 @@ def cmd_run(args) -> int:
 
 def cmd_describe(args) -> int:
     from decaf_ray import partition, sizing, topology
-    from decaf_ray.experiment import prepare
+    from decaf_ray.plan import prepare
     from decaf_ray.factors import param_count
 
     if _is_sweep(args.config):

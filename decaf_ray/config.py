@@ -1,9 +1,10 @@
-"""Experiment config: YAML or dict -> frozen dataclasses, validated once at the edge.
+"""Config sections: YAML or dict -> frozen dataclasses, validated once at the edge.
 
-Every section is a frozen dataclass. ``load_config`` / ``from_dict`` reject unknown keys, wrong
+Every section is a frozen dataclass. ``from_dict`` / ``load_as`` reject unknown keys, wrong
 types and impossible values with a ``ConfigError`` whose text names the field and what would be
-valid; past this module the config is trusted. A task's own section (``task:``) is the dataclass
-its module registers in ``decaf_ray.tasks.TASKS``.
+valid; past this module the config is trusted. Tasks build their own sections from these parts
+(``require``, ``load_as``); the whole experiment, with its task's section, is
+``decaf_ray.experiment_config.ExperimentConfig``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ class ConfigError(ValueError):
         return ConfigError(f"{prefix}.{self.field}" if self.field else prefix, self.message)
 
 
-def _check(ok: bool, name: str, message: str) -> None:
+def require(ok: bool, name: str, message: str) -> None:
+    """Raise ``ConfigError(name, message)`` unless ``ok``: the check every section's
+    ``__post_init__`` makes, tasks' sections included."""
     if not ok:
         raise ConfigError(name, message)
 
@@ -62,7 +65,7 @@ class MixingConfig:
     matrix: Any = None
 
     def __post_init__(self):
-        _check((self.scheme == "matrix") == (self.matrix is not None), "matrix",
+        require((self.scheme == "matrix") == (self.matrix is not None), "matrix",
                "give a matrix (nested list or file path) exactly when scheme is 'matrix'")
 
 
@@ -80,12 +83,12 @@ class DataConfig:
     batch_size: int = 32
 
     def __post_init__(self):
-        _check(self.shots is None or self.shots >= 1, "shots", "must be >= 1 or null (all)")
-        _check(self.classes_per_agent >= 1, "classes_per_agent", "must be >= 1")
-        _check(self.alpha > 0, "alpha", "must be > 0")
-        _check(self.min_size >= 1, "min_size", "must be >= 1")
-        _check(self.shards_per_agent >= 1, "shards_per_agent", "must be >= 1")
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.shots is None or self.shots >= 1, "shots", "must be >= 1 or null (all)")
+        require(self.classes_per_agent >= 1, "classes_per_agent", "must be >= 1")
+        require(self.alpha > 0, "alpha", "must be > 0")
+        require(self.min_size >= 1, "min_size", "must be >= 1")
+        require(self.shards_per_agent >= 1, "shards_per_agent", "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
 
     def partition_params(self) -> dict[str, Any]:
         """The keyword arguments of the chosen partitioner."""
@@ -107,10 +110,10 @@ class LoRAConfig:
     """Std of the Gaussian A at init; null = 1/sqrt(3k), the scale of peft's default init."""
 
     def __post_init__(self):
-        _check(self.rank >= 1, "rank", f"must be >= 1 (got {self.rank})")
-        _check(self.alpha > 0, "alpha", "must be > 0")
-        _check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
-        _check(self.init_std is None or self.init_std > 0, "init_std", "must be > 0 or null")
+        require(self.rank >= 1, "rank", f"must be >= 1 (got {self.rank})")
+        require(self.alpha > 0, "alpha", "must be > 0")
+        require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        require(self.init_std is None or self.init_std > 0, "init_std", "must be > 0 or null")
 
     @property
     def scale(self) -> float:
@@ -134,13 +137,13 @@ class OptimConfig:
     min_lr: float = 0.0
 
     def __post_init__(self):
-        _check(self.lr > 0, "lr", "must be > 0")
-        _check(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
-        _check(all(0.0 <= b < 1.0 for b in self.betas), "betas", "both must be in [0, 1)")
-        _check(self.eps > 0, "eps", "must be > 0")
-        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        _check(0.0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]")
+        require(self.lr > 0, "lr", "must be > 0")
+        require(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
+        require(all(0.0 <= b < 1.0 for b in self.betas), "betas", "both must be in [0, 1)")
+        require(self.eps > 0, "eps", "must be > 0")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(0.0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]")
 
 
 @dataclass(frozen=True)
@@ -218,80 +221,24 @@ class RuntimeConfig:
     with them to float rounding (the batch gradient is summed in chunks)."""
 
     def __post_init__(self):
-        _check(self.agents_per_host >= 1, "agents_per_host", "must be >= 1")
-        _check(1 <= self.batch_agents <= self.agents_per_host, "batch_agents",
+        require(self.agents_per_host >= 1, "agents_per_host", "must be >= 1")
+        require(1 <= self.batch_agents <= self.agents_per_host, "batch_agents",
                f"must be between 1 and agents_per_host ({self.agents_per_host}): agents batched "
                "together share a host")
-        _check(self.train_workers >= 1, "train_workers", "must be >= 1")
-        _check(self.cpus_per_host is None or self.cpus_per_host > 0, "cpus_per_host",
+        require(self.train_workers >= 1, "train_workers", "must be >= 1")
+        require(self.cpus_per_host is None or self.cpus_per_host > 0, "cpus_per_host",
                "must be > 0 or null")
-        _check(self.gpus_per_host >= 0, "gpus_per_host", "must be >= 0")
-        _check(self.gpus_per_host <= 1 or float(self.gpus_per_host).is_integer(),
+        require(self.gpus_per_host >= 0, "gpus_per_host", "must be >= 0")
+        require(self.gpus_per_host <= 1 or float(self.gpus_per_host).is_integer(),
                "gpus_per_host", f"a fraction of one GPU or a whole number (got "
                f"{self.gpus_per_host}): Ray places fractions above 1 on no node")
-        _check(self.placement_timeout_s > 0, "placement_timeout_s", "must be > 0")
-        _check(self.max_host_restarts >= 0, "max_host_restarts", "must be >= 0")
-        _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
-        _check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    """One experiment: N agents, a graph, an algorithm and a task, run for ``rounds`` rounds.
-
-    A round is ``local_steps`` (tau) gradient steps, the last of which communicates; evaluation
-    happens every ``eval_every`` rounds and after the last.
-    """
-
-    task: Any
-    algorithm: str = "decaf"
-    agents: int = 10
-    topology: TopologyConfig = field(default_factory=TopologyConfig)
-    mixing: MixingConfig = field(default_factory=MixingConfig)
-    rounds: int = 100
-    local_steps: int = 1
-    eval_every: int = 1
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    grad_norm: bool = True
-    """Evaluate ||grad f||^2 at the network-average adapter (Theorem 1's measure); it costs a
-    full-shard gradient per agent per evaluation, so turn it off for large models."""
-    name: str | None = None
-
-    def __post_init__(self):
-        from decaf_ray.algorithms import ALGORITHMS
-
-        _check(self.algorithm in ALGORITHMS, "algorithm",
-               f"unknown algorithm {self.algorithm!r}; valid: {', '.join(ALGORITHMS)}")
-        _check(self.agents >= 1, "agents", f"must be >= 1 (got {self.agents})")
-        _check(self.rounds >= 1, "rounds", "must be >= 1")
-        _check(self.local_steps >= 1, "local_steps", "must be >= 1")
-        _check(self.eval_every >= 1, "eval_every", "must be >= 1")
-
-    @property
-    def total_steps(self) -> int:
-        """T in Algorithm 1: rounds x local_steps."""
-        return self.rounds * self.local_steps
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (YAML/JSON-ready) that ``from_dict`` reads back to an equal config."""
-        out = dataclasses.asdict(self)
-        out["topology"] = {"name": self.topology.name, **self.topology.params}
-        out["optim"]["betas"] = list(self.optim.betas)
-        return out
+        require(self.placement_timeout_s > 0, "placement_timeout_s", "must be > 0")
+        require(self.max_host_restarts >= 0, "max_host_restarts", "must be >= 0")
+        require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        require(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
 
 
 # ---------------------------------------------------------------------------- loading
-
-
-def load_config(source: str | Path | Mapping[str, Any],
-                overrides: list[str] | None = None) -> ExperimentConfig:
-    """An experiment config from a YAML file or a mapping; see ``load_as``."""
-    return load_as(ExperimentConfig, source, overrides)
 
 
 def load_as(cls: type, source: str | Path | Mapping[str, Any],
@@ -374,7 +321,7 @@ def _normalise_section(cls: type, data: Any, path: str) -> Any:
         if isinstance(data, str):
             return {"name": data}
         if isinstance(data, Mapping):
-            _check("params" not in data, _join(path, "params"),
+            require("params" not in data, _join(path, "params"),
                    "put graph parameters beside name (e.g. {name: erdos_renyi, p: 0.3})")
             return {"name": data.get("name", "complete"),
                     "params": {k: v for k, v in data.items() if k != "name"}}
@@ -383,20 +330,11 @@ def _normalise_section(cls: type, data: Any, path: str) -> Any:
     return data
 
 
-def _task_class(value: Any, path: str) -> type:
-    from decaf_ray.tasks import TASKS, task_config_class
-
-    kind = value if isinstance(value, str) else (value or {}).get("kind")
-    if kind not in TASKS:
-        raise ConfigError(_join(path, "kind"),
-                          f"unknown task kind {kind!r}; valid: {', '.join(TASKS)}")
-    return task_config_class(kind)
-
-
 def _coerce(value: Any, tp: Any, path: str, owner: type, name: str) -> Any:
-    if owner is ExperimentConfig and name == "task":
-        cls = _task_class(value, path)
-        return from_dict(cls, {"kind": value} if isinstance(value, str) else value, path)
+    section = _field(owner, name).metadata.get("section")
+    if section is not None:  # a section whose class the value names, e.g. ``task: {kind: clip}``
+        return from_dict(section(value, path), {"kind": value} if isinstance(value, str)
+                         else value, path)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -420,6 +358,10 @@ def _coerce(value: Any, tp: Any, path: str, owner: type, name: str) -> Any:
             raise ConfigError(path, f"expected a mapping, got {value!r}")
         return value
     return _scalar(value, tp, path)
+
+
+def _field(owner: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(owner) if f.name == name)
 
 
 def _scalar(value: Any, tp: Any, path: str) -> Any:

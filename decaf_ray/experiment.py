@@ -1,126 +1,17 @@
 """``run(cfg) -> RunResult``: the one entry point that the CLI, the tests and sweeps call.
 
-``prepare`` resolves everything a config implies that can still be wrong (the graph, Pi, the
-partition) before anything runs or is written, so bad input fails fast as a ``ConfigError``.
-A runtime then drives the agents and returns a ``RunResult``; ``decaf_ray.results`` saves it.
+It resolves a stand-in checkpoint once, picks the runtime the config names (in-process, Ray
+hosts, or Ray Train for Centralized) and returns what it ran; the plan and result types live in
+``decaf_ray.plan``, below every runtime.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import networkx as nx
-import numpy as np
-
-from decaf_ray import partition, topology
-from decaf_ray.algorithms import ALGORITHMS, Algorithm
-from decaf_ray.config import ConfigError, ExperimentConfig
-from decaf_ray.factors import Factors
-from decaf_ray.tasks import Task, build_task
-
-Row = dict[str, Any]
-"""One long-form metric row: round, step, agent (-1 for network-level), metric, value."""
-
-
-class RunFailed(RuntimeError):
-    """A run that could not finish, e.g. hosts died more often than the runtime allows."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a config resolves to before training: every runtime runs a Plan."""
-
-    config: ExperimentConfig
-    algorithm: Algorithm
-    graph: nx.Graph
-    pi: np.ndarray
-    """(N, N) mixing matrix the algorithm uses (FedAvg: 1/N everywhere, Local: identity)."""
-    shards: list[np.ndarray]
-    """Training indices of each agent."""
-    task: Task = field(repr=False, compare=False)
-
-    @property
-    def agents(self) -> int:
-        return len(self.shards)
-
-    neighbourhoods: tuple[tuple[tuple[int, ...], tuple[float, ...]], ...] = field(
-        default=(), repr=False, compare=False)
-    """Per agent: neighbours j with pi_ij > 0 (self included) and their weights, read from Pi
-    once so the runtimes' per-round loops do not."""
-
-    def neighbours(self, i: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
-        """Agent i's neighbours j with pi_ij > 0 (self included) and their weights."""
-        return self.neighbourhoods[i]
-
-    def degree(self, i: int) -> int:
-        return int(self.graph.degree(i)) if self.graph.number_of_nodes() > i else 0
-
-
-@dataclass
-class RunResult:
-    """What a run returns; ``results.save`` writes it, the analysis reads what was written."""
-
-    config: ExperimentConfig
-    status: str
-    """``completed`` or ``diverged``."""
-    rows: list[Row]
-    summary: dict[str, Any]
-    factors: dict[int, Factors]
-
-
-def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
-    """Build the graph, Pi, the task's labels and the partition; errors name the config field."""
-    algorithm = ALGORITHMS[cfg.algorithm]
-    n = 1 if algorithm.centralized else cfg.agents
-    if algorithm.centralized and cfg.runtime.kind == "ray" and \
-            cfg.runtime.train_workers > cfg.data.batch_size:
-        raise ConfigError("runtime.train_workers", f"must be <= data.batch_size "
-                          f"({cfg.data.batch_size}): each Ray Train worker takes part of a batch")
-    try:
-        graph = topology.build_topology(cfg.topology.name, n, **cfg.topology.params)
-    except (ValueError, TypeError) as e:
-        raise ConfigError("topology", str(e)) from None
-    try:
-        graph_pi = topology.mixing_matrix(graph, cfg.mixing.scheme, cfg.mixing.matrix)
-    except (ValueError, OSError) as e:
-        raise ConfigError("mixing", str(e)) from None
-    device = getattr(cfg.task, "device", "auto")
-    if cfg.runtime.kind == "ray" and device.startswith("cuda") and not cfg.runtime.gpus_per_host:
-        raise ConfigError("task.device", f"{device} on Ray needs GPUs reserved per host: set "
-                          "runtime.gpus_per_host (a host that reserves none runs on the CPU and "
-                          "sees no GPU), or device: auto")
-    task = task if task is not None else build_task(cfg.task, cfg.lora, cfg.seed)
-    if cfg.runtime.batch_agents > 1 and not hasattr(task, "loss_and_grads_many"):
-        raise ConfigError("runtime.batch_agents", f"task kind {cfg.task.kind} has no batched "
-                          "step (clip has); use 1")
-    if cfg.runtime.batch_agents > 1 and getattr(cfg.task, "micro_batch", None) is not None:
-        raise ConfigError("runtime.batch_agents", "a batched pass holds every agent's whole "
-                          "batch, so task.micro_batch cannot cap it; set batch_agents: 1 or "
-                          "micro_batch: null")
-    pi = algorithm.mixing(graph_pi)
-    return Plan(cfg, algorithm, graph, pi, make_shards(cfg, task, n), task,
-                tuple(_neighbourhood(pi, i) for i in range(n)))
-
-
-def _neighbourhood(pi: np.ndarray, i: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    ids, w = topology.neighbours(pi, i)
-    return tuple(int(j) for j in ids), tuple(float(x) for x in w)
-
-
-def make_shards(cfg: ExperimentConfig, task: Task, n: int) -> list[np.ndarray]:
-    """Few-shot subsample, then the configured partition into ``n`` shards (one for
-    Centralized, which trains one agent on everything)."""
-    labels = np.asarray(task.train_labels)
-    try:
-        pool = partition.few_shot(labels, cfg.data.shots, cfg.seed)
-        if n == 1:
-            return [pool]
-        parts = partition.partition(labels[pool], n, cfg.data.partition, cfg.seed,
-                                    **cfg.data.partition_params())
-    except ValueError as e:
-        raise ConfigError("data", str(e)) from None
-    return [pool[p] for p in parts]
+from decaf_ray.algorithms import ALGORITHMS
+from decaf_ray.experiment_config import ExperimentConfig
+from decaf_ray.plan import Plan, Row, RunResult, prepare
 
 
 def run(cfg: ExperimentConfig, *, on_rows: Callable[[list[Row]], None] | None = None,
@@ -133,7 +24,8 @@ def run(cfg: ExperimentConfig, *, on_rows: Callable[[list[Row]], None] | None = 
         cfg: a validated config.
         on_rows: called with each batch of metric rows as they are produced (streaming).
         progress: show a progress bar over rounds.
-        plan: a plan already made by ``prepare`` (in-process: saves rebuilding the task).
+        plan: a plan already made by ``prepare``, in-process only (saves rebuilding the task);
+            Ray hosts build their own tasks, so giving one with ``runtime.kind: ray`` is an error.
         run_id: names the run's Ray actors (``<run_id>/host<k>``); random if not given.
         resume: a ``runtime.loop.RunState`` to continue from (exactly where it was taken).
         checkpoint_every, on_checkpoint: hand a ``RunState`` to ``on_checkpoint`` every so many
@@ -145,6 +37,8 @@ def run(cfg: ExperimentConfig, *, on_rows: Callable[[list[Row]], None] | None = 
 
         cfg = resolve_checkpoint(cfg)
     if cfg.runtime.kind == "ray":
+        if plan is not None:
+            raise ValueError("run(plan=...) is in-process only: Ray hosts build their own tasks")
         if ALGORITHMS[cfg.algorithm].centralized:  # a data-parallel fine-tune: Ray Train's job
             from decaf_ray.runtime.train import run_on_train as run_remote
         else:

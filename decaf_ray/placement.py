@@ -1,4 +1,7 @@
-"""Will a request fit the cluster? Answered before anything is placed, so that an impossible run or
+"""The Ray cluster a run joins (``connect``), what it has (``nodes``), and whether a request fits
+it, with the shares a host gets (``cpu_share``, ``host_threads``).
+
+Will a request fit the cluster? Answered before anything is placed, so that an impossible run or
 sweep ends in a second with one line instead of actors that stay pending forever.
 
 Ray itself never refuses an infeasible actor or placement group: it waits (for an autoscaler that
@@ -12,10 +15,11 @@ fit but is not placed in time (busy nodes, an autoscaler that does not come) end
 from __future__ import annotations
 
 import math
+import os
 from typing import Mapping
 
-from decaf_ray.config import ConfigError
-from decaf_ray.experiment import RunFailed
+from decaf_ray.config import ConfigError, RuntimeConfig
+from decaf_ray.plan import RunFailed
 
 Bundle = Mapping[str, float]
 RESOURCES = ("CPU", "GPU", "memory")
@@ -24,6 +28,30 @@ EPS = 1e-6
 
 class PlacementTimeout(RunFailed):
     """A feasible request that Ray did not place within the configured time."""
+
+
+def connect() -> None:
+    """Join the cluster at ``RAY_ADDRESS`` if set, else start an embedded local Ray. Every
+    driver-side entry (a run, a Ray Train fine-tune, a sweep, ``describe --cluster live``) joins
+    through here.
+
+    Authentication is left as the cluster (or Ray's local default) has it: never turned off here.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="ERROR")
+    else:
+        ray.init(include_dashboard=False, logging_level="ERROR")
+
+
+def host_threads(runtime: RuntimeConfig) -> int:
+    """torch threads of a host or Ray Train worker: ``runtime.threads``, else its CPU reservation
+    (at most 1 unless ``cpus_per_host`` says more; see ``cpu_share``), at least 1."""
+    return runtime.threads or max(1, int(runtime.cpus_per_host or 1))
 
 
 def cpu_share(total: float, hosts: int, reserved: float = 0.0) -> float:

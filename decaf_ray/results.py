@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from decaf_ray.config import ConfigError, ExperimentConfig, load_config
-from decaf_ray.experiment import Row, RunResult
+from decaf_ray.config import ConfigError
+from decaf_ray.experiment_config import ExperimentConfig, load_config
+from decaf_ray.plan import Row, RunResult
 from decaf_ray.factors import Factors
 
 COLUMNS = ("round", "step", "agent", "metric", "value")

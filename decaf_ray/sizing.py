@@ -47,7 +47,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from decaf_ray.config import ConfigError, ExperimentConfig
+from decaf_ray.config import ConfigError
+from decaf_ray.experiment_config import ExperimentConfig
 from decaf_ray.placement import host_count
 from decaf_ray.sweep_resources import DRIVER_CPUS
 
@@ -107,9 +108,8 @@ def parse_cluster(spec: str) -> Cluster:
 def live_cluster() -> Cluster:
     """The Ray cluster at ``RAY_ADDRESS``: its alive nodes; GPU memory is not known to Ray."""
     from decaf_ray import placement
-    from decaf_ray.runtime.ray_runtime import connect
 
-    connect()
+    placement.connect()
     found = placement.nodes()
     return Cluster(tuple((n["CPU"], int(n["GPU"])) for n in found), None,
                    f"the live Ray cluster ({len(found)} node(s), "

@@ -27,8 +27,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from decaf_ray.config import ConfigError, ExperimentConfig
-from decaf_ray.experiment import RunFailed
+from decaf_ray.config import ConfigError
+from decaf_ray.experiment_config import ExperimentConfig
+from decaf_ray.plan import RunFailed
 
 DOWNLOADED = ("flowers102", "food101", "fashion_mnist")
 """CLIP datasets torchvision downloads (the others are bundled or local folders)."""

@@ -37,8 +37,8 @@ from typing import Any, Literal
 
 import torch
 
-from decaf_ray.config import (ConfigError, ExperimentConfig, apply_override, from_dict,
-                              load_config, read_yaml)
+from decaf_ray.config import ConfigError, apply_override, from_dict, read_yaml
+from decaf_ray.experiment_config import ExperimentConfig, load_config
 from decaf_ray.sweep_resources import check_fits, trial_config, trial_resources
 
 SPACES = ("uniform", "loguniform", "randint", "choice")
@@ -177,7 +177,7 @@ def trial(params: dict[str, Any], sweep: SweepConfig, cluster_cpus: float | None
     from decaf_ray.results import RunWriter
     from decaf_ray.sweep_storage import TrialUpload
 
-    from decaf_ray.config import load_config
+    from decaf_ray.experiment_config import load_config
     from decaf_ray.runtime.weights import receive
 
     cfg = trial_config(sweep, params, cluster_cpus)
@@ -302,7 +302,6 @@ def run_sweep(sweep: SweepConfig, storage: str | Path, *, resume: bool = False,
     from ray import tune
 
     from decaf_ray import placement, sweep_storage
-    from decaf_ray.runtime.ray_runtime import connect
 
     root = sweep_storage.location(storage)
     path = sweep_storage.sweep_location(storage, sweep.name)
@@ -312,7 +311,7 @@ def run_sweep(sweep: SweepConfig, storage: str | Path, *, resume: bool = False,
     elif sweep_storage.holds_anything(path):
         raise ConfigError("--storage", f"{path} already holds a sweep; use --resume to "
                           "finish it or choose another --storage / name")
-    connect()
+    placement.connect()
     nodes = placement.nodes()
     cluster_cpus = sum(n["CPU"] for n in nodes)
     check_fits(sweep, nodes, cluster_cpus)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from decaf_ray.config import ExperimentConfig, load_config
+from decaf_ray.experiment_config import ExperimentConfig, load_config
 
 DRIVER_CPUS = 0.01
 """What a trial's own process (the run's driver) reserves: it only follows the run."""

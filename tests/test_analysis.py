@@ -73,7 +73,7 @@ def _config(overrides):
 
 def build_results(root: Path) -> Path:
     """Run every config in-process and write it as ``decaf-ray run`` does."""
-    from decaf_ray.config import load_config
+    from decaf_ray.experiment_config import load_config
     from decaf_ray.experiment import run
     from decaf_ray.results import RunWriter
 
@@ -428,7 +428,7 @@ def test_notebook_runs_against_saved_results(results, monkeypatch):
 
 
 def test_refactorization_figure_and_table(tmp_path):
-    from decaf_ray.config import load_config
+    from decaf_ray.experiment_config import load_config
     from decaf_ray.experiment import run
     from decaf_ray.results import RunWriter
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from decaf_ray.config import ConfigError, LoRAConfig, from_dict, load_config
+from decaf_ray.config import ConfigError, LoRAConfig, from_dict
+from decaf_ray.experiment_config import load_config
 from decaf_ray.factors import init_factors, param_count
 from decaf_ray.tasks import build_task, peft_lora as pl
 from decaf_ray.tasks import text_data as td

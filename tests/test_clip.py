@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from decaf_ray.config import ConfigError, LoRAConfig, from_dict, load_config
+from decaf_ray.config import ConfigError, LoRAConfig, from_dict
+from decaf_ray.experiment_config import load_config
 from decaf_ray.factors import init_factors, param_count
 from decaf_ray.tasks import build_task, peft_lora
 from decaf_ray.tasks.clip import CLIPConfig, build
@@ -283,7 +284,8 @@ def network(rows, metric):
 
 @pytest.mark.parametrize("algorithm", ["decaf", "dlora"])
 def test_training_lowers_the_loss_and_is_deterministic(algorithm):
-    from decaf_ray.experiment import prepare, run
+    from decaf_ray.experiment import run
+    from decaf_ray.plan import prepare
 
     cfg = load_config(experiment(algorithm))
     first = run(cfg, progress=False)
@@ -316,7 +318,7 @@ def test_a_restored_group_replays_exactly_whenever_the_model_loads():
     gives the uninterrupted group's numbers (its model loaded long before), whatever the global
     generator holds; ``load`` changes no number."""
     from decaf_ray.agents import AgentGroup
-    from decaf_ray.experiment import prepare
+    from decaf_ray.plan import prepare
     from decaf_ray.optim import build_optimizer
 
     spec = experiment("dlora")
@@ -351,7 +353,7 @@ def test_a_restored_group_replays_exactly_whenever_the_model_loads():
 
 
 def test_batched_agents_refuse_micro_batches():
-    from decaf_ray.experiment import prepare
+    from decaf_ray.plan import prepare
 
     spec = experiment("decaf")
     spec["task"]["micro_batch"] = 4

@@ -1,6 +1,7 @@
 import pytest
 
-from decaf_ray.config import ConfigError, apply_override, load_config
+from decaf_ray.config import ConfigError, apply_override
+from decaf_ray.experiment_config import load_config
 
 BASE = {"task": {"kind": "synthetic"}}
 

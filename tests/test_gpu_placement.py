@@ -28,7 +28,8 @@ CONFIG = {
 SCRIPT = textwrap.dedent("""
     import json, time, ray
     from ray.cluster_utils import Cluster
-    from decaf_ray.config import ConfigError, load_config
+    from decaf_ray.config import ConfigError
+    from decaf_ray.experiment_config import load_config
     from decaf_ray.experiment import run
     from decaf_ray.placement import PlacementTimeout
 
@@ -175,8 +176,9 @@ def test_cli_refuses_more_gpus_than_exist_with_one_line_and_writes_nothing(tmp_p
 
 
 def test_an_explicit_cuda_device_without_gpus_per_host_is_refused():
-    from decaf_ray.config import ConfigError, load_config
-    from decaf_ray.experiment import prepare
+    from decaf_ray.config import ConfigError
+    from decaf_ray.experiment_config import load_config
+    from decaf_ray.plan import prepare
 
     cfg = load_config({**CONFIG, "task": {"kind": "clip", "dataset": "digits",
                                           "device": "cuda", "model_config": TINY_CLIP},
@@ -218,7 +220,7 @@ def test_a_config_error_raised_in_an_actor_reaches_the_driver_as_itself():
 
 
 def test_a_null_cpus_per_host_share_never_rounds_above_the_cluster():
-    from decaf_ray.config import load_config
+    from decaf_ray.experiment_config import load_config
     from decaf_ray.sweep_resources import DRIVER_CPUS, host_share
 
     for cpus in (2.0, 8.0, 16.0):

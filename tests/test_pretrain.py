@@ -202,7 +202,7 @@ def test_a_task_build_never_trains_the_driver_resolves_the_standin(tmp_path, mon
     ConfigError naming task.checkpoint and trains nothing; ``resolve_checkpoint`` (the driver)
     trains once and returns the concrete file, which builds; a build given the ``pretrain:``
     form then reads the same cache entry."""
-    from decaf_ray.config import load_config
+    from decaf_ray.experiment_config import load_config
     from decaf_ray.tasks import build_task
 
     monkeypatch.setenv("DECAF_RAY_CACHE", str(tmp_path / "cache"))

@@ -117,7 +117,7 @@ def test_ray_job_submit_runs_a_sweep_on_the_cluster(head_cluster, tmp_path):
 TWO_NODES = textwrap.dedent("""
     import json, ray
     from ray.cluster_utils import Cluster
-    from decaf_ray.config import load_config
+    from decaf_ray.experiment_config import load_config
     from decaf_ray.experiment import run
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from decaf_ray.config import load_config
+from decaf_ray.experiment_config import load_config
 from decaf_ray.experiment import run
 
 pytestmark = pytest.mark.ray

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from decaf_ray.config import load_config
+from decaf_ray.experiment_config import load_config
 from decaf_ray.experiment import run
 
 pytestmark = pytest.mark.ray
@@ -57,7 +57,7 @@ def test_two_data_parallel_workers_agree_to_rounding(ray_session):
 
 def test_more_workers_than_a_batch_holds_is_a_config_error():
     from decaf_ray.config import ConfigError
-    from decaf_ray.experiment import prepare
+    from decaf_ray.plan import prepare
 
     with pytest.raises(ConfigError, match="runtime.train_workers"):
         prepare(load_config({**BASE, "data": {"partition": "iid", "batch_size": 2},
@@ -66,7 +66,7 @@ def test_more_workers_than_a_batch_holds_is_a_config_error():
 
 FAKE_GPUS = textwrap.dedent("""
     import json, ray
-    from decaf_ray.config import load_config
+    from decaf_ray.experiment_config import load_config
     from decaf_ray.experiment import run
 
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="ERROR",

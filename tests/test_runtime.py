@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from decaf_ray.config import load_config
-from decaf_ray.experiment import prepare, run
+from decaf_ray.experiment_config import load_config
+from decaf_ray.experiment import run
+from decaf_ray.plan import prepare
 
 NONIID_RING = {
     "agents": 6, "topology": "ring", "rounds": 60, "local_steps": 2, "eval_every": 20, "seed": 3,

@@ -10,7 +10,8 @@ import pytest
 
 from decaf_ray import sizing
 from decaf_ray.cli import main
-from decaf_ray.config import ConfigError, load_config
+from decaf_ray.config import ConfigError
+from decaf_ray.experiment_config import load_config
 from decaf_ray.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from decaf_ray.config import ConfigError, load_config
+from decaf_ray.config import ConfigError
+from decaf_ray.experiment_config import load_config
 from decaf_ray.staging import LOCK_NAME, StagingTimeout, dataset_key, stage
 from decaf_ray.sweep import load_sweep
 

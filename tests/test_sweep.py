@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 import analysis
-from decaf_ray.config import ConfigError, load_config
+from decaf_ray.config import ConfigError
+from decaf_ray.experiment_config import load_config
 from decaf_ray.experiment import run
 from decaf_ray.sweep import load_sweep, param_space
 

@@ -9,7 +9,7 @@ import torch
 
 from decaf_ray import devices
 from decaf_ray.agents import AgentGroup, Inbox
-from decaf_ray.experiment import Plan
+from decaf_ray.plan import Plan
 from decaf_ray.factors import Factors, Grads
 from decaf_ray.optim import build_optimizer
 

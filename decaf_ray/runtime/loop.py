@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from decaf_ray import factors as F
 from decaf_ray import metrics
 from decaf_ray.agents import Diverged
-from decaf_ray.experiment import Plan, Row, RunResult
+from decaf_ray.plan import Plan, Row, RunResult
 from decaf_ray.factors import Factors, Grads
 
 

@@ -38,8 +38,9 @@ import torch
 from decaf_ray.agents import AgentGroup, Diverged
 from decaf_ray import devices, placement
 from decaf_ray.algorithms import ALGORITHMS
-from decaf_ray.config import ConfigError, ExperimentConfig, load_config
-from decaf_ray.experiment import Plan, RunFailed, RunResult, prepare
+from decaf_ray.config import ConfigError
+from decaf_ray.experiment_config import ExperimentConfig, load_config
+from decaf_ray.plan import Plan, RunFailed, RunResult, prepare
 from decaf_ray.factors import Factors, Grads
 from decaf_ray.optim import build_optimizer
 from decaf_ray.runtime import weights
@@ -78,7 +79,7 @@ class AgentHost:
         """Build the task and the agents, load the base model; returns the seconds it took."""
         start = time.perf_counter()
         cfg = load_config(weights.receive(self.config, self.shipped))
-        torch.set_num_threads(host_threads(cfg))
+        torch.set_num_threads(placement.host_threads(cfg.runtime))
         devices.set_deterministic(cfg.runtime.deterministic)
         from decaf_ray.tasks import build_task
 
@@ -143,12 +144,6 @@ class AgentHost:
         self.group.restore(snapshot)
 
 
-def host_threads(cfg: ExperimentConfig) -> int:
-    """torch threads of a host: ``runtime.threads``, else its CPU reservation (at most 1 unless
-    ``cpus_per_host`` says more; see ``_cpus_per_host``), at least 1."""
-    return cfg.runtime.threads or max(1, int(cfg.runtime.cpus_per_host or 1))
-
-
 def _cpus_per_host(cfg: ExperimentConfig, hosts: int) -> float:
     if cfg.runtime.cpus_per_host is not None:
         return cfg.runtime.cpus_per_host
@@ -179,7 +174,7 @@ HOST_FIELDS = {"CPU": "runtime.cpus_per_host", "GPU": "runtime.gpus_per_host"}
 def check_resources(cfg: ExperimentConfig) -> None:
     """Raise ``ConfigError`` (naming the field and the numbers) when the run's hosts could never
     be placed on the cluster Ray is connected to. Connects first (an embedded Ray if none)."""
-    connect()
+    placement.connect()
     n = host_count(cfg)
     bundle = host_bundle(cfg, n)
     placement.check([bundle] * n, placement.nodes(), HOST_FIELDS,
@@ -416,20 +411,6 @@ class Coordinator:
                 yield item
         finally:
             hosts.close()
-
-
-def connect() -> None:
-    """Join the cluster at ``RAY_ADDRESS`` if set, else start an embedded local Ray.
-
-    Authentication is left as the cluster (or Ray's local default) has it: never turned off here.
-    """
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level="ERROR")
-    else:
-        ray.init(include_dashboard=False, logging_level="ERROR")
 
 
 def run_on_ray(cfg: ExperimentConfig, *, run_id: str | None = None, resume: RunState | None = None,

@@ -28,10 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from decaf_ray import devices
+from decaf_ray import devices, placement
+from decaf_ray import factors as F
 from decaf_ray.agents import derive_seed
-from decaf_ray.config import ExperimentConfig, load_config
-from decaf_ray.experiment import RunFailed, RunResult, prepare
+from decaf_ray.experiment_config import ExperimentConfig, load_config
+from decaf_ray.plan import RunFailed, RunResult, prepare
 from decaf_ray.factors import Grads
 from decaf_ray.runtime.loop import RunState, follow, stream
 
@@ -97,7 +98,7 @@ def _worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = load_config(config["experiment"])
-    torch.set_num_threads(cfg.runtime.threads or max(1, int(cfg.runtime.cpus_per_host or 1)))
+    torch.set_num_threads(placement.host_threads(cfg.runtime))
     devices.set_deterministic(cfg.runtime.deterministic)
     plan = prepare(cfg)
     if world > 1:
@@ -111,8 +112,7 @@ def _worker(config: dict) -> None:
                 item.summary["train_workers"] = world
                 # What worker 0 could see: "" none (it reserved no GPU), else Ray's ids.
                 item.summary["train_cuda_visible_devices"] = devices.visible()
-                item.factors = {i: {n: (a.clone(), b.clone()) for n, (a, b) in f.items()}
-                                for i, f in item.factors.items()}
+                item.factors = {i: F.clone(f) for i, f in item.factors.items()}
             queue.put(item)
 
 
@@ -127,9 +127,7 @@ def run_on_train(cfg: ExperimentConfig, *, run_id: str | None = None,
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    from decaf_ray.runtime.ray_runtime import connect
-
-    connect()
+    placement.connect()
     rt = cfg.runtime
     per_worker = {"CPU": rt.cpus_per_host if rt.cpus_per_host is not None else 1.0}
     if rt.gpus_per_host:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from decaf_ray.config import ExperimentConfig
+from decaf_ray.experiment_config import ExperimentConfig
 
 ENV_DIR = "DECAF_RAY_WEIGHTS_DIR"
 """Where received checkpoints are written (default: ``<tmp>/decaf-ray-weights``)."""

@@ -1,0 +1,80 @@
+"""The whole experiment's config: ``ExperimentConfig`` (every section of ``decaf_ray.config`` plus
+the task's own section) and ``load_config``, YAML or dict -> a validated, frozen config.
+
+It sits above the tasks: a ``task:`` section is the dataclass its kind registers in
+``decaf_ray.tasks.TASKS``, imported only when that kind is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from decaf_ray.algorithms import ALGORITHMS
+from decaf_ray.config import (ConfigError, ConsensusConfig, DataConfig, LoRAConfig, MixingConfig,
+                              OptimConfig, RuntimeConfig, TopologyConfig, load_as, require)
+from decaf_ray.tasks import TASKS, task_config_class
+
+
+def _task_class(value: Any, path: str) -> type:
+    kind = value if isinstance(value, str) else (value or {}).get("kind")
+    if kind not in TASKS:
+        raise ConfigError(f"{path}.kind" if path else "kind",
+                          f"unknown task kind {kind!r}; valid: {', '.join(TASKS)}")
+    return task_config_class(kind)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: N agents, a graph, an algorithm and a task, run for ``rounds`` rounds.
+
+    A round is ``local_steps`` (tau) gradient steps, the last of which communicates; evaluation
+    happens every ``eval_every`` rounds and after the last.
+    """
+
+    task: Any = field(metadata={"section": _task_class})
+    algorithm: str = "decaf"
+    agents: int = 10
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    rounds: int = 100
+    local_steps: int = 1
+    eval_every: int = 1
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    grad_norm: bool = True
+    """Evaluate ||grad f||^2 at the network-average adapter (Theorem 1's measure); it costs a
+    full-shard gradient per agent per evaluation, so turn it off for large models."""
+    name: str | None = None
+
+    def __post_init__(self):
+        require(self.algorithm in ALGORITHMS, "algorithm",
+               f"unknown algorithm {self.algorithm!r}; valid: {', '.join(ALGORITHMS)}")
+        require(self.agents >= 1, "agents", f"must be >= 1 (got {self.agents})")
+        require(self.rounds >= 1, "rounds", "must be >= 1")
+        require(self.local_steps >= 1, "local_steps", "must be >= 1")
+        require(self.eval_every >= 1, "eval_every", "must be >= 1")
+
+    @property
+    def total_steps(self) -> int:
+        """T in Algorithm 1: rounds x local_steps."""
+        return self.rounds * self.local_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-ready) that ``from_dict`` reads back to an equal config."""
+        out = dataclasses.asdict(self)
+        out["topology"] = {"name": self.topology.name, **self.topology.params}
+        out["optim"]["betas"] = list(self.optim.betas)
+        return out
+
+
+def load_config(source: str | Path | Mapping[str, Any],
+                overrides: list[str] | None = None) -> ExperimentConfig:
+    """An experiment config from a YAML file or a mapping; see ``load_as``."""
+    return load_as(ExperimentConfig, source, overrides)

@@ -241,7 +241,7 @@ def test_batched_step_equals_one_agent_at_a_time(task, train_A, sizes):
 
 
 def test_batched_step_needs_the_rows_it_was_told():
-    from decaf_ray.tasks.peft_lora import StackedLoRA
+    from decaf_ray.tasks.stacked_lora import StackedLoRA
 
     task = make()
     task.materialise()

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from decaf_ray import devices
 from decaf_ray.config import ConfigError, LoRAConfig
 from decaf_ray.factors import Factors, Grads
-from decaf_ray.tasks import checkpoints, image_data, peft_lora
+from decaf_ray.tasks import checkpoints, image_data, peft_lora, stacked_lora
 from decaf_ray.tasks.clip_config import ENCODERS, TARGETS, CLIPConfig
 from decaf_ray.tasks.clip_model import (OPENAI_MEAN, OPENAI_STD, SplitAttention, adapt,
                                         architecture, instantiate, load_weights, tokenizer)
@@ -196,7 +196,7 @@ class CLIPTask:
         """``loss_and_grads`` of n agents in one forward and backward pass.
 
         The agents' image batches go through the encoders together, each adapted layer adding
-        each agent's LoRA delta on that agent's rows (``peft_lora.StackedLoRA``); the prompts go
+        each agent's LoRA delta on that agent's rows (``stacked_lora.StackedLoRA``); the prompts go
         through the text encoder once per agent. The summed per-agent mean losses are
         differentiated once, which gives each agent its own gradient. ``seeds[k]`` seeds agent
         k's augmentation and LoRA dropout as ``loss_and_grads(..., seeds[k])`` seeds its own, so
@@ -224,7 +224,7 @@ class CLIPTask:
             ys.append(torch.as_tensor(self.train_labels[idx], device=self.device))
         n, counts = len(factors), [len(y) for y in ys]
         self._set_training(True)
-        with peft_lora.StackedLoRA(self.layers, factors, train_A, gens) as lora, self._autocast():
+        with stacked_lora.StackedLoRA(self.layers, factors, train_A, gens) as lora, self._autocast():
             lora.rows = counts
             img = model.encode_image(torch.cat(xs).to(self.device), normalize=True)
             if "text" in self.cfg.encoders:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from decaf_ray.factors import Factors, Grads
 from decaf_ray.tasks.transfer import to_device, to_host

@@ -174,16 +174,16 @@ def _cluster(args):
     else the ``# cluster:`` line of the file, else None (per-trial figures only)."""
     import os
 
-    from decaf_ray import sizing
+    from decaf_ray import packing
 
     if args.cluster is not None:
-        return sizing.parse_cluster(args.cluster)
+        return packing.parse_cluster(args.cluster)
     if os.environ.get("RAY_ADDRESS"):
-        return sizing.live_cluster()
-    stated = sizing.stated_cluster(args.config)
+        return packing.live_cluster()
+    stated = packing.stated_cluster(args.config)
     if stated is None:
         return None
-    cluster = sizing.parse_cluster(stated)
+    cluster = packing.parse_cluster(stated)
     return dataclasses.replace(cluster, label=f"{cluster.label} (the file's '# cluster:' line)")
 
 
@@ -246,7 +246,7 @@ def _members(members: list[dict], grid: dict) -> str:
 
 def _resource_lines(trial, cluster) -> list[str]:
     """The ``describe`` block of one trial shape, and its fit on ``cluster`` if given."""
-    from decaf_ray import sizing
+    from decaf_ray import packing, sizing
 
     def gb(x: float) -> str:
         return (f"{x / sizing.GB:.2f} GB" if x >= 0.01 * sizing.GB else
@@ -265,7 +265,7 @@ def _resource_lines(trial, cluster) -> list[str]:
              f"{gb(trial.memory)}"]
     lines += [f"  {p.name}: {gb(p.bytes)} = {p.formula}" for p in trial.parts]
     if cluster is not None:
-        fit = sizing.fit(trial, cluster)
+        fit = packing.fit(trial, cluster)
         if fit.share is not None and not fit.problems:
             lines.append(f"memory fits: {gb(trial.memory)} <= {gb(fit.share)} "
                          f"({min(gpus, 1.0):g} of a {cluster.gpu_memory / sizing.GB:g} GB GPU)")

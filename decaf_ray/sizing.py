@@ -16,7 +16,7 @@ host needs on its device, in parts (bytes; GB below means 10^9 bytes):
                    width + text layers x classes x context x width] x c, plus, under bf16
                    autocast, a 2 B copy of each adapted tower's frozen weights (the casts that
                    linear layers save); images = micro_batch or data.batch_size;
-                 causal LM: layers x (micro_batch_size x max_length) x hidden x c (an upper
+                 causal LM: layers x (micro_batch x max_length) x hidden x c (an upper
                    bound: prompts are padded to the longest in the micro batch), plus 5 B (10 B
                    in float32) per attention score for ``attn_implementation: eager``; with
                    gradient checkpointing 4 B per layer x token x hidden plus one layer's c.
@@ -30,12 +30,7 @@ transient no-grad activations (eval_batch_size, one layer at a time), the image 
 host RAM (``cache_mb``), the coordinator, and Ray's own processes. Treat the total as a floor
 with some margin, not a promise.
 
-``fit(trial, cluster)`` packs identical trials onto a cluster the way Ray places them: each
-trial's bundles (a 0.01 CPU driver sliver, then one per host, as ``sweep_resources.trial_resources``;
-a null ``cpus_per_host`` counts as 1 CPU, the most a cluster's share gives) whole
-on one node, fractional GPUs inside one GPU, PACK first; and checks each host's estimate against
-its GPU share (a host runs on one device, so a share is min(gpus_per_host, 1) x GPU memory).
-Clusters come from ``parse_cluster("2x8xA100-80GB")`` or the live Ray cluster.
+How many such trials fit on a cluster at once: ``decaf_ray.packing``.
 """
 
 from __future__ import annotations
@@ -43,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +48,7 @@ from decaf_ray.sweep_resources import DRIVER_CPUS
 
 GB = 1e9
 CUDA_CONTEXT = 0.5 * GB
-"""The trial driver's sliver (``sweep.trial_resources``)."""
-CPUS_PER_GPU = 8
-"""CPUs per node a cluster spec implies when it does not say: 8 per GPU."""
-PAPER_CLUSTER = "2x8xA100-80GB"
-"""The cluster the shipped GPU sweeps are sized for (each says so in a ``# cluster:`` line)."""
+"""What one CUDA context takes on its GPU, per host process."""
 ACTIVATION_BYTES = {"clip": {2: 48, 4: 76}, "causal_lm": {2: 56, 4: 85}}
 """c per (layer x token x width) by activation bytes (2: bf16, 4: float32). Measured on the CPU
 (saved-tensor hooks, one real training step): ViT-B/16 37 (vision) and 41 (text) bf16, 63
@@ -70,62 +60,6 @@ EAGER_SCORE_BYTES = {2: 5, 4: 10}
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 CLIP_CLASSES = {"digits": 10, "fashion_mnist": 10, "flowers102": 102, "food101": 101, "ucf101": 101}
 ASSUMED_CLASSES = 100
-MAX_TRIALS = 10_000
-_SPEC = re.compile(r"^(\d+)x(\d+)x([A-Za-z0-9_.]+)-(\d+(?:\.\d+)?)GB(?:-(\d+(?:\.\d+)?)CPU)?$",
-                   re.IGNORECASE)
-
-
-# ---------------------------------------------------------------------------- clusters
-
-
-@dataclasses.dataclass(frozen=True)
-class Cluster:
-    """Nodes' totals (``CPU``, ``GPU``) and the memory of one GPU in bytes (None: unknown)."""
-
-    nodes: tuple[tuple[float, int], ...]
-    """(CPUs, GPUs) per node."""
-    gpu_memory: float | None
-    label: str
-
-
-def parse_cluster(spec: str) -> Cluster:
-    """``NODESxGPUSxTYPE-MEMGB[-CPUSCPU]``: ``2x8xA100-80GB`` is 2 nodes of 8 GPUs of 80 GB
-    (10^9 bytes) and, unsaid, 8 CPUs per GPU; ``1x4xL4-24GB-48CPU`` says 48 CPUs per node.
-
-    Raises:
-        ConfigError("--cluster"): anything else.
-    """
-    m = _SPEC.match(spec.strip())
-    if m is None or int(m[1]) < 1 or int(m[2]) < 1 or float(m[4]) <= 0 or (m[5] and float(m[5]) <= 0):
-        raise ConfigError("--cluster", f"expected NODESxGPUSxTYPE-MEMGB[-CPUSCPU] with counts >= 1, "
-                                       f"e.g. 2x8xA100-80GB or 1x4xL4-24GB-48CPU (got {spec!r})")
-    nodes, gpus = int(m[1]), int(m[2])
-    cpus = float(m[5]) if m[5] else float(CPUS_PER_GPU * gpus)
-    return Cluster(((cpus, gpus),) * nodes, float(m[4]) * GB,
-                   f"{nodes} node(s) x {gpus} {m[3]} GPUs of {float(m[4]):g} GB, {cpus:g} CPUs each")
-
-
-def live_cluster() -> Cluster:
-    """The Ray cluster at ``RAY_ADDRESS``: its alive nodes; GPU memory is not known to Ray."""
-    from decaf_ray import placement
-
-    placement.connect()
-    found = placement.nodes()
-    return Cluster(tuple((n["CPU"], int(n["GPU"])) for n in found), None,
-                   f"the live Ray cluster ({len(found)} node(s), "
-                   f"{sum(n['CPU'] for n in found):g} CPUs, {sum(n['GPU'] for n in found):g} GPUs)")
-
-
-def stated_cluster(path: str | Path) -> str | None:
-    """The spec in a ``# cluster: SPEC`` comment line of a config or sweep file (or, for a
-    sweep, of its ``base`` file), or None. How shipped files state what they are sized for."""
-    path = Path(path)
-    text = path.read_text() if path.is_file() else ""
-    m = re.search(r"^#\s*cluster:\s*(\S+)", text, re.M)
-    if m:
-        return m[1]
-    base = re.search(r"^base:\s*([^\s#{]+\.ya?ml)\s*(?:#.*)?$", text, re.M)
-    return stated_cluster(path.parent / base[1]) if base else None
 
 
 # ---------------------------------------------------------------------------- one trial
@@ -293,7 +227,7 @@ def _clip_classes(t, task) -> tuple[int, str]:
 
 def _clip_parts(t, task, cuda: bool, batch: int, n_pass: int) -> list[Part]:
     arch, params, _, towers = _clip_meta(t)
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and cuda)
+    bf16 = t.precision == "bfloat16" or (t.precision == "auto" and cuda)
     ab = 2 if bf16 else 4
     c = ACTIVATION_BYTES["clip"][ab]
     images = min(t.micro_batch or batch, batch)
@@ -364,7 +298,7 @@ def _lm_parts(t, task, cuda: bool, batch: int) -> list[Part]:
     bf16 = t.precision == "bfloat16" or (t.precision == "auto" and cuda)
     ab = 2 if bf16 else 4
     layers, hidden = config.num_hidden_layers, config.hidden_size
-    micro = min(t.micro_batch_size, batch)
+    micro = min(t.micro_batch, batch)
     tokens, c = micro * t.max_length, ACTIVATION_BYTES["causal_lm"][ab]
     formula = f"{layers} layers x {tokens:,} tokens ({micro} x max_length {t.max_length}) x {hidden}"
     if t.gradient_checkpointing:  # each layer's input kept, one layer recomputed at a time
@@ -380,88 +314,3 @@ def _lm_parts(t, task, cuda: bool, batch: int) -> list[Part]:
     return [Part("weights", params * float(ab), f"{params:,} params x {ab} B "
                  f"({'bfloat16' if bf16 else 'float32'})"),
             Part("activations", float(act), formula)]
-
-
-# ---------------------------------------------------------------------------- on a cluster
-
-
-@dataclasses.dataclass(frozen=True)
-class Fit:
-    """How ``trial`` fares on ``cluster``: trials at once, what bounds them, and problems."""
-
-    trials: int
-    bound: str
-    share: float | None
-    """GPU memory one host gets (bytes), None when unknown or on the CPU."""
-    problems: tuple[str, ...]
-
-
-def fit(trial: TrialSize, cluster: Cluster) -> Fit:
-    """Trials of this shape that run at once on ``cluster`` (0 with a reason when none can)."""
-    cpus, gpus = trial.host
-    problems = []
-    if not any(_take(cpus, gpus, c, [1.0] * g) for c, g in cluster.nodes):
-        biggest = max(cluster.nodes)
-        problems.append(f"DOES NOT FIT: a host bundle of {cpus:g} CPUs, {gpus:g} GPU is larger "
-                        f"than every node ({biggest[0]:g} CPUs, {biggest[1]} GPUs)")
-    share = None
-    if trial.device == "cuda" and cluster.gpu_memory is not None:
-        share = min(gpus, 1.0) * cluster.gpu_memory
-        if trial.memory > share:
-            problems.append(f"DOES NOT FIT: a host needs ~{trial.memory / GB:.1f} GB but its GPU "
-                            f"share is {share / GB:.1f} GB ({min(gpus, 1.0):g} x "
-                            f"{cluster.gpu_memory / GB:g} GB); raise gpus_per_host or lower "
-                            "batch_agents / micro batch")
-    if problems:
-        return Fit(0, "", share, tuple(problems))
-    both = _pack(trial.bundles, cluster.nodes)
-    cpu_only = _pack([(c, 0.0) for c, _ in trial.bundles], cluster.nodes)
-    gpu_only = _pack([(0.0, g) for _, g in trial.bundles], cluster.nodes) if trial.gpus else MAX_TRIALS
-    bound = " and ".join(n for n, v in (("CPUs", cpu_only), ("GPUs", gpu_only)) if v == both) \
-        or "packing both"
-    return Fit(both, bound, share, ())
-
-
-def _take(cpus: float, gpus: float, free_cpus: float, free: list[float]):
-    """(CPUs left, per-GPU free fractions left) after placing one bundle, or None. A fraction
-    below 1 must fit inside one GPU; whole GPUs need wholly free ones."""
-    eps = 1e-9
-    if cpus > free_cpus + eps:
-        return None
-    free = list(free)
-    if 0 < gpus < 1:
-        i = next((i for i, f in enumerate(free) if f >= gpus - eps), None)
-        if i is None:
-            return None
-        free[i] -= gpus
-    elif gpus >= 1:
-        whole = [i for i, f in enumerate(free) if f >= 1 - eps][:int(gpus)]
-        if len(whole) < int(gpus):
-            return None
-        for i in whole:
-            free[i] = 0.0
-    return free_cpus - cpus, free
-
-
-def _pack(bundles: list[tuple[float, float]], nodes) -> int:
-    """Identical trials placed until one does not fit (at most ``MAX_TRIALS``): each trial on
-    one node if it fits there (Tune's PACK), else bundle by bundle on the first node with room."""
-    state = [(float(c), [1.0] * int(g)) for c, g in nodes]
-    for count in range(MAX_TRIALS):
-        placed = None
-        for i in range(len(state)):  # whole trial on one node
-            node = state[i]
-            for c, g in bundles:
-                node = node and _take(c, g, *node)
-            if node:
-                placed = state[:i] + [node] + state[i + 1:]
-                break
-        if placed is None:  # spread
-            placed = list(state)
-            for c, g in bundles:
-                i = next((i for i, n in enumerate(placed) if _take(c, g, *n)), None)
-                if i is None:
-                    return count
-                placed[i] = _take(c, g, *placed[i])
-        state = placed
-    return MAX_TRIALS

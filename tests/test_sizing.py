@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from decaf_ray import sizing
+from decaf_ray import packing, sizing
 from decaf_ray.cli import main
 from decaf_ray.config import ConfigError
 from decaf_ray.experiment_config import load_config
@@ -17,7 +17,7 @@ from decaf_ray.sweep import load_sweep
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SWEEPS = ["fig2ab", "fig2c", "fig3a", "fig3b", "fig3c", "table2", "table3", "table6-clip",
               "table6-llm", "table7-clip", "table7-llm"]
-A100 = sizing.parse_cluster("2x8xA100-80GB")
+A100 = packing.parse_cluster("2x8xA100-80GB")
 
 
 def cli(*args):
@@ -32,17 +32,17 @@ def cli(*args):
 
 def test_cluster_specs():
     assert A100.nodes == ((64.0, 8), (64.0, 8)) and A100.gpu_memory == 80e9  # 8 CPUs per GPU
-    l4 = sizing.parse_cluster("1x4xL4-24GB")
+    l4 = packing.parse_cluster("1x4xL4-24GB")
     assert l4.nodes == ((32.0, 4),) and l4.gpu_memory == 24e9
-    assert sizing.parse_cluster("1x4xl4-24gb-48CPU").nodes == ((48.0, 4),)
-    assert sizing.parse_cluster("3x2xH100-94.5GB").gpu_memory == 94.5e9
+    assert packing.parse_cluster("1x4xl4-24gb-48CPU").nodes == ((48.0, 4),)
+    assert packing.parse_cluster("3x2xH100-94.5GB").gpu_memory == 94.5e9
 
 
 @pytest.mark.parametrize("spec", ["8xA100-80GB", "0x8xA100-80GB", "2x0xA100-80GB", "2x8xA100",
                                   "2x8xA100-80", "2x8xA100-0GB", "2x8xA100-80GB-0CPU", "", "big"])
 def test_bad_cluster_specs_name_the_flag_and_an_example(spec):
     with pytest.raises(ConfigError) as e:
-        sizing.parse_cluster(spec)
+        packing.parse_cluster(spec)
     assert e.value.field == "--cluster" and "e.g. 2x8xA100-80GB" in e.value.message
 
 
@@ -58,12 +58,12 @@ def test_bad_cluster_on_the_cli_is_one_line_and_exit_2():
 @pytest.mark.parametrize("name", GPU_SWEEPS)
 def test_every_shipped_gpu_sweep_fits_its_stated_cluster(name):
     path = ROOT / "sweeps" / f"{name}.yaml"
-    assert sizing.stated_cluster(path) == sizing.PAPER_CLUSTER  # the file's '# cluster:' line
-    cluster = sizing.parse_cluster(sizing.stated_cluster(path))
+    assert packing.stated_cluster(path) == packing.PAPER_CLUSTER  # the file's '# cluster:' line
+    cluster = packing.parse_cluster(packing.stated_cluster(path))
     sweep = load_sweep(path)
     shapes = {sizing.size_trial(sweep.config_for(p)) for p in sweep.points()}
     for trial in shapes:
-        got = sizing.fit(trial, cluster)
+        got = packing.fit(trial, cluster)
         assert got.problems == () and got.trials >= 1, (name, got)
         assert trial.device == "cuda" and trial.memory <= got.share
         assert trial.hosts <= 4  # few base-model copies per trial (fig3c: 40 agents, 4 hosts)
@@ -71,7 +71,7 @@ def test_every_shipped_gpu_sweep_fits_its_stated_cluster(name):
 
 def test_both_base_files_state_the_cluster():
     for base in ("clip-vitb16-flowers", "llama2-7b-wic"):
-        assert sizing.stated_cluster(ROOT / "sweeps" / "base" / f"{base}.yaml") == sizing.PAPER_CLUSTER
+        assert packing.stated_cluster(ROOT / "sweeps" / "base" / f"{base}.yaml") == packing.PAPER_CLUSTER
 
 
 def test_describe_of_a_paper_sweep_works_offline_and_prints_the_memory_lines(tmp_path, monkeypatch):
@@ -150,7 +150,7 @@ TINY_LM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
 
 
 def test_causal_lm_estimate_equals_hand_computed_numbers():
-    task = {"kind": "causal_lm", "model_config": TINY_LM, "micro_batch_size": 4, "max_length": 32}
+    task = {"kind": "causal_lm", "model_config": TINY_LM, "micro_batch": 4, "max_length": 32}
     cfg = _config(task, agents_per_host=2, gpus_per_host=1)
     t = sizing.size_trial(cfg)
     parts = {p.name: p.bytes for p in t.parts}
@@ -171,7 +171,7 @@ def test_causal_lm_estimate_equals_hand_computed_numbers():
 
 
 def test_centralized_sizes_its_ray_train_workers():
-    task = {"kind": "causal_lm", "model_config": TINY_LM, "micro_batch_size": 8, "max_length": 32}
+    task = {"kind": "causal_lm", "model_config": TINY_LM, "micro_batch": 8, "max_length": 32}
     cfg = _config(task, train_workers=2, gpus_per_host=1, cpus_per_host=4)
     t = sizing.size_trial(load_config(cfg.to_dict(), ["algorithm=centralized"]))
     assert (t.placement, t.hosts, t.agents_per_host, t.training_agents) == ("train_workers", 2, 1, 1)
@@ -186,27 +186,27 @@ def test_centralized_sizes_its_ray_train_workers():
 def test_fractional_gpus_pack_inside_one_gpu_and_hosts_inside_one_node():
     syn = {"kind": "synthetic", "d": 4, "k": 8}
     one = sizing.size_trial(_config(syn, agents_per_host=4, gpus_per_host=0.3))
-    got = sizing.fit(one, sizing.parse_cluster("1x1xT4-16GB"))
+    got = packing.fit(one, packing.parse_cluster("1x1xT4-16GB"))
     assert (got.trials, got.bound) == (3, "GPUs")  # 3 x 0.3 in one GPU, not 3.33
     three = sizing.size_trial(_config(syn, agents_per_host=2, gpus_per_host=1, cpus_per_host=1))
     assert three.hosts == 2
-    assert sizing.fit(three, sizing.parse_cluster("2x1xT4-16GB")).trials == 1  # spread over nodes
-    assert sizing.fit(three, sizing.parse_cluster("2x3xT4-16GB")).trials == 3
-    cpu_bound = sizing.fit(three, sizing.parse_cluster("1x8xT4-16GB-5CPU"))
+    assert packing.fit(three, packing.parse_cluster("2x1xT4-16GB")).trials == 1  # spread over nodes
+    assert packing.fit(three, packing.parse_cluster("2x3xT4-16GB")).trials == 3
+    cpu_bound = packing.fit(three, packing.parse_cluster("1x8xT4-16GB-5CPU"))
     assert (cpu_bound.trials, cpu_bound.bound) == (2, "CPUs")  # 2 x (0.01 + 2) <= 5 CPUs
     clip = {"kind": "clip", "dataset": "digits", "model_config": TINY_CLIP}
     own = sizing.size_trial(_config(clip, kind="inprocess", threads=2, gpus_per_host=0.5))
     assert (own.bundles, own.device) == ([(2.0, 0.5)], "cuda")  # the trial's process is its host
-    assert sizing.fit(own, sizing.parse_cluster("1x1xT4-16GB")).trials == 2
+    assert packing.fit(own, packing.parse_cluster("1x1xT4-16GB")).trials == 2
 
 
 def test_a_trial_whose_host_cannot_fit_reports_it():
     syn = {"kind": "synthetic", "d": 4, "k": 8}
-    big = sizing.fit(sizing.size_trial(_config(syn, cpus_per_host=100)), A100)
+    big = packing.fit(sizing.size_trial(_config(syn, cpus_per_host=100)), A100)
     assert big.trials == 0 and big.problems[0].startswith(
         "DOES NOT FIT: a host bundle of 100 CPUs, 0 GPU is larger than every node (64 CPUs, 8 GPUs)")
-    eight = sizing.fit(sizing.size_trial(_config(syn, agents_per_host=4, gpus_per_host=8)),
-                       sizing.parse_cluster("4x4xL4-24GB"))
+    eight = packing.fit(sizing.size_trial(_config(syn, agents_per_host=4, gpus_per_host=8)),
+                       packing.parse_cluster("4x4xL4-24GB"))
     assert eight.trials == 0 and "8 GPU is larger than every node (32 CPUs, 4 GPUs)" in eight.problems[0]
     code, out, _ = cli("describe", ROOT / "sweeps" / "table3.yaml", "--cluster", "2x8xA100-80GB",
                        "--set", "runtime.gpus_per_host=0.25")

@@ -36,14 +36,16 @@ MIX_BATCH = 32
 
 
 class Diverged(RuntimeError):
-    """An agent's loss became NaN or inf at step ``t``."""
+    """An agent's loss (or, with ``metric``, an evaluation's metric; agent -1: the network's)
+    became NaN or inf at step ``t``."""
 
-    def __init__(self, t: int, agent: int, loss: float):
-        super().__init__(f"agent {agent} diverged at step {t} (loss {loss})")
-        self.t, self.agent, self.loss = t, agent, loss
+    def __init__(self, t: int, agent: int, loss: float, metric: str | None = None):
+        what = f"{metric} {loss}" if metric else f"loss {loss}"
+        super().__init__(f"agent {agent} diverged at step {t} ({what})")
+        self.t, self.agent, self.loss, self.metric = t, agent, loss, metric
 
     def __reduce__(self):  # crosses process boundaries on the Ray runtime
-        return Diverged, (self.t, self.agent, self.loss)
+        return Diverged, (self.t, self.agent, self.loss, self.metric)
 
 
 def derive_seed(*parts: int) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import yaml
 
 from decaf_ray.config import ConfigError
 from decaf_ray.experiment_config import ExperimentConfig, load_config
+from decaf_ray.cli_run import warnings_for, cmd_run
 from decaf_ray.plan import RunFailed
 
 
@@ -46,9 +46,13 @@ def _parser() -> argparse.ArgumentParser:
                 help="override a config key, e.g. --set lora.rank=8 (repeatable)")
 
     run = sub.add_parser("run", help="run one experiment and save its results")
-    run.add_argument("config")
+    run.add_argument("config", nargs="?")
     run.add_argument("--set", dest="overrides", **sets)
     run.add_argument("--out", help="results directory (default runs/<name>-<time>)")
+    run.add_argument("--resume", metavar="DIR", default=None,
+                     help="continue an interrupted or killed run in its directory")
+    run.add_argument("--force", action="store_true",
+                     help="with --resume: continue with a CONFIG/--set that differ from the run's")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(func=cmd_run)
 
@@ -95,40 +99,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def cmd_run(args) -> int:
-    from decaf_ray.experiment import run
-    from decaf_ray.plan import prepare
-    from decaf_ray.results import RunWriter
-
-    from decaf_ray.algorithms import ALGORITHMS
-    from decaf_ray.pretrain import resolve_checkpoint
-
-    cfg = load_config(args.config, args.overrides)
-    if cfg.runtime.kind == "ray" and not ALGORITHMS[cfg.algorithm].centralized:
-        from decaf_ray.runtime.ray_runtime import check_resources
-
-        check_resources(cfg)  # hosts no node could hold: one line now, not a hang later
-    # a stand-in checkpoint is made here, once (trained on a cache miss); hosts only read it
-    cfg = resolve_checkpoint(cfg)
-    plan = prepare(cfg)  # every config error surfaces here, before anything is written
-    for line in _warnings(cfg):
-        print(f"decaf-ray: warning: {line}", file=sys.stderr)
-    out = Path(args.out or f"runs/{cfg.name or cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}")
-    writer = RunWriter(out).open(cfg)
-    try:
-        result = run(cfg, plan=plan if cfg.runtime.kind == "inprocess" else None, on_rows=writer.rows, progress=not args.quiet)
-    except BaseException as e:
-        writer.fail(e)
-        raise
-    writer.close(result)
-    final = result.summary["final"]
-    shown = ", ".join(f"{k} {final[k]:.4g}" for k in ("test_accuracy", "test_loss") if k in final)
-    note = "" if result.status == "completed" else f" at {result.summary['diverged_at']}"
-    print(f"{result.status}{note}: {cfg.algorithm}, {result.summary['rounds_completed']} rounds"
-          f" in {result.summary['wall_time_s']:.1f}s; {shown}\nresults: {out}")
-    return 0
-
-
 def cmd_describe(args) -> int:
     from decaf_ray import partition, sizing, topology
     from decaf_ray.plan import prepare
@@ -158,7 +128,7 @@ def cmd_describe(args) -> int:
     print(f"floats_per_message: {plan.algorithm.floats_per_message(shapes, rank)}")
     print(f"floats_sent_per_round_per_agent: min {min(sent)}, mean {np.mean(sent):.6g}, max {max(sent)}")
     print(f"trainable_params: {param_count(shapes, rank, plan.algorithm.train_A)}")
-    for line in _warnings(cfg):
+    for line in warnings_for(cfg):
         print(f"warning: {line}")
     try:
         lines = _resource_lines(sizing.size_trial(cfg, plan.task), cluster)
@@ -324,15 +294,6 @@ def cmd_plot(args) -> int:
         raise ConfigError("plot", str(e).splitlines()[0]) from None
     print(f"plot: {path}")
     return 0
-
-
-def _warnings(cfg: ExperimentConfig) -> list[str]:
-    """Configurations that run but are known not to learn."""
-    if cfg.algorithm == "decaf" and cfg.local_steps == 1 and cfg.optim.name == "sgd":
-        return ["decaf with local_steps 1 and plain SGD from B = 0 keeps B A = 0 forever: each "
-                "step leaves one of A, B zero, so every TSVD of the mixed product is zero "
-                "(Algorithm 1's order). Use local_steps >= 2 or momentum/adam."]
-    return []
 
 
 if __name__ == "__main__":

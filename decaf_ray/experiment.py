@@ -7,6 +7,7 @@ hosts, or Ray Train for Centralized) and returns what it ran; the plan and resul
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 from decaf_ray.algorithms import ALGORITHMS
@@ -17,7 +18,8 @@ from decaf_ray.plan import Plan, Row, RunResult, prepare
 def run(cfg: ExperimentConfig, *, on_rows: Callable[[list[Row]], None] | None = None,
         progress: bool = True, plan: Plan | None = None, run_id: str | None = None,
         resume: Any = None, checkpoint_every: int | None = None,
-        on_checkpoint: Callable[[Any], None] | None = None) -> RunResult:
+        on_checkpoint: Callable[[Any], None] | None = None,
+        stop: threading.Event | None = None) -> RunResult:
     """Run one experiment on the runtime its config names (``runtime.kind``).
 
     Args:
@@ -29,7 +31,10 @@ def run(cfg: ExperimentConfig, *, on_rows: Callable[[list[Row]], None] | None = 
         run_id: names the run's Ray actors (``<run_id>/host<k>``); random if not given.
         resume: a ``runtime.loop.RunState`` to continue from (exactly where it was taken).
         checkpoint_every, on_checkpoint: hand a ``RunState`` to ``on_checkpoint`` every so many
-            rounds (a sweep trial's checkpoints).
+            rounds (a sweep trial's checkpoints, a run directory's ``checkpoint/``).
+        stop: once set, the run ends at the next round boundary with status ``interrupted``
+            and a last ``RunState`` (to ``on_checkpoint``) to resume from. Centralized on Ray
+            (Ray Train) cannot stop between rounds: see ``stoppable``.
     """
     kwargs = dict(on_rows=on_rows, progress=progress, on_checkpoint=on_checkpoint)
     if plan is None:  # a stand-in checkpoint is resolved (trained on a miss) here, once
@@ -40,19 +45,30 @@ def run(cfg: ExperimentConfig, *, on_rows: Callable[[list[Row]], None] | None = 
         if plan is not None:
             raise ValueError("run(plan=...) is in-process only: Ray hosts build their own tasks")
         if ALGORITHMS[cfg.algorithm].centralized:  # a data-parallel fine-tune: Ray Train's job
-            from decaf_ray.runtime.train import run_on_train as run_remote
-        else:
-            from decaf_ray.runtime.ray_runtime import run_on_ray as run_remote
-        return run_remote(cfg, run_id=run_id, resume=resume, checkpoint_every=checkpoint_every,
-                          **kwargs)
+            from decaf_ray.runtime.train import run_on_train
+
+            return run_on_train(cfg, run_id=run_id, resume=resume,
+                                checkpoint_every=checkpoint_every, **kwargs)
+        from decaf_ray.runtime.ray_runtime import run_on_ray
+
+        return run_on_ray(cfg, run_id=run_id, resume=resume, checkpoint_every=checkpoint_every,
+                          stop=stop, **kwargs)
     from decaf_ray.runtime.inprocess import InProcessHosts
     from decaf_ray.runtime.loop import follow, stream
 
     plan = plan or prepare(cfg)
     hosts = InProcessHosts(plan)
     try:
-        items = stream(plan, hosts, resume=resume, checkpoint_every=checkpoint_every)
+        items = stream(plan, hosts, resume=resume, checkpoint_every=checkpoint_every,
+                       stop=stop.is_set if stop is not None else None)
         return follow(items, cfg.rounds, cfg.algorithm, initial=resume.round if resume else 0,
                       **kwargs)
     finally:
         hosts.close()
+
+
+def stoppable(cfg: ExperimentConfig) -> bool:
+    """Whether ``run(cfg, stop=...)`` can end at a round boundary: in-process and on Ray hosts.
+    Ray Train's workers step in lockstep and are not asked; such a run stops by interruption
+    and resumes from its last periodic checkpoint."""
+    return not (cfg.runtime.kind == "ray" and ALGORITHMS[cfg.algorithm].centralized)

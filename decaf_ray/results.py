@@ -5,10 +5,12 @@ A run directory holds:
 - ``config.json``: the resolved config (reads back with ``load_config``);
 - ``metrics.csv``: long-form rows ``round, step, agent, metric, value`` (agent -1: network-level),
   appended as the run goes, so a long run can be watched;
-- ``summary.json``: status (completed / diverged / failed), final network metrics, timing,
-  floats sent, trainable parameters;
+- ``summary.json``: status (completed / diverged / interrupted / failed), final network
+  metrics, timing, floats sent, trainable parameters;
 - ``adapters.safetensors``: every agent's final factors, keys ``agent{i}/{module}/A|B``
-  (safetensors: reading it back executes no code).
+  (safetensors: reading it back executes no code);
+- ``checkpoint/state.pt``: the latest ``RunState`` (every ``runtime.checkpoint_every`` rounds
+  and where an interrupted run stopped), what ``decaf-ray run --resume DIR`` continues from.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,11 @@ from decaf_ray.config import ConfigError
 from decaf_ray.experiment_config import ExperimentConfig, load_config
 from decaf_ray.plan import Row, RunResult
 from decaf_ray.factors import Factors
+from decaf_ray.runtime import checkpoint
+from decaf_ray.runtime.loop import RunState
 
 COLUMNS = ("round", "step", "agent", "metric", "value")
+CHECKPOINT = Path("checkpoint") / checkpoint.FILE
 
 
 class RunWriter:
@@ -40,7 +47,8 @@ class RunWriter:
     def open(self, cfg: ExperimentConfig, rows: list[Row] | None = None,
              overwrite: bool = False) -> "RunWriter":
         """Create the directory and write the config; ``rows`` (a resumed run's rows so far)
-        start metrics.csv. ``overwrite`` writes into a non-empty directory (a Tune trial's)."""
+        start metrics.csv. ``overwrite`` writes into a non-empty directory (a Tune trial's, a
+        resumed run's)."""
         if not overwrite and self.out.exists() and (
                 not self.out.is_dir() or any(self.out.iterdir())):
             raise ConfigError("--out", f"{self.out} exists and is not an empty directory")
@@ -57,9 +65,18 @@ class RunWriter:
         self._csv.writerows(rows)
         self._file.flush()
 
+    def checkpoint(self, state: RunState) -> None:
+        """Keep ``state`` as the run's latest checkpoint (written whole or not at all)."""
+        checkpoint.save(state, self.out / CHECKPOINT)
+
     def close(self, result: RunResult) -> None:
         self._file.close()
-        _write_json(self.out / "summary.json", result.summary)
+        summary = dict(result.summary)
+        if result.status == "interrupted":
+            summary["resume"] = f"decaf-ray run --resume {self.out}"
+        else:  # ended: nothing to resume, and a large model's optimizer state is big
+            shutil.rmtree(self.out / CHECKPOINT.parent, ignore_errors=True)
+        _write_json(self.out / "summary.json", summary)
         save_adapters(self.out / "adapters.safetensors", result.factors)
 
     def stop(self) -> None:
@@ -69,12 +86,18 @@ class RunWriter:
             self._csv = None
 
     def fail(self, error: BaseException) -> None:
-        """Record a crash: the rows so far stay, the summary says why it stopped."""
-        if self._csv is not None:
-            self._file.close()
-            self._csv = None
-        _write_json(self.out / "summary.json",
-                    {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+        """Record why a run stopped without a result: the rows so far stay. An interruption
+        (``KeyboardInterrupt``: a second Ctrl-C, or a run that cannot stop between rounds) is
+        ``interrupted`` at the last checkpoint, anything else ``failed``."""
+        self.stop()
+        if isinstance(error, KeyboardInterrupt):
+            saved = self.out / CHECKPOINT
+            at = checkpoint.load(saved).round if saved.is_file() else 0
+            summary = {"status": "interrupted", "rounds_completed": at,
+                       "resume": f"decaf-ray run --resume {self.out}"}
+        else:
+            summary = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+        _write_json(self.out / "summary.json", summary)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -101,6 +124,15 @@ def save_adapters(path: str | Path, adapters: dict[int, Factors]) -> None:
                for i, f in adapters.items() for name, (a, b) in f.items()
                for part, t in (("A", a), ("B", b))}
     save_file(tensors, str(path))
+    _readable_like_the_rest(Path(path))
+
+
+def _readable_like_the_rest(path: Path) -> None:
+    """safetensors creates its file 0600; give it the mode every other file of the run gets
+    (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def load_adapters(path: str | Path) -> dict[int, Factors]:
@@ -116,3 +148,9 @@ def load_adapters(path: str | Path) -> dict[int, Factors]:
 def load_run_config(run_dir: str | Path) -> ExperimentConfig:
     """The config a run directory was made with."""
     return load_config(json.loads((Path(run_dir) / "config.json").read_text()))
+
+
+def load_checkpoint(run_dir: str | Path) -> RunState | None:
+    """The latest checkpoint of a run directory, or None when it has none yet."""
+    path = Path(run_dir) / CHECKPOINT
+    return checkpoint.load(path) if path.is_file() else None

@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from decaf_ray.config import ConfigError, apply_override, from_dict, read_yaml
 from decaf_ray.experiment_config import ExperimentConfig, load_config
+from decaf_ray.runtime import checkpoint
 from decaf_ray.sweep_resources import check_fits, trial_config, trial_resources
 
 SPACES = ("uniform", "loguniform", "randint", "choice")
@@ -202,7 +201,7 @@ def trial(params: dict[str, Any], sweep: SweepConfig, cluster_cpus: float | None
     def on_checkpoint(state):
         upload.sync()
         with tempfile.TemporaryDirectory() as d:
-            torch.save(_plain(state), os.path.join(d, "state.pt"))
+            checkpoint.save(state, os.path.join(d, checkpoint.FILE))
             tune.report({**latest, "round": state.round},
                         checkpoint=tune.Checkpoint.from_directory(d))
 
@@ -238,48 +237,12 @@ def _network(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
-def _plain(state) -> dict:
-    """A RunState as tensors, lists, dicts and numbers only: loadable with weights_only=True."""
-    import numpy as np
-
-    def conv(x):
-        if isinstance(x, np.ndarray):
-            return torch.from_numpy(x.copy())
-        if isinstance(x, dict):
-            return {k: conv(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [conv(v) for v in x]
-        return x
-
-    return {"round": state.round, "step": state.step, "rows": state.rows,
-            "agents": conv(state.agents)}
-
-
-def _load_state(checkpoint):
-    """The RunState in a trial checkpoint (safe load: no code runs), or None."""
-    if checkpoint is None:
+def _load_state(found):
+    """The RunState in a Tune trial checkpoint (safe load: no code runs), or None."""
+    if found is None:
         return None
-    from decaf_ray.runtime.loop import RunState
-
-    with checkpoint.as_directory() as d:
-        data = torch.load(os.path.join(d, "state.pt"), weights_only=True)
-    agents = {int(i): _revive(st) for i, st in data["agents"].items()}
-    return RunState(data["round"], data["step"], data["rows"], agents)
-
-
-def _revive(state: dict) -> dict:
-    """Undo ``_plain`` where types matter: factor pairs are tuples, sampler arrays numpy."""
-    tup = lambda tree: {n: (a, b) for n, (a, b) in tree.items()}
-    out = dict(state)
-    out["factors"] = tup(state["factors"])
-    opt = {}
-    for k, v in state["opt_state"].items():
-        opt[k] = tup(v) if isinstance(v, dict) else v
-    out["opt_state"] = opt
-    sampler = dict(state["sampler"])
-    sampler["order"] = sampler["order"].numpy()
-    out["sampler"] = sampler
-    return out
+    with found.as_directory() as d:
+        return checkpoint.load(os.path.join(d, checkpoint.FILE))
 
 
 # ------------------------------------------------------------------ the sweep

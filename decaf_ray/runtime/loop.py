@@ -9,6 +9,7 @@ driver (callbacks, progress bar).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Protocol, Union
@@ -69,13 +70,20 @@ Item = Union[tuple[int, list[Row]], RunState, RunResult]
 
 
 def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
-           checkpoint_every: int | None = None) -> Iterator[Item]:
+           checkpoint_every: int | None = None,
+           stop: Callable[[], bool] | None = None) -> Iterator[Item]:
     """Run ``plan.config.rounds`` rounds of ``local_steps`` steps on ``hosts``.
 
     Yields ``(round, rows)`` once per round (rows empty between evaluations; round 0 is the
     evaluation before training), a ``RunState`` after every ``checkpoint_every``-th round when
     asked, and the ``RunResult`` last. Runtimes forward these items to the driver as they come,
     which is how a remote run streams its metrics. ``resume`` continues from a ``RunState``.
+
+    ``stop`` is asked after every round: when it says so the run ends there, at a round
+    boundary, with a ``RunState`` of that round and a result of status ``interrupted``.
+    Divergence is declared at the first non-finite loss of a step or metric of an evaluation; a
+    diverged result's summary, final metrics and factors are then those of the last evaluation
+    whose numbers were all finite, and ``diverged_at`` says where it broke.
     """
     cfg, start, status, diverged = plan.config, time.perf_counter(), "completed", None
     clock = _Clock()
@@ -84,13 +92,16 @@ def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
     else:
         hosts.restore(resume.agents)
         rows, t, first = list(resume.rows), resume.step, resume.round + 1
-    rnd = first - 1
+    rnd, good = first - 1, None  # good: (round, factors) of the last all-finite evaluation
     try:
         if resume is None:
             with clock.phase("eval"):
-                rows += (new := _eval_rows(plan, hosts, 0, 0, {}))
+                new, adapters = _eval_rows(plan, hosts, 0, 0, {})
                 hosts.end_round(0)
+            rows += new
             yield 0, new
+            _check_finite(new, 0)
+            good = (0, adapters)
         for rnd in range(first, cfg.rounds + 1):
             evaluate = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
             talk = plan.algorithm.communicates
@@ -101,23 +112,46 @@ def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
                 t += cfg.local_steps
                 diags = hosts.communicate(t, diagnose=evaluate) if talk else {}
             mix = getattr(hosts, "mix_s", 0.0) if talk else 0.0
+            new = []
             with clock.phase("eval"):
-                new = _eval_rows(plan, hosts, rnd, t, diags) if evaluate else []
+                if evaluate:
+                    new, adapters = _eval_rows(plan, hosts, rnd, t, diags)
                 hosts.end_round(rnd)  # Ray: the round's deferred steps run here, if any
             clock.end_round(rnd, mix)
             rows += new
             yield rnd, new
-            if checkpoint_every and rnd % checkpoint_every == 0 and rnd < cfg.rounds:
+            if new:
+                _check_finite(new, t)
+                good = (rnd, adapters)
+            saved = checkpoint_every and rnd % checkpoint_every == 0 and rnd < cfg.rounds
+            if saved:
                 yield RunState(rnd, t, list(rows), hosts.snapshot())
+            if stop is not None and rnd < cfg.rounds and stop():
+                if not saved:
+                    yield RunState(rnd, t, list(rows), hosts.snapshot())
+                status = "interrupted"
+                break
     except Diverged as e:
         status, diverged = "diverged", {"round": rnd, "step": e.t, "agent": e.agent}
-    last = rows[-1]["round"] if rows else 0
-    final = {r["metric"]: r["value"] for r in rows if r["agent"] == -1 and r["round"] == last}
-    factors = hosts.factors()
-    done = rnd if status == "completed" else rnd - 1
+        if e.metric:
+            diverged["metric"] = e.metric
+    if status == "diverged" and good is not None:
+        done, factors = good
+        diverged["results_of_round"] = done
+    else:
+        done, factors = rnd, hosts.factors()
+    final = {r["metric"]: r["value"] for r in rows if r["agent"] == -1 and r["round"] == done}
     summary = _summary(plan, status, done, t, diverged, final, time.perf_counter() - start)
     summary.update(clock.summary(getattr(hosts, "load_s", 0.0)))
     yield RunResult(cfg, status, rows, summary, factors)
+
+
+def _check_finite(rows: list[Row], t: int) -> None:
+    """Raise ``Diverged`` at the first non-finite metric of an evaluation (a NaN test loss is
+    divergence, even before a training loss shows it)."""
+    for r in rows:
+        if not math.isfinite(r["value"]):
+            raise Diverged(t, r["agent"], r["value"], r["metric"])
 
 
 class _Clock:
@@ -191,13 +225,15 @@ def follow(items: Iterable[Item], rounds: int, desc: str, *,
 
 
 def _eval_rows(plan: Plan, hosts: Hosts, rnd: int, t: int,
-               diags: dict[int, dict[str, float]]) -> list[Row]:
+               diags: dict[int, dict[str, float]]) -> tuple[list[Row], dict[int, Factors]]:
     """Per-agent test metrics and diagnostics, then network rows (agent -1): their means,
-    consensus distance, parameter distance, ||grad f(v-bar)||^2 and floats sent so far."""
+    consensus distance, parameter distance, ||grad f(v-bar)||^2 and floats sent so far; and the
+    factors they were measured at (copies)."""
     per_agent = hosts.evaluate()
     for i, d in diags.items():
         per_agent[i].update(d)
-    adapters = [a for _, a in sorted(hosts.factors().items())]
+    factors = {i: F.clone(f) for i, f in hosts.factors().items()}
+    adapters = [a for _, a in sorted(factors.items())]
     net = metrics.means(per_agent)
     net["consensus_distance"] = metrics.consensus_distance(adapters, plan.config.lora.scale)
     net["param_distance"] = metrics.param_distance(adapters)
@@ -206,7 +242,7 @@ def _eval_rows(plan: Plan, hosts: Hosts, rnd: int, t: int,
         net["grad_norm_sq"] = metrics.grad_norm_sq([g for _, g in sorted(grads.items())])
     net["floats_sent"] = rnd * _floats_per_round(plan)
     out = [_row(rnd, t, i, k, v) for i, m in sorted(per_agent.items()) for k, v in sorted(m.items())]
-    return out + [_row(rnd, t, -1, k, v) for k, v in sorted(net.items())]
+    return out + [_row(rnd, t, -1, k, v) for k, v in sorted(net.items())], factors
 
 
 def _row(rnd: int, t: int, agent: int, metric: str, value: float) -> Row:

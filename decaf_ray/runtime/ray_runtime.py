@@ -25,6 +25,7 @@ object store and never through the driver.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from typing import Any, Callable
@@ -288,19 +289,27 @@ def _alive(host) -> bool:
         return False
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, concurrency_groups={"control": 1})
 class Coordinator:
-    """Owns the plan and the hosts of one run; ``run`` streams (round, rows) then the result."""
+    """Owns the plan and the hosts of one run; ``run`` streams (round, rows) then the result.
+    ``stop`` (its own thread, answered while ``run`` works) ends the run at the next round
+    boundary, as an interrupted run with a state to resume from."""
 
     def __init__(self, config: dict, run_id: str, shipped: weights.Shipped | None = None):
         devices.hide_unassigned_gpus()  # it reserved none; it must never start a CUDA context
         self.config, self.run_id, self.shipped = config, run_id, shipped
+        self.stopping = False
+
+    @ray.method(concurrency_group="control")
+    def stop(self) -> None:
+        self.stopping = True
 
     def run(self, resume=None, checkpoint_every: int | None = None):
         plan = prepare(load_config(self.config))  # reads no weights: the hosts load them
         hosts = RayHosts(plan, self.run_id, self.shipped)
         try:
-            for item in stream(plan, hosts, resume=resume, checkpoint_every=checkpoint_every):
+            for item in stream(plan, hosts, resume=resume, checkpoint_every=checkpoint_every,
+                               stop=lambda: self.stopping):
                 if isinstance(item, RunResult):
                     where = hosts.where()
                     item.summary["hosts"] = len(hosts.members)
@@ -317,9 +326,11 @@ class Coordinator:
 
 
 def run_on_ray(cfg: ExperimentConfig, *, run_id: str | None = None, resume: RunState | None = None,
-               checkpoint_every: int | None = None, **follow_kwargs) -> RunResult:
+               checkpoint_every: int | None = None, stop: threading.Event | None = None,
+               **follow_kwargs) -> RunResult:
     """Run ``cfg`` on Ray; rows reach ``on_rows`` as each evaluation round completes.
 
+    ``stop``, once set, ends the run at the next round boundary (``runtime.loop.stream``).
     ``follow_kwargs`` go to ``runtime.loop.follow`` (on_rows, on_checkpoint, progress)."""
     from decaf_ray.pretrain import resolve_checkpoint
 
@@ -328,6 +339,9 @@ def run_on_ray(cfg: ExperimentConfig, *, run_id: str | None = None, resume: RunS
     run_id = run_id or f"decaf-ray-{uuid.uuid4().hex[:8]}"
     coordinator = Coordinator.options(name=f"{run_id}/coordinator").remote(
         cfg.to_dict(), run_id, weights.ship(cfg))
+    done = threading.Event()
+    if stop is not None:
+        threading.Thread(target=_pass_stop, args=(stop, done, coordinator), daemon=True).start()
     try:
         gen = coordinator.run.remote(resume, checkpoint_every)
         items = (ray.get(ref) for ref in gen)
@@ -338,8 +352,18 @@ def run_on_ray(cfg: ExperimentConfig, *, run_id: str | None = None, resume: RunS
             raise e.cause from None
         raise
     finally:
+        done.set()
         ray.kill(coordinator)
         # The coordinator is killed as soon as its result is in, before its own cleanup can
         # run; its hosts die with it (their owner), its placement group is freed here.
         with contextlib.suppress(Exception):
             ray.util.remove_placement_group(ray.util.get_placement_group(hosts_group(run_id)))
+
+
+def _pass_stop(stop: threading.Event, done: threading.Event, coordinator) -> None:
+    """Tell the coordinator once ``stop`` is set (the driver's signal handler sets it while the
+    main thread waits on the run's next item)."""
+    while not done.is_set():
+        if stop.wait(0.2):
+            coordinator.stop.remote()
+            return

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from decaf_ray.config import ConfigError, LoRAConfig
+from decaf_ray.config import LoRAConfig, require
 from decaf_ray.factors import Factors, Grads
 from decaf_ray.tasks.step_rng import step_rng
 
@@ -74,31 +74,26 @@ class SyntheticConfig:
 
     def __post_init__(self):
         cls = self.form == "classification"
-        _require(self.kind == "synthetic", "kind", "must be 'synthetic'")
-        _require(self.d >= (2 if cls else 1), "d",
-                 f"must be >= {2 if cls else 1} for {self.form} (got {self.d})")
-        _require(self.k >= 1, "k", f"must be >= 1 (got {self.k})")
+        require(self.kind == "synthetic", "kind", "must be 'synthetic'")
+        require(self.d >= (2 if cls else 1), "d",
+                f"must be >= {2 if cls else 1} for {self.form} (got {self.d})")
+        require(self.k >= 1, "k", f"must be >= 1 (got {self.k})")
         # Classification's shift has zero column sums, which costs one dimension of rank.
         max_rank = min(self.d - 1 if cls else self.d, self.k)
-        _require(1 <= self.true_rank <= max_rank, "true_rank",
-                 f"must be in [1, {max_rank}] (min({'d - 1' if cls else 'd'}, k)); "
-                 f"got {self.true_rank}")
-        _require(self.clusters >= 1, "clusters", "must be >= 1")
-        _require(self.samples >= 1, "samples", "must be >= 1")
-        _require(self.test_samples >= 1, "test_samples", "must be >= 1")
-        _require(self.noise > 0 if cls else self.noise >= 0, "noise",
-                 "must be > 0 (a temperature)" if cls else "must be >= 0 (an output std)")
-        _require(self.heterogeneity >= 0, "heterogeneity", "must be >= 0")
-        _require(not cls or self.heterogeneity == 0, "heterogeneity",
-                 "must be 0 for classification, whose heterogeneity comes from the label "
-                 "partition (data.partition); use form 'regression' for per-cluster shifts")
-        _require(self.separation >= 0, "separation", "must be >= 0")
-        _require(self.shift_scale > 0, "shift_scale", "must be > 0")
-
-
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(name, message)
+        require(1 <= self.true_rank <= max_rank, "true_rank",
+                f"must be in [1, {max_rank}] (min({'d - 1' if cls else 'd'}, k)); "
+                f"got {self.true_rank}")
+        require(self.clusters >= 1, "clusters", "must be >= 1")
+        require(self.samples >= 1, "samples", "must be >= 1")
+        require(self.test_samples >= 1, "test_samples", "must be >= 1")
+        require(self.noise > 0 if cls else self.noise >= 0, "noise",
+                "must be > 0 (a temperature)" if cls else "must be >= 0 (an output std)")
+        require(self.heterogeneity >= 0, "heterogeneity", "must be >= 0")
+        require(not cls or self.heterogeneity == 0, "heterogeneity",
+                "must be 0 for classification, whose heterogeneity comes from the label "
+                "partition (data.partition); use form 'regression' for per-cluster shifts")
+        require(self.separation >= 0, "separation", "must be >= 0")
+        require(self.shift_scale > 0, "shift_scale", "must be > 0")
 
 
 def _generator(seed: int, stream: int) -> torch.Generator:

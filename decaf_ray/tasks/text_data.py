@@ -125,7 +125,9 @@ def load_hub(dataset: str, split: str, hub_name: str) -> list[Example]:
 _TRAIN, _TEST, _SPLIT = 0, 1, 2  # seed streams
 
 
-def _rng(seed: int, stream: int) -> np.random.Generator:
+def stream_rng(seed: int, stream: int) -> np.random.Generator:
+    """A generator of its own for each use (``stream``) of one ``seed``: draws of one use do
+    not shift another's (streams 0-2 here; the causal LM's random weights take 3)."""
     return np.random.default_rng(np.random.SeedSequence([seed % 2**63, stream]))
 
 
@@ -145,12 +147,14 @@ def load_splits(cfg: Any, seed: int) -> tuple[list[Example], list[Example]]:
             else:
                 if len(train) < 2:
                     raise ValueError(f"{cfg.train_file}: too few rows to split")
-                tr, te = split_rows(len(train), cfg.test_fraction, _rng(seed, _SPLIT))
+                tr, te = split_rows(len(train), cfg.test_fraction, stream_rng(seed, _SPLIT))
                 train, test = [train[i] for i in tr], [train[i] for i in te]
     except (OSError, ValueError) as e:
         raise ConfigError("train_file" if cfg.train_file else "dataset", str(e)) from None
-    train = [train[i] for i in subsample(len(train), cfg.train_samples, _rng(seed, _TRAIN))]
-    test = [test[i] for i in subsample(len(test), cfg.test_samples, _rng(seed, _TEST))]
+    keep = subsample(len(train), cfg.train_samples, stream_rng(seed, _TRAIN))
+    train = [train[i] for i in keep]
+    keep = subsample(len(test), cfg.test_samples, stream_rng(seed, _TEST))
+    test = [test[i] for i in keep]
     return train, test
 
 

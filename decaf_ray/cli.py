@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--max-concurrent", type=int, default=None)
     sweep.add_argument("--resume", action="store_true",
                        help="finish an interrupted sweep (finished trials are not redone)")
+    sweep.add_argument("--force", action="store_true",
+                       help="with --resume: finish it with a sweep file or --set that changed")
     sweep.set_defaults(func=cmd_sweep)
 
     data = sub.add_parser("data", help="download or check, once, every dataset a config or "
@@ -253,15 +255,23 @@ def _resource_lines(trial, cluster) -> list[str]:
 def cmd_sweep(args) -> int:
     from decaf_ray.sweep import load_sweep, run_sweep
 
-    sweep = load_sweep(args.sweep, args.overrides)
-    grid = run_sweep(sweep, args.storage, resume=args.resume, max_concurrent=args.max_concurrent)
-    failed = [r for r in grid if r.error is not None]
     from decaf_ray.sweep_storage import sweep_location
 
-    print(f"sweep {sweep.name}: {len(grid)} trials, {len(failed)} failed; "
-          f"results: {sweep_location(args.storage, sweep.name)}")
+    sweep = load_sweep(args.sweep, args.overrides)
+    grid = run_sweep(sweep, args.storage, resume=args.resume, max_concurrent=args.max_concurrent,
+                     force=args.force)
+    failed = [r for r in grid if r.error is not None]
+    # a trial's last report carries its status only when its run ended (sweep.trial)
+    unfinished = [r for r in grid if r.error is None and "status" not in (r.metrics or {})]
+    where = sweep_location(args.storage, sweep.name)
+    print(f"sweep {sweep.name}: {len(grid)} trials, {len(failed)} failed, "
+          f"{len(unfinished)} interrupted; results: {where}")
     for r in failed:
         print(f"  failed: {r.path}: {str(r.error).splitlines()[0]}", file=sys.stderr)
+    if unfinished:
+        print(f"decaf-ray: sweep interrupted; finish it with: decaf-ray sweep {args.sweep} "
+              f"--storage {args.storage} --resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from decaf_ray.config import ConfigError
+from decaf_ray.config import ConfigError, first_difference
 from decaf_ray.experiment_config import ExperimentConfig, load_config
 
 
@@ -82,7 +82,7 @@ def _config_and_out(args) -> tuple[ExperimentConfig, Path]:
         cfg = load_config(args.config or saved.to_dict(), args.overrides)
         if cfg != saved and not args.force:
             raise ConfigError("--resume", f"the config differs from the one {out} was run with "
-                              f"({_first_difference(saved.to_dict(), cfg.to_dict())}); resume "
+                              f"({first_difference(saved.to_dict(), cfg.to_dict())}); resume "
                               "without CONFIG/--set, or add --force to continue with it")
     return cfg, out
 
@@ -92,14 +92,6 @@ def _status(out: Path) -> str | None:
         return json.loads((out / "summary.json").read_text()).get("status")
     except (OSError, ValueError):
         return None  # still running when it was killed: no summary yet
-
-
-def _first_difference(a, b, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else k)
-    return f"{path}: {a!r} -> {b!r}"
 
 
 class _stop_on_signals:

@@ -393,3 +393,12 @@ def _scalar(value: Any, tp: Any, path: str) -> Any:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> str:
+    """The first dotted key where two plain config dicts differ, as ``key: old -> new``."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k) != b.get(k):
+                return first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+    return f"{path}: {a!r} -> {b!r}"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -35,11 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from decaf_ray.config import ConfigError, apply_override, from_dict, read_yaml
+from decaf_ray.config import (ConfigError, apply_override, first_difference, from_dict,
+                              read_yaml)
 from decaf_ray.experiment_config import ExperimentConfig, load_config
 from decaf_ray.runtime import checkpoint
 from decaf_ray.sweep_resources import check_fits, trial_config, trial_resources
 
+RECORD = "decaf_ray_sweep.json"
+"""The sweep as started, beside Tune's files in its storage folder."""
 SPACES = ("uniform", "loguniform", "randint", "choice")
 
 
@@ -249,7 +253,7 @@ def _load_state(found):
 
 
 def run_sweep(sweep: SweepConfig, storage: str | Path, *, resume: bool = False,
-              max_concurrent: int | None = None, stage_data: bool = True):
+              max_concurrent: int | None = None, stage_data: bool = True, force: bool = False):
     """Run (or ``resume``) a sweep under ``<storage>/<name>``; returns Tune's ResultGrid.
 
     ``storage``: a local or shared folder, or a pyarrow filesystem URI (``s3://bucket/x``,
@@ -258,9 +262,14 @@ def run_sweep(sweep: SweepConfig, storage: str | Path, *, resume: bool = False,
     (``check_fits``), and the data are staged once (``staging.stage``; ``stage_data=False``
     skips it).
 
+    The sweep as given (base, grid, overrides applied) is kept beside Tune's files as
+    ``decaf_ray_sweep.json``; ``resume`` refuses a sweep that differs from it unless ``force``,
+    so unfinished trials never run under another config than the finished ones.
+
     Raises:
         ConfigError: storage that holds a sweep (or none to ``resume``), a bad URI, a trial that
-            can never be placed, data that are missing and cannot be fetched.
+            can never be placed, data that are missing and cannot be fetched, a changed sweep
+            on ``resume``.
     """
     from ray import tune
 
@@ -271,6 +280,7 @@ def run_sweep(sweep: SweepConfig, storage: str | Path, *, resume: bool = False,
     if resume:
         if not tune.Tuner.can_restore(path):
             raise ConfigError("--resume", f"no sweep to resume at {path}")
+        _same_as_recorded(sweep, path, force)
     elif sweep_storage.holds_anything(path):
         raise ConfigError("--storage", f"{path} already holds a sweep; use --resume to "
                           "finish it or choose another --storage / name")
@@ -283,6 +293,8 @@ def run_sweep(sweep: SweepConfig, storage: str | Path, *, resume: bool = False,
         from decaf_ray.staging import stage
 
         stage(sweep)
+    if not resume:
+        sweep_storage.write_text(f"{path}/{RECORD}", json.dumps(_plain(sweep), indent=2))
     trainable = tune.with_resources(
         tune.with_parameters(trial, sweep=sweep, cluster_cpus=cluster_cpus, shipped=shipped),
         lambda params: trial_resources(trial_config(sweep, params, cluster_cpus)))
@@ -297,6 +309,24 @@ def run_sweep(sweep: SweepConfig, storage: str | Path, *, resume: bool = False,
                                       failure_config=tune.FailureConfig(max_failures=0),
                                       verbose=1))
     return tuner.fit()
+
+
+def _plain(sweep: SweepConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(sweep), default=str))
+
+
+def _same_as_recorded(sweep: SweepConfig, path: str, force: bool) -> None:
+    """Refuse to resume ``sweep`` when it differs from the one recorded at ``path``."""
+    from decaf_ray import sweep_storage
+
+    text = sweep_storage.read_text(f"{path}/{RECORD}")
+    if text is None or force:
+        return  # a sweep recorded before this file existed, or the user's explicit choice
+    recorded, given = json.loads(text), _plain(sweep)
+    if recorded != given:
+        raise ConfigError("--resume", f"the sweep differs from the one being resumed "
+                          f"({first_difference(recorded, given)}); resume with the same file "
+                          "and --set, or add --force to finish it with these")
 
 
 def _resolve_weights(sweep: SweepConfig):

@@ -57,6 +57,25 @@ def holds_anything(uri: str) -> bool:
     return bool(fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=False)))
 
 
+def write_text(uri: str, text: str) -> None:
+    """Write a small text file at ``uri`` (a path or a URI), creating its folder."""
+    fs, path = filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def read_text(uri: str) -> str | None:
+    """The text of the file at ``uri``, or None when there is none."""
+    import pyarrow.fs
+
+    fs, path = filesystem(uri)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
 class TrialUpload:
     """Copies a trial's local run directory to its folder in the sweep's storage.
 

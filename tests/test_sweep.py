@@ -123,10 +123,15 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
         proc.kill()
         pytest.fail("the long trial never checkpointed")
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
-    proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "1 interrupted" in out and "--resume" in out, out[-3000:]
     short = next((store / "t").glob("trial_*rounds=6_*"))
     done_before = (short / "summary.json").stat().st_mtime
     assert not (long_trial[0] / "summary.json").exists()
+
+    changed = _sweep_cli(path, "--storage", store, "--resume", "--set", "lora.rank=3")
+    out, _ = changed.communicate(timeout=300)
+    assert changed.returncode == 2 and "base.lora.rank: 2 -> 3" in out, out[-3000:]
 
     resumed = _sweep_cli(path, "--storage", store, "--resume")
     out, _ = resumed.communicate(timeout=300)

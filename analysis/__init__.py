@@ -1,4 +1,4 @@
-"""Analysis of saved runs: read only what ``decaf_ray.results`` wrote, never a live run.
+"""Analysis of saved runs: read what ``decaf_ray.results`` wrote, never a live run.
 
 ``load(path)`` gives one tidy DataFrame of every run under ``path`` (a run directory or any folder
 of them): the metric rows plus flattened config columns (``algorithm``, ``topology.name``,
@@ -13,49 +13,37 @@ On top of it (each takes that frame or a results directory):
   ``table2``, ``table3``, ``table6``, ``table7``, ``refactorization_table``, ``results_table``;
 - ``figure(name, results, out)``: write any of them to a file by name (what ``decaf-ray plot
   --figure`` calls).
+
+Beneath them, from the bottom up: ``runs`` reads the files, ``names`` holds the paper's names and
+orders, ``data`` selects runs and groups them into conditions, ``values`` reduces metric rows to
+curves and final values, ``table`` and ``results_table`` build and render a table.
+
+Two views re-run a run's setup instead of only reading files: the epoch axis (``x="epoch"``) and
+``label_distribution`` call ``decaf_ray.plan.prepare`` on the saved config through
+``analysis.plan_facts``. That builds the task, so it needs the datasets the run used (it trains
+nothing and loads no weights); everything else needs only the saved results.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
-
-def run_dirs(path: str | Path) -> list[Path]:
-    """Every directory at or below ``path`` holding a ``metrics.csv``, sorted."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such results directory")
-    return sorted(p.parent for p in path.rglob("metrics.csv"))
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{key}."))
-        else:
-            out[key] = v if not isinstance(v, list) else json.dumps(v)
-    return out
-
-
-def load(path: str | Path) -> pd.DataFrame:
-    """Tidy rows ``run, status, <config columns>, round, step, agent, metric, value``."""
-    frames = []
-    for d in run_dirs(path):
-        df = pd.read_csv(d / "metrics.csv")
-        cfg = _flatten(json.loads((d / "config.json").read_text()))
-        summary_file = d / "summary.json"
-        status = json.loads(summary_file.read_text())["status"] if summary_file.exists() else "running"
-        meta = {"run": str(d), "status": status, **cfg}
-        frames.append(df.assign(**{k: v for k, v in meta.items() if k not in df.columns}))
-    if not frames:
-        raise FileNotFoundError(f"{path}: holds no run (no metrics.csv below it)")
-    return pd.concat(frames, ignore_index=True)
+from analysis.figures import (
+    accuracy_gap,
+    bytes_vs_accuracy,
+    fig2,
+    fig3,
+    label_distribution,
+    refactorization,
+)
+from analysis.results_table import results_table
+from analysis.runs import load, run_dirs, summaries
+from analysis.table import Table
+from analysis.tables import refactorization_table, table2, table3, table6, table7
+from analysis.theory import fit_slope, rate_check, rate_points, theory_curves
 
 
 def plot_runs(path: str | Path, metric: str, out: str | Path) -> Path:
@@ -90,27 +78,6 @@ def plot_runs(path: str | Path, metric: str, out: str | Path) -> Path:
     plt.close(fig)
     return out
 
-
-# The figures and tables; imported after ``load`` (they call it).
-from analysis.data import summaries
-from analysis.figures import (
-    accuracy_gap,
-    bytes_vs_accuracy,
-    fig2,
-    fig3,
-    label_distribution,
-    refactorization,
-)
-from analysis.tables import (
-    Table,
-    refactorization_table,
-    results_table,
-    table2,
-    table3,
-    table6,
-    table7,
-)
-from analysis.theory import fit_slope, rate_check, rate_points, theory_curves
 
 __all__ = ["FIGURES", "NAMES", "TABLES", "Table", "accuracy_gap", "bytes_vs_accuracy", "fig2",
            "fig3", "figure", "fit_slope", "label_distribution", "load", "plot_runs", "rate_check",

@@ -1,10 +1,15 @@
-"""The paper's figures (Fig. 2, Fig. 3) and a few beyond it, from saved results only.
+"""The paper's figures (Fig. 2, Fig. 3) and a few beyond it, from saved results.
 
 Every function takes the tidy frame of ``analysis.load`` (or a results directory) and returns a
 ``matplotlib.figure.Figure`` (built without pyplot: nothing global, nothing left open). A line is
 the mean over agents; its band is the range (or +-std, ``band="std"``) over agents, or, when a
 condition has several seeds, the mean over seeds of the agent mean with the band across seeds.
 A panel with nothing to draw says "no data".
+
+Two views need more than the saved files, since the metrics hold neither shard sizes nor labels:
+the epoch axis (``x="epoch"``) and ``label_distribution`` re-run each run's setup
+(``decaf_ray.plan.prepare``, see ``analysis.plan_facts``), so they need the datasets the run
+used; nothing is trained. Every other figure reads only the saved files.
 """
 
 from __future__ import annotations
@@ -20,26 +25,19 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
-from analysis.data import (
+from analysis.data import conditions, run_table, select
+from analysis.names import (
     DECENTRALIZED,
-    X_LABELS,
-    agent_stats,
-    as_frame,
     colour,
-    conditions,
-    curve,
-    final_values,
     is_fraction_metric,
-    last_common_round,
     metric_label,
     order_values,
-    plan_facts,
     pretty,
     refactorization_variant,
-    run_table,
-    select,
-    x_mapper,
 )
+from analysis.plan_facts import X_LABELS, plan_facts, x_mapper
+from analysis.runs import as_frame
+from analysis.values import agent_stats, curve, final_values, last_common_round
 
 Where = Mapping[str, Any] | None
 
@@ -58,7 +56,7 @@ def no_data(ax: Axes, why: str = "no data") -> None:
     ax.set_yticks([])
 
 
-def _note(ax: Axes, text: str) -> None:
+def corner_note(ax: Axes, text: str) -> None:
     """What other settings were held at, small, in the lower right corner."""
     if text:
         text = textwrap.fill(text, 60)
@@ -106,7 +104,7 @@ def curves_panel(ax: Axes, df: pd.DataFrame, runs: pd.DataFrame, key: Sequence[s
     ax.set_ylabel(metric_label(metric))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _note(ax, conds.note())
+    corner_note(ax, conds.note())
     return n
 
 
@@ -257,7 +255,7 @@ def gap_panel(ax: Axes, df: pd.DataFrame, *, metric: str = "test_accuracy",
     ax.set_ylabel(f"{metric_label(metric).replace(' (%)', '')} gap{unit}")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    _note(ax, gap.attrs.get("note", ""))
+    corner_note(ax, gap.attrs.get("note", ""))
 
 
 def bytes_vs_accuracy(results, *, metric: str = "test_accuracy", by: Sequence[str] = ("algorithm",),
@@ -306,15 +304,21 @@ def bytes_vs_accuracy(results, *, metric: str = "test_accuracy", by: Sequence[st
     ax.set_ylabel(metric_label(metric))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _note(ax, conds.note())
+    corner_note(ax, conds.note())
     return fig
 
 
 def label_distribution(results, *, max_panels: int = 4) -> Figure:
-    """Each agent's label counts as a heatmap (rows: agents, columns: labels), rebuilt from a
-    run's ``config.json`` (``experiment.prepare`` + ``partition.label_histogram``; nothing is
-    trained). ``results``: a run directory, a folder of runs, or a tidy frame; with several
-    runs, one panel per distinct data setup (agents, data.*, task.*; first seed), at most
+    """Each agent's label counts as a heatmap (rows: agents, columns: labels).
+
+    The metrics do not hold the labels, so this re-runs each shown run's setup from its
+    ``config.json``: ``analysis.plan_facts`` calls ``decaf_ray.plan.prepare``, which builds the
+    task (reading the dataset's labels the run trained on, or redrawing synthetic data) and the
+    partition, then ``partition.label_histogram``. No weights are loaded and nothing is
+    trained, but the run's datasets must be where its config says (``task.root``, data files,
+    the stand-in cache), else ``prepare`` raises a ConfigError naming the field.
+    ``results``: a run directory, a folder of runs, or a tidy frame; with several runs, one
+    panel per distinct data setup (agents, data.*, task.*; first seed), at most
     ``max_panels``."""
     if isinstance(results, (str, Path)) and (Path(results) / "config.json").exists():
         dirs = [str(results)]
@@ -332,12 +336,11 @@ def label_distribution(results, *, max_panels: int = 4) -> Figure:
             firsts = firsts.sort_values("data.partition", key=lambda s: s.map(lambda v: order.get(v, 9)),
                                         kind="stable")
         dirs = list(firsts["run"])[:max_panels]
+    from decaf_ray.results import load_run_config
+
     fig, axes = new_figure(len(dirs), size=(4.6, 3.8))
     for ax, d in zip(axes, dirs):
-        facts = plan_facts(str(d))
-        hist = facts["histogram"]
-        from decaf_ray.results import load_run_config
-
+        hist = plan_facts(str(d))["histogram"]
         cfg = load_run_config(d)
         im = ax.imshow(hist, aspect="auto", cmap="viridis", interpolation="nearest")
         n, c = hist.shape

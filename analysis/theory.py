@@ -18,22 +18,18 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.data import (
-    ALGORITHM_NAMES,
-    COLUMN_NAMES,
-    X_LABELS,
-    _hashable,
-    agent_stats,
-    as_frame,
-    colour,
     condition_columns,
     conditions,
     config_columns,
-    curve,
+    hashable,
     run_table,
     select,
-    x_mapper,
 )
-from analysis.figures import _note, distinct_seeds, new_figure, no_data, seeds_label
+from analysis.figures import corner_note, distinct_seeds, new_figure, no_data, seeds_label
+from analysis.names import ALGORITHM_NAMES, COLUMN_NAMES, colour
+from analysis.plan_facts import X_LABELS, x_mapper
+from analysis.runs import as_frame
+from analysis.values import agent_stats, curve
 
 THEORY_METRICS = ("interference", "tsvd_error", "prop1_bound")
 RATE_IGNORE = ("rounds", "optim.lr", "eval_every", "optim.warmup_steps", "runtime.checkpoint_every")
@@ -84,7 +80,7 @@ def theory_curves(results, *, by: Sequence[str] = ("algorithm", "lora.rank"), x:
         ax.set_ylabel(r"$\|\cdot\|_F$")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        _note(ax, conds.note())
+        corner_note(ax, conds.note())
     return fig
 
 
@@ -106,15 +102,15 @@ def rate_family(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
             if c not in RATE_IGNORE and c not in ("algorithm", "dataset")]
     if runs.empty or not cols:
         return runs, {}
-    keys = runs[cols].apply(lambda r: tuple(_hashable(v) for v in r), axis=1)
+    keys = runs[cols].apply(lambda r: tuple(hashable(v) for v in r), axis=1)
     best, score = None, None
     for k, g in runs.groupby(keys, sort=False):
         s = (len(set(zip(g["algorithm"], g["rounds"]))), len(g))
         if score is None or s > score:
             best, score = k, s
     family = runs[keys == best]
-    varying = [c for c in cols if runs[c].map(_hashable).nunique(dropna=False) > 1]
-    return family, {c: _hashable(family[c].iloc[0]) for c in varying}
+    varying = [c for c in cols if runs[c].map(hashable).nunique(dropna=False) > 1]
+    return family, {c: hashable(family[c].iloc[0]) for c in varying}
 
 
 def rate_points(results, *, metric: str = "grad_norm_sq",
@@ -208,5 +204,6 @@ def rate_check(results, *, metric: str = "grad_norm_sq",
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     if held:
-        _note(ax, "held: " + ", ".join(f"{COLUMN_NAMES.get(c, c)} {v}" for c, v in held.items()))
+        corner_note(ax, "held: " + ", ".join(f"{COLUMN_NAMES.get(c, c)} {v}"
+                                             for c, v in held.items()))
     return fig, slopes

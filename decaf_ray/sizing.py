@@ -260,14 +260,14 @@ def _clip_parts(t, task, cuda: bool, batch: int, n_pass: int) -> list[Part]:
 def _lm_config(t, task):
     if task is not None and getattr(task, "config", None) is not None:
         return task.config
-    from decaf_ray.tasks.causal_lm import hf_config
+    from decaf_ray.tasks.causal_lm_model import hf_config
 
     try:
         return hf_config(t, None)
     except OSError as e:  # a hub id outside KNOWN_CONFIGS, without network or cache
         raise ConfigError("task.model", f"{t.model}: its architecture is not known offline "
                           f"({str(e).splitlines()[0][:120]}); use a local folder, a GGUF "
-                          "file or one of causal_lm.KNOWN_CONFIGS") from None
+                          "file or one of causal_lm_model.KNOWN_CONFIGS") from None
 
 
 _LM_META: dict[tuple[str, tuple], tuple[int, dict]] = {}
@@ -281,7 +281,7 @@ def _lm_meta(config, targets: tuple) -> tuple[int, dict[str, tuple[int, int]]]:
     from transformers import AutoModelForCausalLM
 
     from decaf_ray.config import LoRAConfig
-    from decaf_ray.tasks.causal_lm import meta_lora_shapes
+    from decaf_ray.tasks.causal_lm_model import meta_lora_shapes
 
     key = (config.to_json_string(), targets)
     if key not in _LM_META:

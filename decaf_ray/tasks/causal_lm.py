@@ -36,9 +36,8 @@ from decaf_ray.tasks.causal_lm_model import (hf_config, load_base_model, load_co
 from decaf_ray.tasks.step_rng import step_rng
 
 # CausalLMConfig is named here for the task registry (``TASKS`` points at this module, whose
-# ``build`` it calls); hf_config and meta_lora_shapes for decaf_ray.sizing, which imports them
-# from here.
-__all__ = ["CausalLMConfig", "CausalLMTask", "build", "hf_config", "meta_lora_shapes"]
+# ``build`` it calls).
+__all__ = ["CausalLMConfig", "CausalLMTask", "build"]
 
 
 class CausalLMTask:

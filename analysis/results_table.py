@@ -90,7 +90,8 @@ def results_table(results, rows: str | Sequence[str] = "algorithm",
     if runs.empty:
         return _empty(rows_[0], caption, metrics)
     notes: list[str] = []
-    if "data.partition" in cols_ and "algorithm" in runs and partition_free:
+    if "data.partition" in cols_ and {"data.partition", "algorithm"} <= set(runs.columns) \
+            and partition_free:
         runs = _copy_partition_free(runs, partition_free)
     key = rows_ + cols_
     if others not in ("hold", "pool"):

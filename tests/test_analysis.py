@@ -330,6 +330,17 @@ def test_table2_layout_values_and_marks():
     assert analysis.table2(df, statuses=("completed",)).n.loc["DLoRA", ("IID", "Flowers")] == 1
 
 
+def test_table2_without_a_partition_column_has_one_unknown_partition():
+    # A CSV that kept only some config columns (docs/results' refactorization sweep has no
+    # data.partition): the Centralized copy step is skipped instead of raising KeyError.
+    df = _hand_frame()
+    df = df[(df["data.partition"] == "iid") & (df["algorithm"] != "centralized")]
+    t = analysis.table2(df.drop(columns="data.partition"))
+    assert list(t.mean.index) == ["FedAvg", "DLoRA", "DeCAF"]
+    assert list(t.mean.columns) == [("-", "Flowers"), ("-", "UCF")]
+    assert t.mean.loc["DeCAF", ("-", "Flowers")] == pytest.approx(96.0)
+
+
 def test_table3_ranks_per_row_and_single_seed_has_no_std():
     df = _hand_frame()
     df = df[df["seed"] == 0].assign(metric="test_f1")

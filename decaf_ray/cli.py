@@ -257,6 +257,8 @@ def cmd_sweep(args) -> int:
 
     from decaf_ray.sweep_storage import sweep_location
 
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError("--max-concurrent", f"must be >= 1 (got {args.max_concurrent})")
     sweep = load_sweep(args.sweep, args.overrides)
     grid = run_sweep(sweep, args.storage, resume=args.resume, max_concurrent=args.max_concurrent,
                      force=args.force)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import os
+import socket
+import sys
 from typing import Mapping
 
 from decaf_ray.config import ConfigError, RuntimeConfig
@@ -43,9 +45,31 @@ def connect() -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level="ERROR")
+        _check_reachable(address)
+        print(f"decaf-ray: joining the Ray cluster at RAY_ADDRESS={address}", file=sys.stderr)
+        try:
+            ray.init(address=address, logging_level="ERROR")
+        except ConnectionError as e:
+            raise ConfigError("RAY_ADDRESS", f"{address}: {str(e).splitlines()[0]}; check the "
+                              "address (ray status on the head node) or unset it") from None
     else:
         ray.init(include_dashboard=False, logging_level="ERROR")
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail in seconds, naming ``RAY_ADDRESS``, when nothing listens at ``host:port`` (Ray
+    itself retries for minutes without a word). ``auto`` and addresses without a port are left
+    to Ray."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError("RAY_ADDRESS", f"{address}: no Ray cluster answers there "
+                          f"({e.strerror or e}); start one (ray start --head) or unset "
+                          "RAY_ADDRESS for a local Ray") from None
 
 
 def host_threads(runtime: RuntimeConfig) -> int:

@@ -9,11 +9,13 @@ The runtimes (``decaf_ray.runtime``) run a ``Plan``; ``decaf_ray.experiment.run`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 import numpy as np
+import psutil
 
 from decaf_ray import partition, topology
 from decaf_ray.algorithms import ALGORITHMS, Algorithm
@@ -66,7 +68,7 @@ class RunResult:
 
     config: ExperimentConfig
     status: str
-    """``completed`` or ``diverged``."""
+    """``completed``, ``diverged`` or ``interrupted``."""
     rows: list[Row]
     summary: dict[str, Any]
     factors: dict[int, Factors]
@@ -80,6 +82,7 @@ def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
             cfg.runtime.train_workers > cfg.data.batch_size:
         raise ConfigError("runtime.train_workers", f"must be <= data.batch_size "
                           f"({cfg.data.batch_size}): each Ray Train worker takes part of a batch")
+    _check_plan_memory(n)
     try:
         graph = topology.build_topology(cfg.topology.name, n, **cfg.topology.params)
     except (ValueError, TypeError) as e:
@@ -94,6 +97,7 @@ def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
                           "runtime.gpus_per_host (a host that reserves none runs on the CPU and "
                           "sees no GPU), or device: auto")
     task = task if task is not None else build_task(cfg.task, cfg.lora, cfg.seed)
+    _check_rank(cfg.lora.rank, task.lora_shapes())
     if cfg.runtime.batch_agents > 1 and not hasattr(task, "loss_and_grads_many"):
         raise ConfigError("runtime.batch_agents", f"task kind {cfg.task.kind} has no batched "
                           "step (clip has); use 1")
@@ -104,6 +108,31 @@ def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
     pi = algorithm.mixing(graph_pi)
     return Plan(cfg, algorithm, graph, pi, make_shards(cfg, task, n), task,
                 tuple(_neighbourhood(pi, i) for i in range(n)))
+
+
+PI_BYTES_PER_ENTRY = 8 * 2
+"""Pi is a dense (N, N) float64 matrix, made twice over (the graph's, then the algorithm's)."""
+
+
+def _check_plan_memory(n: int) -> None:
+    """Refuse, before allocating, a plan whose mixing matrices would not fit in half of this
+    machine's available memory (10^5 agents need 160 GB)."""
+    need = PI_BYTES_PER_ENTRY * n * n
+    have = psutil.virtual_memory().available
+    if need > have / 2:
+        raise ConfigError("agents", f"{n} agents need {need / 1e9:.1f} GB for the dense N x N "
+                          f"mixing matrices; this machine has {have / 1e9:.1f} GB available "
+                          f"(at most about {math.isqrt(int(have / 2 / PI_BYTES_PER_ENTRY))} "
+                          "agents)")
+
+
+def _check_rank(rank: int, shapes: dict[str, tuple[int, int]]) -> None:
+    """LoRA's rank cannot exceed min(d, k) of any adapted (d, k) weight: B A would have more
+    factors than the weight has rank, and the extra directions only cost memory."""
+    name, (d, k) = min(shapes.items(), key=lambda item: min(item[1]))
+    if rank > min(d, k):
+        raise ConfigError("lora.rank", f"{rank} exceeds min(d, k) = {min(d, k)} of the adapted "
+                          f"weight {name} ({d} x {k}); use at most {min(d, k)}")
 
 
 def _neighbourhood(pi: np.ndarray, i: int) -> tuple[tuple[int, ...], tuple[float, ...]]:

@@ -52,7 +52,10 @@ class RunWriter:
         if not overwrite and self.out.exists() and (
                 not self.out.is_dir() or any(self.out.iterdir())):
             raise ConfigError("--out", f"{self.out} exists and is not an empty directory")
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("--out", f"{self.out}: cannot make it ({e.strerror})") from None
         (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         self._file = open(self.out / "metrics.csv", "w", newline="")
         self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS)

@@ -78,3 +78,12 @@ def test_no_module_too_long_to_read_in_one_sitting():
     long = {name: n for name, path in _modules().items()
             if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_the_library_never_imports_the_analysis_package():
+    """analysis reads what runs wrote and may import decaf_ray; only the CLI (``decaf-ray plot``),
+    the top of the house, imports analysis."""
+    graph = import_graph()
+    up = sorted((a, b) for a, b in graph.edges
+                if a.startswith("decaf_ray") and b.startswith("analysis") and a != "decaf_ray.cli")
+    assert not up, up

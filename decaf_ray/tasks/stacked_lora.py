@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from decaf_ray.factors import Factors, Grads
-from decaf_ray.tasks.peft_lora import ADAPTER
+from decaf_ray.tasks.peft_lora import ADAPTER, set_adapters_off
 from decaf_ray.tasks.transfer import to_device, to_host
 
 
@@ -48,8 +48,8 @@ class StackedLoRA:
 
     def __enter__(self) -> "StackedLoRA":
         for name, layer in self.layers.items():
-            self._disabled[name] = layer._disable_adapters
-            layer._disable_adapters = True  # the base layer alone; the hook adds the deltas
+            # the base layer alone (A keeps its requires_grad); the hook adds the deltas
+            self._disabled[name] = set_adapters_off(layer, True)
             self._hooks.append(layer.register_forward_hook(self._hook(name, layer)))
         return self
 
@@ -57,7 +57,7 @@ class StackedLoRA:
         for h in self._hooks:
             h.remove()
         for name, layer in self.layers.items():
-            layer._disable_adapters = self._disabled[name]
+            set_adapters_off(layer, self._disabled[name])
         self._hooks = []
 
     def _hook(self, name: str, layer: nn.Module):

@@ -49,7 +49,12 @@ class TopologyConfig:
     """
 
     name: str = "complete"
+    """``complete``, ``ring``, ``bipartite`` (even against odd agents), ``star``, ``grid``,
+    ``torus`` (``rows``), ``exponential`` (i ~ i +- 2^j), ``erdos_renyi`` (``p``, ``seed``; redrawn
+    until connected), ``random_regular`` (``degree``, ``seed``), ``small_world`` (``k``, ``p``,
+    ``seed``) or ``edges`` (``edges: [[0, 1], ...]`` or ``path``): parameters in brackets."""
     params: dict[str, Any] = field(default_factory=dict)
+    """The graph's parameters, written beside ``name`` in YAML, not under ``params``."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,7 @@ class MixingConfig:
 
     scheme: Literal["uniform", "metropolis", "max_degree", "matrix"] = "metropolis"
     matrix: Any = None
+    """``scheme: matrix`` only: nested list or a .npy/.csv/.txt path, symmetric doubly stochastic."""
 
     def __post_init__(self):
         require((self.scheme == "matrix") == (self.matrix is not None), "matrix",
@@ -77,10 +83,15 @@ class DataConfig:
     shots: int | None = None
     """Few-shot subsample per class taken before partitioning (the paper: 40); None = all."""
     classes_per_agent: int = 1
+    """``classes_per_agent`` (the paper's non-IID split): the classes each agent holds."""
     alpha: float = 0.5
+    """``dirichlet``: the concentration over classes; smaller is more skewed."""
     min_size: int = 1
+    """``dirichlet``: the least examples an agent gets (the draw is repeated until it does)."""
     shards_per_agent: int = 2
+    """``shards``: label-sorted shards dealt to each agent."""
     batch_size: int = 32
+    """Examples per gradient step, per agent."""
 
     def __post_init__(self):
         require(self.shots is None or self.shots >= 1, "shots", "must be >= 1 or null (all)")
@@ -104,7 +115,9 @@ class LoRAConfig:
 
     rank: int = 4
     alpha: float = 8.0
+    """The scale s is alpha / r (or alpha / sqrt(r), per ``scaling``)."""
     dropout: float = 0.0
+    """LoRA dropout on the adapter's input."""
     scaling: Literal["alpha/r", "alpha/sqrt(r)"] = "alpha/r"
     init_std: float | None = None
     """Std of the Gaussian A at init; null = 1/sqrt(3k), the scale of peft's default init."""
@@ -151,26 +164,18 @@ class ConsensusConfig:
     """DeCAF's re-factorization: which split of the TSVD each agent keeps, and what happens to
     its optimizer state (momentum, Adam moments) when the factors change basis.
 
-    split: ``balanced`` (U S^1/2, S^1/2 V^T: the paper), ``left`` (U S, V^T), ``aligned``
-        (balanced, then rotated by orthogonal Procrustes onto the agent's previous factors;
-        the product is unchanged), ``conserved`` (aligned, then A / c, c B with the scalar c
-        that keeps the agent's ||B||^2 - ||A||^2, which gradient flow conserves).
-    state: ``keep`` the moments as they are, ``rotate`` them with the best orthogonal map from
-        the old factors to the new, or ``reset`` them to zero.
-
-    The default, ``conserved`` with ``keep``, comes from the studies in docs/results/README.md
-    (CLIP stand-in, 3 seeds, ring and complete graph): with AdamW it beats ``aligned`` by 4.3-12.2
-    points and ties DLoRA (-0.4 to +1.5), with plain SGD it beats DLoRA by 5.2-5.5, and it is as
-    stable as ``aligned`` on the synthetic task. ``aligned`` had beaten the paper's
-    ``balanced``/``keep`` by 8.6-9.6 points with AdamW; ``left`` diverged on the synthetic
-    quickstart at every SGD step size tried. (``rotate`` equals ``keep`` for ``aligned``: after
-    alignment the Procrustes map is the identity. Not for ``conserved``, whose rescaling is not a
-    rotation; ``conserved``/``rotate`` is untested by the studies.) Set ``balanced``/``keep`` for
-    the paper's DeCAF exactly (its sweeps do).
+    The default, ``conserved`` with ``keep``, was chosen by the studies in
+    docs/results/README.md; the paper's DeCAF is ``balanced``/``keep`` (its sweeps pin it).
     """
 
     split: Literal["balanced", "left", "aligned", "conserved"] = "conserved"
+    """``balanced`` (U S^1/2, S^1/2 V^T: the paper), ``left`` (U S, V^T), ``aligned`` (balanced,
+    then rotated by orthogonal Procrustes onto the agent's previous factors; same product),
+    ``conserved`` (aligned, then A / c, c B with the scalar c that keeps the agent's
+    ||B||^2 - ||A||^2, which gradient flow conserves)."""
     state: Literal["keep", "rotate", "reset"] = "keep"
+    """``keep`` the moments as they are, ``rotate`` them with the best orthogonal map from the
+    old factors to the new (the same as ``keep`` after ``aligned``), or ``reset`` them to zero."""
 
 
 @dataclass(frozen=True)

@@ -35,23 +35,40 @@ class ExperimentConfig:
     """
 
     task: Any = field(metadata={"section": _task_class})
+    """What is trained, on what data: the section of its ``kind`` (the model, data, loss)."""
     algorithm: str = "decaf"
+    """``decaf``, ``dlora``, ``dlora_fa``, ``fedavg``, ``fedavg_fa``, ``local``, ``local_fa`` or
+    ``centralized`` (``decaf_ray.algorithms.ALGORITHMS``); the FA variants keep A frozen."""
     agents: int = 10
+    """N, the number of agents."""
     topology: TopologyConfig = field(default_factory=TopologyConfig)
+    """The communication graph."""
     mixing: MixingConfig = field(default_factory=MixingConfig)
+    """How the mixing matrix Pi is built from the graph."""
     rounds: int = 100
+    """Communication rounds."""
     local_steps: int = 1
+    """Gradient steps per round (tau); the last of them communicates."""
     eval_every: int = 1
+    """Evaluate every so many rounds, and after the last."""
     seed: int = 0
+    """One seed for the data split, the initial adapter, batch order and dropout."""
     data: DataConfig = field(default_factory=DataConfig)
+    """How the training set is cut into the agents' shards."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """The adapters. Every agent starts from the same one: A Gaussian from the seed, B = 0."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Each agent's optimizer."""
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
+    """DeCAF's re-factorization after each mix."""
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Where the agents live: in this process or on Ray, and what each host reserves."""
     grad_norm: bool = True
     """Evaluate ||grad f||^2 at the network-average adapter (Theorem 1's measure); it costs a
     full-shard gradient per agent per evaluation, so turn it off for large models."""
     name: str | None = None
+    """The run's name: ``decaf-ray run`` without ``--out`` writes to runs/<name>-<time> (null:
+    the algorithm's name)."""
 
     def __post_init__(self):
         require(self.algorithm in ALGORITHMS, "algorithm",

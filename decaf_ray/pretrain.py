@@ -1,11 +1,11 @@
 """Pretrain a small open_clip CLIP from scratch: a stand-in foundation model for the CLIP task.
 
-A randomly initialised CLIP learns nothing across non-IID agents (10 agents holding one digit
-each stay at chance under every algorithm); the same model first trained for a few minutes on
-Fashion-MNIST is a usable base for them. ``pretrain`` trains ALL weights of an open_clip model
-with the CLIP task's own classifier, the cosine similarity between the image features and the
-text features of ``prompt.format(class_name)`` per class times a logit scale, under
-cross-entropy, then evaluates on the test split and saves into ``out/``::
+Why the CLIP task needs one offline, and how well it does: docs/results/README.md.
+
+``pretrain`` trains ALL weights of an open_clip model with the CLIP task's own classifier, the
+cosine similarity between the image features and the text features of ``prompt.format(class_name)``
+per class times a logit scale, under cross-entropy, then evaluates on the test split and saves
+into ``out/``::
 
     model.safetensors   the open_clip state dict (safetensors only)
     model_config.json   the open_clip model config (embed_dim, vision_cfg, text_cfg)
@@ -30,8 +30,12 @@ The data part reuses the CLIP task: a ``CLIPConfig`` is built from this config's
 the concrete file, so that no task build, on any host, ever trains.
 
 The config (``PretrainConfig``, in ``decaf_ray.tasks.pretrain_config``), the cache and its
-atomic publishing (``decaf_ray.tasks.checkpoints``) and the model (``decaf_ray.tasks.clip_model``)
-live in their own modules, which the CLIP task reads too; this module is the training.
+atomic publishing (``decaf_ray.tasks.checkpoints``), the model (``decaf_ray.tasks.clip.model``)
+and the classifier's evaluation (``decaf_ray.tasks.clip.classifier``) live in their own modules,
+which the CLIP task reads too; this module is the training and its entry points.
+
+Randomness: the init, the batch order and the augmentation come from ``cfg.seed`` alone, on the
+CPU generator and the training device's; the caller's generators are left as they were.
 """
 
 from __future__ import annotations
@@ -49,12 +53,14 @@ import numpy as np
 
 from decaf_ray import devices
 from decaf_ray.config import ConfigError
-from decaf_ray.tasks import clip_model
 from decaf_ray.tasks.checkpoints import (cache_root, cached_path, checkpoint_digest,
                                          checkpoint_task_fields, file_lock, publish,
                                          standin_spec)
+from decaf_ray.tasks.clip import classifier
+from decaf_ray.tasks.clip import model as clip_model
 from decaf_ray.tasks.pretrain_config import (DEFAULT_MODEL_CONFIG, PRESETS, PretrainConfig,
                                              as_config, config_hash, load_pretrain_config)
+from decaf_ray.tasks.step_rng import step_rng
 
 
 # ---------------------------------------------------------------------------- training
@@ -86,8 +92,6 @@ def pretrain(cfg: PretrainConfig, out: str | Path | None = None,
 def _train(cfg: PretrainConfig, progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train and evaluate in memory; returns (pretrain.json contents, {file name: content})."""
     import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
     from decaf_ray.tasks import image_data
 
@@ -99,61 +103,30 @@ def _train(cfg: PretrainConfig, progress: bool) -> tuple[dict[str, Any], dict[st
         raise ConfigError("dataset", f"{cfg.dataset}: {e}") from None
     if len(data.train) == 0 or len(data.test) == 0:
         raise ConfigError("dataset", f"{cfg.dataset}: empty train or test split")
-    size = arch["vision_cfg"].get("image_size", 224)
-    size = int(size if isinstance(size, int) else size[0])
-    pre = image_data.Preprocess(size, clip_model.OPENAI_MEAN, clip_model.OPENAI_STD, cfg.augment,
-                                cfg.hflip, tuple(cfg.crop_scale), cache_mb=1024)
+    pre = image_data.Preprocess(clip_model.image_size(arch), clip_model.OPENAI_MEAN,
+                                clip_model.OPENAI_STD, cfg.augment, cfg.hflip,
+                                tuple(cfg.crop_scale), cache_mb=1024)
     dev = devices.resolve(cfg.device)
     prompts = [cfg.prompt.format(c) for c in data.class_names]
-    tokens = clip_model.tokenizer(arch, None)(prompts).to(dev)
-    labels = torch.as_tensor(data.train.labels)
+    tokens = clip_model.tokenizer(data_cfg, arch)(prompts).to(dev)
 
     start = time.perf_counter()
     threads = torch.get_num_threads()
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.random.fork_rng(devices=[]))  # leave the caller's RNG alone
+        stack.enter_context(step_rng(cfg.seed, dev))  # the caller's RNG is restored after
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
             stack.callback(torch.set_num_threads, threads)
-        torch.manual_seed(cfg.seed)
         try:
             model = clip_model.instantiate(arch).to(dev)
         except (TypeError, ValueError, AssertionError, RuntimeError) as e:
             raise ConfigError("model_config", f"open_clip cannot build it: {e}") from None
         n_params = sum(p.numel() for p in model.parameters())
-        opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                betas=tuple(cfg.betas))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
-        order = _batches(len(labels), cfg.batch_size, cfg.steps, cfg.seed)
-        losses: list[list[float]] = []
-        window: list[float] = []
-        model.train()
-        bar = tqdm(total=cfg.steps, desc=f"pretrain {cfg.resolved_name}", disable=not progress,
-                   dynamic_ncols=True, file=sys.stderr)
-        for step in range(1, cfg.steps + 1):
-            idx = next(order)
-            x = pre.batch(data.train, idx, train=True).to(dev)
-            y = labels[idx].to(dev)
-            img = model.encode_image(x, normalize=True)
-            txt = model.encode_text(tokens, normalize=True)
-            loss = F.cross_entropy(_scale(model, cfg) * img @ txt.T, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"pretrain loss is {value} at step {step}; lower lr")
-            window.append(value)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                losses.append([step, float(np.mean(window))])
-                bar.set_postfix(loss=f"{losses[-1][1]:.3f}")
-                window = []
-            bar.update(1)
-        bar.close()
+        losses = _fit(model, cfg, lambda idx: pre.batch(data.train, idx, train=True),
+                      torch.as_tensor(data.train.labels), tokens, progress)
         train_time = time.perf_counter() - start
-        metrics = _evaluate(model, pre, data.test, tokens, _scale(model, cfg), cfg.eval_batch_size,
-                            dev)
+        scale = float(torch.as_tensor(_scale(model, cfg)).detach())
+        metrics = _evaluate(model, pre, data.test, tokens, scale, cfg.eval_batch_size, dev)
     wall = time.perf_counter() - start
 
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
@@ -168,7 +141,7 @@ def _train(cfg: PretrainConfig, progress: bool) -> tuple[dict[str, Any], dict[st
         "n_train": len(data.train),
         "n_test": len(data.test),
         "params": n_params,
-        "logit_scale": float(torch.as_tensor(_scale(model, cfg)).detach()),
+        "logit_scale": scale,
         "losses": losses,
         "config_hash": config_hash(cfg),
         "config": cfg.to_dict(),
@@ -179,6 +152,48 @@ def _train(cfg: PretrainConfig, progress: bool) -> tuple[dict[str, Any], dict[st
     }
     files = {"model.safetensors": state, "model_config.json": arch, "pretrain.json": result}
     return result, files
+
+
+def _fit(model, cfg: PretrainConfig, images, labels, tokens, progress: bool) -> list[list[float]]:
+    """Train all of ``model``'s weights for ``cfg.steps`` AdamW steps on batches of training
+    images (``images(idx)``: (m, 3, S, S) on the CPU) and their ``labels`` (n,); returns the
+    loss curve, ``[[step, mean loss over the last log_every steps], ...]``."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    dev = tokens.device
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                            betas=tuple(cfg.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
+    order = _batches(len(labels), cfg.batch_size, cfg.steps, cfg.seed)
+    losses: list[list[float]] = []
+    window: list[float] = []
+    model.train()
+    bar = tqdm(total=cfg.steps, desc=f"pretrain {cfg.resolved_name}", disable=not progress,
+               dynamic_ncols=True, file=sys.stderr)
+    for step in range(1, cfg.steps + 1):
+        idx = next(order)
+        x = images(idx).to(dev)
+        y = labels[idx].to(dev)
+        img = model.encode_image(x, normalize=True)
+        txt = model.encode_text(tokens, normalize=True)
+        loss = F.cross_entropy(_scale(model, cfg) * img @ txt.T, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"pretrain loss is {value} at step {step}; lower lr")
+        window.append(value)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            losses.append([step, float(np.mean(window))])
+            bar.set_postfix(loss=f"{losses[-1][1]:.3f}")
+            window = []
+        bar.update(1)
+    bar.close()
+    return losses
 
 
 def _param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
@@ -219,24 +234,16 @@ def _scale(model, cfg: PretrainConfig):
     return model.logit_scale.exp().clamp(max=100.0)
 
 
-def _evaluate(model, pre, test, tokens, scale, batch_size: int, dev) -> dict[str, float]:
+def _evaluate(model, pre, test, tokens, scale: float, batch_size: int, dev) -> dict[str, float]:
+    """The CLIP task's test metrics of the trained model (float32, no LoRA)."""
     import torch
-    import torch.nn.functional as F
 
     model.eval()
-    n = len(test)
-    loss_sum, correct = 0.0, 0
     with torch.no_grad():
-        scale = float(scale)
         txt = model.encode_text(tokens, normalize=True)
-        for s in range(0, n, batch_size):
-            part = np.arange(s, min(n, s + batch_size))
-            img = model.encode_image(pre.batch(test, part, train=False).to(dev), normalize=True)
-            logits = scale * img @ txt.T
-            y = torch.as_tensor(test.labels[part], device=dev)
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-    return {"test_accuracy": correct / n, "test_loss": loss_sum / n}
+    return classifier.evaluate(
+        lambda part: model.encode_image(pre.batch(test, part, train=False).to(dev), normalize=True),
+        txt, test.labels, scale, batch_size)
 
 
 def _versions() -> dict[str, str]:

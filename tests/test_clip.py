@@ -18,11 +18,10 @@ from decaf_ray.config import ConfigError, LoRAConfig, from_dict
 from decaf_ray.experiment_config import load_config
 from decaf_ray.factors import init_factors, param_count
 from decaf_ray.tasks import build_task, peft_lora
-from decaf_ray.tasks.clip import CLIPConfig, build
-from decaf_ray.tasks.clip_model import SplitAttention, instantiate
+from decaf_ray.tasks.clip import CLIPConfig, SplitAttention, build, instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOWERS5 = ROOT.parent / "shared" / "data" / "flowers5"
+FLOWERS = ("daisy", "dandelion", "rose", "sunflower", "tulip")
 TINY = {"embed_dim": 32,
         "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8,
                        "head_width": 16},
@@ -79,7 +78,7 @@ def test_split_model_outputs_unchanged(task):
     """The task's model (split q/k/v, LoRA with B = 0) computes what open_clip's fused one does."""
     torch.manual_seed(0)
     fused = instantiate(TINY).eval()
-    model = task.materialise()
+    model = task.materialize()
     fused.load_state_dict(_fused_state(model))
     shapes = task.lora_shapes()
     peft_lora.set_factors(task.layers, init_factors(shapes, 2, torch.Generator().manual_seed(0)))
@@ -131,7 +130,7 @@ def test_vit_b16_trainable_params_match_the_paper():
 
 def test_factors_round_trip_and_merge_equals_adapter():
     task = make()
-    model = task.materialise()
+    model = task.materialize()
     factors = random_factors(task)
     peft_lora.set_factors(task.layers, factors)
     back = peft_lora.get_factors(task.layers)
@@ -153,7 +152,7 @@ def test_factors_round_trip_and_merge_equals_adapter():
         merged = task.logits(x)
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-5)
     plain = make()
-    plain.materialise()
+    plain.materialize()
     peft_lora.set_factors(plain.layers, init_factors(task.lora_shapes(), 2, torch.Generator()))
     with torch.no_grad():
         assert not torch.allclose(plain.logits(x), adapted, atol=1e-3)  # the adapter mattered
@@ -244,7 +243,7 @@ def test_batched_step_needs_the_rows_it_was_told():
     from decaf_ray.tasks.stacked_lora import StackedLoRA
 
     task = make()
-    task.materialise()
+    task.materialize()
     with StackedLoRA(task.layers, [random_factors(task)] * 2, True) as lora:
         lora.rows = [3, 3]
         with pytest.raises(RuntimeError, match="rows"):
@@ -379,9 +378,23 @@ def test_sweep_config_loads_and_describes():
 # ---------------------------------------------------------------------------- data
 
 
-@pytest.mark.skipif(not FLOWERS5.is_dir(), reason="shared flowers5 folder not present")
-def test_image_folder_flowers5():
-    task = make(dataset="imagefolder", root=str(FLOWERS5), max_per_class=3, test_fraction=0.34,
+@pytest.fixture(scope="module")
+def flowers5(tmp_path_factory):
+    """A tiny ImageFolder tree: 5 flower classes of 4 to 6 seeded-noise 24x24 JPEGs each."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("flowers5")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(FLOWERS):
+        (root / name).mkdir()
+        for i in range(4 + c % 3):
+            pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}_{i:02d}.jpg")
+    return root
+
+
+def test_image_folder_flowers5(flowers5):
+    task = make(dataset="imagefolder", root=str(flowers5), max_per_class=3, test_fraction=0.34,
                 test_samples=None, cache_mb=16)
     assert task.class_names == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
     assert np.bincount(task.train_labels).tolist() == [2] * 5
@@ -391,25 +404,48 @@ def test_image_folder_flowers5():
     loss, _ = task.loss_and_grads(random_factors(task), np.arange(10), True, 0)
     assert np.isfinite(loss)
     assert set(task.evaluate(random_factors(task))) == {"test_loss", "test_accuracy"}
-    same = make(dataset="imagefolder", root=str(FLOWERS5), max_per_class=3, test_fraction=0.34)
+    same = make(dataset="imagefolder", root=str(flowers5), max_per_class=3, test_fraction=0.34)
     assert same.data.train.paths == task.data.train.paths  # the split is seeded
 
 
-@pytest.mark.skipif(not FLOWERS5.is_dir(), reason="shared flowers5 folder not present")
-def test_coop_split_file_and_ucf101_names(tmp_path):
+def test_coop_split_file_and_ucf101_names(flowers5, tmp_path):
     import json
 
     from decaf_ray.tasks.image_data import ucf101_name
 
     assert ucf101_name("Apply_Eye_Makeup") == ucf101_name("ApplyEyeMakeup") == "Apply Eye Makeup"
-    files = {c: sorted(p.name for p in (FLOWERS5 / c).iterdir())[:3] for c in ("rose", "tulip")}
+    files = {c: sorted(p.name for p in (flowers5 / c).iterdir())[:3] for c in ("rose", "tulip")}
     rows = [[f"{c}/{f}", i, f"{c}_flower"] for i, c in enumerate(files) for f in files[c]]
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": rows[:2] + rows[3:5], "val": [], "test": [rows[2], rows[5]]}))
-    task = make(dataset="imagefolder", root=str(FLOWERS5), split_file=str(split), test_samples=None)
+    task = make(dataset="imagefolder", root=str(flowers5), split_file=str(split), test_samples=None)
     assert task.class_names == ["rose flower", "tulip flower"]
     assert task.train_labels.tolist() == [0, 0, 1, 1] and task.test_labels.tolist() == [0, 1]
     assert task.prompts[1] == "a photo of a tulip flower."
+
+
+def test_food101_files_and_labels_through_torchvisions_public_loader(tmp_path):
+    """flowers102 and food101 read their files and labels through torchvision's public interface
+    (``loader=str``: an item is (path, label)), checked here on a Food-101 layout written by the
+    test (meta/<split>.json and the image folder; nothing is decoded, nothing downloaded)."""
+    import json
+
+    base = tmp_path / "food-101"
+    (base / "images").mkdir(parents=True)
+    (base / "meta").mkdir()
+    meta = {"train": {"apple_pie": ["apple_pie/1", "apple_pie/2"],
+                      "baby_back_ribs": ["baby_back_ribs/3"]},
+            "test": {"apple_pie": ["apple_pie/4"], "baby_back_ribs": ["baby_back_ribs/5"]}}
+    for split, rows in meta.items():
+        (base / "meta" / f"{split}.json").write_text(json.dumps(rows))
+    task = make(dataset="food101", root=str(tmp_path), download=False, test_samples=None)
+    assert task.class_names == ["apple pie", "baby back ribs"]
+    images = base / "images"
+    assert task.data.train.paths == [str(images / "apple_pie" / "1.jpg"),
+                                     str(images / "apple_pie" / "2.jpg"),
+                                     str(images / "baby_back_ribs" / "3.jpg")]
+    assert task.train_labels.tolist() == [0, 0, 1] and task.test_labels.tolist() == [0, 1]
+    assert task.data.test.paths[1] == str(images / "baby_back_ribs" / "5.jpg")
 
 
 def _idx(path: Path, arr: np.ndarray) -> None:
@@ -440,7 +476,7 @@ def test_checkpoint_weights(tmp_path):
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
     task = make(checkpoint=str(path), init_seed=99)
-    model = task.materialise()
+    model = task.materialize()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(x), ref.encode_image(x), atol=1e-5, rtol=1e-5)
@@ -450,11 +486,14 @@ def test_config_errors():
     bad = [({"targets": ["q", "x"]}, "targets"), ({"encoders": []}, "encoders"),
            ({"prompt": "no slot"}, "prompt"), ({"dataset": "imagefolder"}, "root"),
            ({"pretrained": "openai"}, "pretrained"), ({"crop_scale": [0.5, 0.1]}, "crop_scale"),
-           ({"split": "official"}, "split"), ({"dataset": "mnist"}, "dataset")]
+           ({"split": "official"}, "split"), ({"dataset": "mnist"}, "dataset"),
+           ({"precision": "bf16"}, "precision"), ({"precision": "fp32"}, "precision")]
     for change, field in bad:
         with pytest.raises(ConfigError) as e:
             from_dict(CLIPConfig, {"dataset": "digits", "model_config": TINY, **change})
         assert e.value.field == field
+    with pytest.raises(ConfigError, match="valid: auto, float32, bfloat16"):
+        from_dict(CLIPConfig, {"dataset": "digits", "precision": "bf16"})
     with pytest.raises(ConfigError, match="dataset"):
         from_dict(CLIPConfig, {})
     with pytest.raises(ConfigError, match="task.model"):

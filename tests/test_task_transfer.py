@@ -60,7 +60,7 @@ def test_peft_bridge_on_a_gpu_matches_the_cpu_exactly():
                          "layers": 2}}
     task = build(from_dict(CLIPConfig, {"dataset": "digits", "model_config": tiny,
                                         "test_samples": 20, "device": "cuda",
-                                        "precision": "fp32"}),
+                                        "precision": "float32"}),
                  LoRAConfig(rank=2, alpha=1.0, dropout=0.0), 0)
     g = torch.Generator().manual_seed(1)
     factors = {n: (torch.randn(2, k, generator=g), torch.randn(d, 2, generator=g))

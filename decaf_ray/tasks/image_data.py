@@ -19,7 +19,7 @@ paths relative to ``root``), the few-shot splits CLIP-LoRA and the paper use, fo
 
 Randomness: splitting and capping use ``numpy.random.default_rng([split_seed, ...])`` (the test set
 does not change with the experiment seed); augmentation draws from torch's default generator,
-which the runtime seeds per agent and step.
+which the task seeds from each step's seed (``tasks.step_rng``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,10 @@ from torch import Tensor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-FILE_DATASETS = ("imagefolder", "ucf101", "flowers102", "food101")
+FOLDER_DATASETS = ("imagefolder", "ucf101")
+"""Datasets that are a folder the user names (``root/<class>/<image>``): ``root`` is the data."""
+IMAGE_FILE_DATASETS = FOLDER_DATASETS + ("flowers102", "food101")
+"""Datasets of image files (the others are arrays in memory): what a ``split_file`` can list."""
 SPLIT_DATASETS = ("fashion_mnist", "flowers102", "food101")
 """Datasets with an official train/test split (the others are split at random)."""
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -220,21 +223,31 @@ def ucf101_name(name: str) -> str:
 def _flowers102(cfg):
     from torchvision.datasets import Flowers102
 
-    root, parts = str(_root(cfg)), {}
-    for split in ("train", "val", "test"):
-        ds = Flowers102(root, split=split, download=cfg.download)
-        parts[split] = FileImages(ds._image_files, np.asarray(ds._labels))
+    parts = {split: _torchvision_split(Flowers102, cfg, split)[0]
+             for split in ("train", "val", "test")}
     return list(Flowers102.classes), _concat(parts["train"], parts["val"]), parts["test"]
 
 
 def _food101(cfg):
     from torchvision.datasets import Food101
 
-    parts = {}
-    for split in ("train", "test"):
-        ds = Food101(str(_root(cfg)), split=split, download=cfg.download)
-        parts[split] = FileImages(ds._image_files, np.asarray(ds._labels))
-    return [c.replace("_", " ") for c in ds.classes], parts["train"], parts["test"]
+    train, _ = _torchvision_split(Food101, cfg, "train")
+    test, ds = _torchvision_split(Food101, cfg, "test")
+    return [c.replace("_", " ") for c in ds.classes], train, test
+
+
+def _torchvision_split(dataset: type, cfg, split: str):
+    """(``FileImages``, the torchvision dataset) of one split of a torchvision file dataset, read
+    through its public interface: with ``loader=str`` an item is (path, label), nothing decoded."""
+    try:
+        ds = dataset(str(_root(cfg)), split=split, download=cfg.download, loader=str)
+    except TypeError as e:
+        if "loader" not in str(e):
+            raise
+        raise RuntimeError(f"{dataset.__name__} needs torchvision >= 0.22 (its loader "
+                           "argument)") from None
+    items = [ds[i] for i in range(len(ds))]
+    return FileImages([p for p, _ in items], np.array([y for _, y in items], dtype=np.int64)), ds
 
 
 _LOADERS = {

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from decaf_ray.config import ConfigError, load_as
-from decaf_ray.tasks.clip_config import CLIPConfig
+from decaf_ray.config import ConfigError, load_as, require
+from decaf_ray.tasks.clip.config import CLIPConfig
+from decaf_ray.tasks.image_data import FOLDER_DATASETS
 
 FORMAT_VERSION = 1
 """Part of the cache hash: bump when a change to the training code changes the weights."""
@@ -40,9 +41,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 a mapping or a YAML path."""
 
 DATASETS = ("digits", "fashion_mnist", "imagefolder", "ucf101", "flowers102", "food101")
-FILE_DATASETS = ("imagefolder", "ucf101")
-"""Datasets whose ``root`` is the data itself (part of the cache hash); for the others ``root``
-only says where a standard dataset is stored."""
 
 # Fields that change neither the weights nor the evaluation: left out of the cache hash.
 _NOT_HASHED = ("name", "out", "threads", "device", "download", "root", "eval_batch_size")
@@ -109,28 +107,28 @@ class PretrainConfig:
     eval_batch_size: int = 512
 
     def __post_init__(self):
-        _require(self.kind == "pretrain", "kind", "must be 'pretrain'")
-        _require(self.name is None or (isinstance(self.name, str) and
-                                       re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name)
-                                       is not None), "name",
-                 "letters, digits, '.', '_' and '-' (a directory name), or null")
+        require(self.kind == "pretrain", "kind", "must be 'pretrain'")
+        require(self.name is None or (isinstance(self.name, str) and
+                                      re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name)
+                                      is not None), "name",
+                "letters, digits, '.', '_' and '-' (a directory name), or null")
         _check_model_config(self.model_config)
-        _require(self.dataset in DATASETS, "dataset", f"got {self.dataset!r}; valid: "
-                 f"{', '.join(DATASETS)}")
-        _require(self.logit_scale is None or self.logit_scale > 0, "logit_scale",
-                 "must be > 0 or null (learned)")
-        _require(self.steps >= 1, "steps", f"must be >= 1 (got {self.steps})")
-        _require(self.batch_size >= 1, "batch_size", f"must be >= 1 (got {self.batch_size})")
-        _require(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
-        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
-                 "two numbers in [0, 1)")
-        _require(self.schedule in ("constant", "cosine"), "schedule", "constant or cosine")
-        _require(0 <= self.warmup_steps < self.steps, "warmup_steps", "must be in [0, steps)")
-        _require(self.log_every >= 1, "log_every", "must be >= 1")
-        _require(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
-        _require(self.out is None or (isinstance(self.out, str) and self.out.strip() != ""),
-                 "out", "a directory path or null")
+        require(self.dataset in DATASETS, "dataset", f"got {self.dataset!r}; valid: "
+                f"{', '.join(DATASETS)}")
+        require(self.logit_scale is None or self.logit_scale > 0, "logit_scale",
+                "must be > 0 or null (learned)")
+        require(self.steps >= 1, "steps", f"must be >= 1 (got {self.steps})")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1 (got {self.batch_size})")
+        require(self.lr > 0, "lr", f"must be > 0 (got {self.lr})")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
+                "two numbers in [0, 1)")
+        require(self.schedule in ("constant", "cosine"), "schedule", "constant or cosine")
+        require(0 <= self.warmup_steps < self.steps, "warmup_steps", "must be in [0, steps)")
+        require(self.log_every >= 1, "log_every", "must be >= 1")
+        require(self.threads is None or self.threads >= 1, "threads", "must be >= 1 or null")
+        require(self.out is None or (isinstance(self.out, str) and self.out.strip() != ""),
+                "out", "a directory path or null")
         self.data_config()  # the CLIP task's own checks of the data fields (same field names)
 
     def data_config(self):
@@ -154,23 +152,18 @@ class PretrainConfig:
         return out
 
 
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(name, message)
-
-
 def _check_model_config(mc: Any) -> None:
-    _require(isinstance(mc, Mapping), "model_config", "an open_clip model config mapping")
+    require(isinstance(mc, Mapping), "model_config", "an open_clip model config mapping")
     missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(mc)
-    _require(not missing, "model_config", f"missing {', '.join(sorted(missing))}")
-    _require(isinstance(mc["vision_cfg"], Mapping) and isinstance(mc["text_cfg"], Mapping),
-             "model_config", "vision_cfg and text_cfg must be mappings")
+    require(not missing, "model_config", f"missing {', '.join(sorted(missing))}")
+    require(isinstance(mc["vision_cfg"], Mapping) and isinstance(mc["text_cfg"], Mapping),
+            "model_config", "vision_cfg and text_cfg must be mappings")
     text = mc["text_cfg"]
-    _require("hf_tokenizer_name" in text or text.get("vocab_size", 49408) >= 49408,
-             "model_config.text_cfg.vocab_size", "must be >= 49408, the size of open_clip's "
-             "tokenizer")
-    _require("multimodal_cfg" not in mc and "timm_model_name" not in mc["vision_cfg"],
-             "model_config", "only open_clip ViT CLIP towers (no CoCa, no timm vision towers)")
+    require("hf_tokenizer_name" in text or text.get("vocab_size", 49408) >= 49408,
+            "model_config.text_cfg.vocab_size", "must be >= 49408, the size of open_clip's "
+            "tokenizer")
+    require("multimodal_cfg" not in mc and "timm_model_name" not in mc["vision_cfg"],
+            "model_config", "only open_clip ViT CLIP towers (no CoCa, no timm vision towers)")
 
 
 # ---------------------------------------------------------------------------- config I/O
@@ -190,7 +183,7 @@ def config_hash(cfg: PretrainConfig) -> str:
     d = cfg.to_dict()
     for key in _NOT_HASHED:
         d.pop(key)
-    if cfg.dataset in FILE_DATASETS:
+    if cfg.dataset in FOLDER_DATASETS:  # root is the data itself; elsewhere only where it is kept
         d["root"] = str(Path(cfg.root).expanduser().resolve())
     d["format_version"] = FORMAT_VERSION
     text = json.dumps(d, sort_keys=True, separators=(",", ":"))

@@ -6,6 +6,9 @@ exactly those, and only for the step: the caller's generators are restored after
 step's numbers depend on its seed alone, not on what ran (or loaded a model) before it, and a
 step never disturbs its caller's randomness.
 
+Seeded work outside steps uses it too (a CLIP model's random init, a stand-in's pretraining): the
+same seed, the same numbers, and the caller's generators untouched.
+
 On the CPU the stream is the one ``torch.random.default_generator.manual_seed(seed)`` starts,
 which is what the runtime set before each step when tasks still read the global generator: the
 CPU numbers are unchanged.

@@ -1,7 +1,7 @@
 """The CLIP task's config: which open_clip model, where LoRA goes, the classifier, the data.
 
-Its own module so that ``decaf_ray.pretrain`` (which trains a stand-in model on the same data
-fields) and ``decaf_ray.tasks.clip`` (the task) can both read it without importing each other.
+``decaf_ray.tasks.pretrain_config`` builds one too, from a stand-in pretraining's data fields, so
+that pretraining reads, splits and preprocesses the images exactly as the task will.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from decaf_ray.config import ConfigError
+from decaf_ray.config import require
 from decaf_ray.tasks import image_data
 
 TARGETS = {"q": ("attn.q_proj",), "k": ("attn.k_proj",), "v": ("attn.v_proj",),
@@ -21,8 +21,8 @@ ENCODERS = ("vision", "text")
 
 @dataclass(frozen=True)
 class CLIPConfig:
-    """``task: {kind: clip, dataset: ..., ...}``; see the module docstrings of
-    ``decaf_ray.tasks.clip`` and ``decaf_ray.tasks.image_data``."""
+    """``task: {kind: clip, dataset: ..., ...}``; see the docstrings of the package
+    ``decaf_ray.tasks.clip`` and of ``decaf_ray.tasks.image_data``."""
 
     dataset: Literal["digits", "fashion_mnist", "imagefolder", "ucf101", "flowers102", "food101"]
     kind: str = "clip"
@@ -79,64 +79,60 @@ class CLIPConfig:
     micro_batch: int | None = None
     """Split larger training batches (e.g. full-shard gradients) into chunks of this size."""
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 autocast on CUDA, float32 on the CPU."""
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """``auto``: bfloat16 autocast on CUDA, float32 on the CPU. Weights and LoRA factors stay
+    float32 either way (the causal LM's names, which are torch's)."""
 
     def __post_init__(self):
-        _require(self.kind == "clip", "kind", "must be 'clip'")
-        _require(self.pretrained is None or self.checkpoint is None, "checkpoint",
-                 "give pretrained (a tag) or checkpoint (a file), not both")
-        _require(self.model_config is None or self.pretrained is None, "pretrained",
-                 "tags name weights of open_clip's own architectures; with model_config use "
-                 "checkpoint: <file> or pretrained: null (random init)")
+        require(self.kind == "clip", "kind", "must be 'clip'")
+        require(self.pretrained is None or self.checkpoint is None, "checkpoint",
+                "give pretrained (a tag) or checkpoint (a file), not both")
+        require(self.model_config is None or self.pretrained is None, "pretrained",
+                "tags name weights of open_clip's own architectures; with model_config use "
+                "checkpoint: <file> or pretrained: null (random init)")
         if self.model_config is not None:
             missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(self.model_config)
-            _require(not missing, "model_config", f"missing {', '.join(sorted(missing))}")
-        _require(bool(self.targets) and set(self.targets) <= set(TARGETS)
-                 and len(set(self.targets)) == len(self.targets), "targets",
-                 f"a non-empty list without repeats of {', '.join(TARGETS)} (got {self.targets})")
-        _require(bool(self.encoders) and set(self.encoders) <= set(ENCODERS)
-                 and len(set(self.encoders)) == len(self.encoders), "encoders",
-                 f"a non-empty list without repeats of {', '.join(ENCODERS)}")
-        _require(self.blocks is None or (bool(self.blocks) and all(
+            require(not missing, "model_config", f"missing {', '.join(sorted(missing))}")
+        require(bool(self.targets) and set(self.targets) <= set(TARGETS)
+                and len(set(self.targets)) == len(self.targets), "targets",
+                f"a non-empty list without repeats of {', '.join(TARGETS)} (got {self.targets})")
+        require(bool(self.encoders) and set(self.encoders) <= set(ENCODERS)
+                and len(set(self.encoders)) == len(self.encoders), "encoders",
+                f"a non-empty list without repeats of {', '.join(ENCODERS)}")
+        require(self.blocks is None or (bool(self.blocks) and all(
             isinstance(b, int) for b in self.blocks)), "blocks", "a non-empty list of ints or null")
         try:
             ok = "{}" in self.prompt and bool(self.prompt.format("x"))
         except (IndexError, KeyError, ValueError):
             ok = False
-        _require(ok, "prompt", "must contain one {} where the class name goes (and no other braces)")
-        _require(self.logit_scale > 0, "logit_scale", "must be > 0")
-        _require(self.class_names is None or bool(self.class_names), "class_names",
-                 "a non-empty list or null")
-        _require(self.dataset not in ("imagefolder", "ucf101") or self.root is not None, "root",
-                 f"is required for dataset {self.dataset} (the folder of <class>/ subfolders)")
-        _require(self.split_file is None or self.dataset in image_data.FILE_DATASETS,
-                 "split_file", f"applies to {', '.join(image_data.FILE_DATASETS)}")
-        _require(self.split != "official" or self.dataset in image_data.SPLIT_DATASETS
-                 or self.split_file is not None, "split",
-                 f"{self.dataset} has no official split; use auto or random")
-        _require(0.0 < self.test_fraction < 1.0, "test_fraction", "must be in (0, 1)")
-        _require(self.max_per_class is None or self.max_per_class >= 1, "max_per_class",
-                 "must be >= 1 or null")
-        _require(self.test_samples is None or self.test_samples >= 1, "test_samples",
-                 "must be >= 1 or null")
+        require(ok, "prompt", "must contain one {} where the class name goes (and no other braces)")
+        require(self.logit_scale > 0, "logit_scale", "must be > 0")
+        require(self.class_names is None or bool(self.class_names), "class_names",
+                "a non-empty list or null")
+        require(self.dataset not in image_data.FOLDER_DATASETS or self.root is not None, "root",
+                f"is required for dataset {self.dataset} (the folder of <class>/ subfolders)")
+        require(self.split_file is None or self.dataset in image_data.IMAGE_FILE_DATASETS,
+                "split_file", f"applies to {', '.join(image_data.IMAGE_FILE_DATASETS)}")
+        require(self.split != "official" or self.dataset in image_data.SPLIT_DATASETS
+                or self.split_file is not None, "split",
+                f"{self.dataset} has no official split; use auto or random")
+        require(0.0 < self.test_fraction < 1.0, "test_fraction", "must be in (0, 1)")
+        require(self.max_per_class is None or self.max_per_class >= 1, "max_per_class",
+                "must be >= 1 or null")
+        require(self.test_samples is None or self.test_samples >= 1, "test_samples",
+                "must be >= 1 or null")
         c = self.crop_scale
-        _require(len(c) == 2 and all(isinstance(x, (int, float)) for x in c)
-                 and 0.0 < c[0] <= c[1] <= 1.0, "crop_scale",
-                 "[min, max] with 0 < min <= max <= 1")
+        require(len(c) == 2 and all(isinstance(x, (int, float)) for x in c)
+                and 0.0 < c[0] <= c[1] <= 1.0, "crop_scale",
+                "[min, max] with 0 < min <= max <= 1")
         for name in ("mean", "std"):
             v = getattr(self, name)
-            _require(v is None or (len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
-                                   and (name == "mean" or min(v) > 0)), name,
-                     "three numbers (std > 0) or null")
-        _require(self.cache_mb >= 0, "cache_mb", "must be >= 0")
-        _require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
-        _require(self.micro_batch is None or self.micro_batch >= 1, "micro_batch",
-                 "must be >= 1 or null")
-        _require(self.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device)
-                 is not None, "device", "auto, cpu, cuda, cuda:N or mps")
-
-
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(name, message)
+            require(v is None or (len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+                                  and (name == "mean" or min(v) > 0)), name,
+                    "three numbers (std > 0) or null")
+        require(self.cache_mb >= 0, "cache_mb", "must be >= 0")
+        require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        require(self.micro_batch is None or self.micro_batch >= 1, "micro_batch",
+                "must be >= 1 or null")
+        require(self.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device)
+                is not None, "device", "auto, cpu, cuda, cuda:N or mps")

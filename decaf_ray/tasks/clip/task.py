@@ -1,17 +1,5 @@
-"""CLIP few-shot classification with LoRA on both encoders: the CLIP-LoRA recipe the paper follows.
-
-The model is an open_clip CLIP: a named architecture with a ``pretrained`` tag (``ViT-B-16`` +
-``openai``, the paper's; downloaded by open_clip), a local ``checkpoint`` (safetensors, or a
-``torch.load(weights_only=True)`` file), or a custom ``model_config`` dict in open_clip's format
-(random init from ``init_seed`` unless a checkpoint is given). Every adapted attention block's
-fused ``nn.MultiheadAttention`` is replaced by ``SplitAttention``, the same computation with
-separate ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` linears, so q, k and v get separate
-LoRA adapters (CLIP-LoRA; ViT-B/16 on both encoders: 92,160 trainable parameters per unit of rank).
-LoRA comes from peft (``decaf_ray.tasks.peft_lora``).
-
-The classifier is the cosine similarity between the image features and the text features of
-``prompt.format(class_name)`` per class, times ``logit_scale``, under cross-entropy. The text
-features are recomputed, with gradients, at every step because the text LoRA changes them.
+"""The CLIP task: few-shot classification with LoRA on both encoders (the CLIP-LoRA recipe the
+paper follows), and its batched step for several agents at once.
 
 Cheap until used: ``build`` reads labels and file lists and computes the adapted shapes on a
 meta-device model (no weights, no download, never training); the real model is made by ``load``
@@ -22,9 +10,6 @@ what Ray assigned to this process).
 Randomness: a step's augmentation (CPU generator) and LoRA dropout (the model device's
 generator) draw from the step's own ``seed`` (``step_rng``), after the model is loaded, so the
 numbers do not depend on when the model loaded, and the caller's RNG is left alone.
-
-The model itself (split attention, LoRA injection, weights) is ``decaf_ray.tasks.clip_model``;
-the config is ``decaf_ray.tasks.clip_config``.
 """
 
 from __future__ import annotations
@@ -39,24 +24,19 @@ from torch import Tensor, nn
 from decaf_ray import devices
 from decaf_ray.config import ConfigError, LoRAConfig
 from decaf_ray.factors import Factors, Grads
-from decaf_ray.tasks import checkpoints, image_data, peft_lora, stacked_lora
-from decaf_ray.tasks.clip_config import ENCODERS, TARGETS, CLIPConfig
-from decaf_ray.tasks.clip_model import (OPENAI_MEAN, OPENAI_STD, SplitAttention, adapt,
-                                        architecture, instantiate, load_weights, tokenizer)
+from decaf_ray.tasks import image_data, peft_lora, stacked_lora
+from decaf_ray.tasks.clip import classifier
+from decaf_ray.tasks.clip.config import CLIPConfig
+from decaf_ray.tasks.clip.model import (OPENAI_MEAN, OPENAI_STD, adapt, architecture, image_size,
+                                        instantiate, load_weights, tokenizer)
 from decaf_ray.tasks.step_rng import step_rng
-
-__all__ = ["CLIPConfig", "CLIPTask", "build", "SplitAttention", "instantiate", "architecture",
-           "TARGETS", "ENCODERS"]
-
-
-# ---------------------------------------------------------------------------- the task
 
 
 class CLIPTask:
     """The built task; ``model`` and ``layers`` exist after ``load()``."""
 
-    def __init__(self, cfg: CLIPConfig, lora_cfg: LoRAConfig, seed: int):
-        self.cfg, self.lora_cfg, self.seed = cfg, lora_cfg, seed
+    def __init__(self, cfg: CLIPConfig, lora_cfg: LoRAConfig):
+        self.cfg, self.lora_cfg = cfg, lora_cfg
         self.arch, self.tag = architecture(cfg)
         try:
             self.data = image_data.load(cfg)
@@ -75,8 +55,7 @@ class CLIPTask:
         if "hf_tokenizer_name" not in text and text.get("vocab_size", 49408) < 49408:
             raise ConfigError("task.model_config", "text_cfg.vocab_size must be >= 49408, the "
                               "size of open_clip's tokenizer")
-        size = self.arch["vision_cfg"].get("image_size", 224)
-        self.image_size = int(size if isinstance(size, int) else size[0])
+        self.image_size = image_size(self.arch)
         mean = cfg.mean or (self.tag or {}).get("mean") or OPENAI_MEAN
         std = cfg.std or (self.tag or {}).get("std") or OPENAI_STD
         self.preprocess = image_data.Preprocess(self.image_size, mean, std, cfg.augment,
@@ -97,9 +76,9 @@ class CLIPTask:
 
     def load(self) -> None:
         """Make the real model now (idempotent): the Task protocol's optional load phase."""
-        self.materialise()
+        self.materialize()
 
-    def materialise(self) -> nn.Module:
+    def materialize(self) -> nn.Module:
         """Make the real model once: weights (tag, checkpoint or seeded init), split attention,
         LoRA, device. Leaves torch's global RNG as it was."""
         if self.model is not None:
@@ -108,8 +87,7 @@ class CLIPTask:
 
         cfg = self.cfg
         dev = devices.resolve(cfg.device)
-        with torch.random.fork_rng(devices=[], device_type="cuda"):
-            torch.random.default_generator.manual_seed(cfg.init_seed)
+        with step_rng(cfg.init_seed, torch.device("cpu")):  # the weights are made on the CPU
             if self.tag is not None:
                 model = open_clip.create_model(cfg.model, pretrained=cfg.pretrained,
                                                force_quick_gelu=self.arch["quick_gelu"])
@@ -119,10 +97,9 @@ class CLIPTask:
                     load_weights(model, cfg.checkpoint)
             layers = adapt(model, cfg, self.lora_cfg)
         model.eval().to(dev)
-        tok = tokenizer(self.arch, cfg.model if cfg.model_config is None else None)
-        self.tokens = tok(self.prompts).to(dev)
+        self.tokens = tokenizer(cfg, self.arch)(self.prompts).to(dev)
         self.device = dev
-        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
+        self.bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and dev.type == "cuda")
         self.model, self.layers = model, layers
         return model
 
@@ -151,8 +128,7 @@ class CLIPTask:
         the model's current mode (train after a step: LoRA dropout on)."""
         with self._autocast():
             img = self.model.encode_image(images.to(self.device), normalize=True)
-            txt = self._text_features()
-            return self.cfg.logit_scale * (img @ txt.T).float()
+            return classifier.logits(img, self._text_features(), self.cfg.logit_scale)
 
     # ------------------------------------------------------------------ Task protocol
 
@@ -168,7 +144,7 @@ class CLIPTask:
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size == 0:
             raise ValueError("loss_and_grads needs at least one index")
-        self.materialise()
+        self.materialize()
         with step_rng(seed, self.device):
             return self._loss_and_grads(factors, idx, train_A)
 
@@ -206,7 +182,7 @@ class CLIPTask:
         agent's activations. The caller's RNG is left as it was.
         Returns [(loss, grads)] in agent order.
         """
-        model = self.materialise()
+        model = self.materialize()
         with step_rng(None, self.device):  # the caller's generators, restored afterwards
             return self._loss_and_grads_many(model, factors, indices, train_A, seeds)
 
@@ -233,7 +209,7 @@ class CLIPTask:
                 txt = txt.view(n, len(self.tokens), -1)
             else:
                 txt = self._text_features().expand(n, -1, -1)
-            losses = [F.cross_entropy(self.cfg.logit_scale * (part @ txt[k].T).float(), ys[k])
+            losses = [F.cross_entropy(classifier.logits(part, txt[k], self.cfg.logit_scale), ys[k])
                       for k, part in enumerate(img.split(counts))]
         torch.stack(losses).sum().backward()
         grads = lora.grads()
@@ -242,24 +218,13 @@ class CLIPTask:
     @torch.no_grad()
     def evaluate(self, factors: Factors) -> dict[str, float]:
         """``test_loss`` (mean cross-entropy) and ``test_accuracy`` over the test set."""
-        model = self.materialise()
+        self.materialize()
         peft_lora.set_factors(self.layers, factors)
         self._set_training(False)
-        n = len(self.test_labels)
-        if n == 0:
-            return {}
-        txt = None
-        loss_sum, correct = 0.0, 0
-        for start in range(0, n, self.cfg.eval_batch_size):
-            part = np.arange(start, min(n, start + self.cfg.eval_batch_size))
-            y = torch.as_tensor(self.test_labels[part], device=self.device)
-            with self._autocast():
-                txt = self._text_features() if txt is None else txt
-                img = self._test_image_features(part)
-                logits = self.cfg.logit_scale * (img @ txt.T).float()
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-        return {"test_loss": loss_sum / n, "test_accuracy": correct / n}
+        with self._autocast():
+            txt = self._text_features()
+        return classifier.evaluate(self._test_image_features, txt, self.test_labels,
+                                   self.cfg.logit_scale, self.cfg.eval_batch_size, self._autocast)
 
     def _test_image_features(self, part: np.ndarray) -> Tensor:
         """Normalised test image features; all of them cached when the vision tower is frozen."""
@@ -290,17 +255,24 @@ def _dropout_generator(device: torch.device, seed: int) -> torch.Generator:
 
 def build(task_cfg: CLIPConfig, lora_cfg: LoRAConfig, seed: int) -> CLIPTask:
     """The task of ``task_cfg`` with ``lora_cfg``'s rank, alpha, dropout and scaling; cheap (no
-    weights are made or downloaded until ``load``, ``loss_and_grads`` or ``evaluate``).
+    weights are made or downloaded until ``load``, ``loss_and_grads`` or ``evaluate``). ``seed``
+    is not read: weights no tag or checkpoint gives come from ``task_cfg.init_seed``, the same on
+    every host, and each step brings its own seed.
 
     A build never trains: ``checkpoint: pretrain:<name or pretrain YAML>`` is read from the
     stand-in cache as it stands (the driver trains a missing one once, with
     ``decaf_ray.pretrain.resolve_checkpoint``, and hands hosts the concrete file instead)."""
-    return CLIPTask(_cached_standin(task_cfg), lora_cfg, seed)
+    return CLIPTask(_cached_standin(task_cfg), lora_cfg)
 
 
 def _cached_standin(cfg: CLIPConfig) -> CLIPConfig:
     """``cfg`` with ``checkpoint: pretrain:<spec>`` replaced by the cached checkpoint and its
     model config; raises ConfigError("task.checkpoint") when the cache has no such entry."""
+    # Imported here, not at the top: checkpoints imports pretrain_config, which imports
+    # clip.config, and importing that first runs this package's __init__, which imports this
+    # module; at the top, whichever of the two loaded first would meet the other half made.
+    from decaf_ray.tasks import checkpoints
+
     spec = checkpoints.standin_spec(cfg.checkpoint)
     if spec is None:
         return cfg

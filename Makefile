@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run run-clip test bench clean
+.PHONY: install run run-clip test bench docs clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -37,6 +37,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_consensus.py
+
+# docs/config.md from the config dataclasses' docstrings (tests/test_config_reference.py checks it).
+docs: $(STAMP)
+	$(PY) -m decaf_ray.config_reference --write
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -2,7 +2,7 @@
 
 Regenerate after changing a config field or its docstring:
 
-    python -m decaf_ray.config_reference --write      # or: ... > docs/config.md
+    python -m decaf_ray.config_reference --write      # or: make docs, or ... > docs/config.md
 
 A field's description is the string literal written right after it in the class body (read
 with ``ast``, since Python keeps no field docstrings); a field without one gets an empty cell.

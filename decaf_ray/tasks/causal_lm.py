@@ -33,7 +33,7 @@ from decaf_ray.tasks import text_data as td
 from decaf_ray.tasks.causal_lm_config import CausalLMConfig
 from decaf_ray.tasks.causal_lm_model import (hf_config, load_base_model, load_codec,
                                              meta_lora_shapes)
-from decaf_ray.tasks.step_rng import step_rng
+from decaf_ray.tasks.step_rng import step_indices, step_rng
 
 # CausalLMConfig is named here for the task registry (``TASKS`` points at this module, whose
 # ``build`` it calls).
@@ -145,18 +145,14 @@ class CausalLMTask:
         LoRA dropout is active and draws from ``seed`` on the model's device (``step_rng``).
         Returns gradients as float32 CPU tensors; A's is None when not ``train_A``.
         """
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if idx.size == 0:
-            raise ValueError("loss_and_grads needs at least one index")
+        idx = step_indices(indices)
         self.materialize()
         with step_rng(seed, self.device):
             return self._loss_and_grads(factors, idx, train_A)
 
     def _loss_and_grads(self, factors: Factors, idx: np.ndarray, train_A: bool
                         ) -> tuple[float, Grads]:
-        pl.set_factors(self.layers, factors)
-        pl.set_trainable(self.layers, train_A)
-        pl.zero_grads(self.layers)
+        pl.begin_step(self.layers, factors, train_A)
         self.model.train()
         answers = [self.answers[self.train_labels[i]] for i in idx]
         tokens, total = self.loss_weight(idx), 0.0

@@ -62,6 +62,14 @@ def set_factors(layers: dict[str, nn.Module], factors: Factors) -> None:
         weight.copy_(src)
 
 
+def begin_step(layers: dict[str, nn.Module], factors: Factors, train_A: bool) -> None:
+    """Swap an agent in for a training step: its factors in, A trainable or frozen (the FA
+    variants), gradients cleared."""
+    set_factors(layers, factors)
+    set_trainable(layers, train_A)
+    zero_grads(layers)
+
+
 def get_factors(layers: dict[str, nn.Module]) -> Factors:
     """The factors currently in the peft weights, as float32 CPU copies."""
     return {n: (m.lora_A[ADAPTER].weight.detach().float().cpu().clone(),

@@ -1,4 +1,5 @@
-"""The randomness of one task step: seeded by the step's own seed, on the task's device.
+"""One task step's inputs: its indices (``step_indices``) and its randomness (``step_rng``),
+seeded by the step's own seed, on the task's device.
 
 A step (one agent's gradient at one step) draws augmentation from torch's CPU generator and
 dropout from the generator of the device its tensors live on. ``step_rng(seed, device)`` seeds
@@ -17,9 +18,18 @@ CPU numbers are unchanged.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
+import numpy as np
 import torch
+
+
+def step_indices(indices: Any, call: str = "loss_and_grads") -> np.ndarray:
+    """A step's training indices as a flat int64 array; none at all is the caller's bug."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size == 0:
+        raise ValueError(f"{call} needs at least one index")
+    return idx
 
 
 def _cuda_index(device: torch.device) -> int:

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from decaf_ray.config import LoRAConfig, require
 from decaf_ray.factors import Factors, Grads
-from decaf_ray.tasks.step_rng import step_rng
+from decaf_ray.tasks.step_rng import step_indices, step_rng
 
 MODULE = "linear"
 _CPU = torch.device("cpu")
@@ -183,9 +183,7 @@ class SyntheticTask:
             (loss, {"linear": (grad A (r, k) or None when not ``train_A``, grad B (d, r))}),
             float32 tensors detached from the caller's factors (which are never modified).
         """
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        if idx.numel() == 0:
-            raise ValueError("loss_and_grads needs at least one index")
+        idx = torch.as_tensor(step_indices(indices))
         x, y = self.x_train[idx], self.y_train[idx]
         a0, b0 = factors[MODULE]
         a = a0.detach().float().requires_grad_(train_A)

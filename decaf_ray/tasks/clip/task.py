@@ -29,7 +29,7 @@ from decaf_ray.tasks.clip import classifier
 from decaf_ray.tasks.clip.config import CLIPConfig
 from decaf_ray.tasks.clip.model import (OPENAI_MEAN, OPENAI_STD, adapt, architecture, image_size,
                                         instantiate, load_weights, tokenizer)
-from decaf_ray.tasks.step_rng import step_rng
+from decaf_ray.tasks.step_rng import step_indices, step_rng
 
 
 class CLIPTask:
@@ -141,18 +141,14 @@ class CLIPTask:
         same one without dropout and augmentation, whose draws depend on the chunking).
         Returns (loss, {module: (grad A (r, k) or None, grad B (d, r))}), float32 on the CPU.
         """
-        idx = np.asarray(indices, dtype=np.int64)
-        if idx.size == 0:
-            raise ValueError("loss_and_grads needs at least one index")
+        idx = step_indices(indices)
         self.materialize()
         with step_rng(seed, self.device):
             return self._loss_and_grads(factors, idx, train_A)
 
     def _loss_and_grads(self, factors: Factors, idx: np.ndarray, train_A: bool
                         ) -> tuple[float, Grads]:
-        peft_lora.set_factors(self.layers, factors)
-        peft_lora.set_trainable(self.layers, train_A)
-        peft_lora.zero_grads(self.layers)
+        peft_lora.begin_step(self.layers, factors, train_A)
         self._set_training(True)
         chunk = self.cfg.micro_batch or idx.size
         total = 0.0
@@ -191,9 +187,7 @@ class CLIPTask:
                              ) -> list[tuple[float, Grads]]:
         xs, ys, gens = [], [], []
         for idx, seed in zip(indices, seeds):
-            idx = np.asarray(idx, dtype=np.int64)
-            if idx.size == 0:
-                raise ValueError("loss_and_grads_many needs at least one index per agent")
+            idx = step_indices(idx, "loss_and_grads_many (per agent)")
             with step_rng(seed, torch.device("cpu")):  # augmentation, as loss_and_grads's
                 xs.append(self.preprocess.batch(self.data.train, idx, train=True))
                 gens.append(_dropout_generator(self.device, seed))

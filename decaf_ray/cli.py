@@ -89,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", help="checkpoint directory (default: the decaf-ray cache)")
     pre.set_defaults(func=cmd_pretrain)
 
+    export = sub.add_parser("export", help="write an agent's adapter (or the network "
+                                           "average) as a PEFT adapter directory")
+    export.add_argument("run", help="a run directory (config.json + adapters.safetensors)")
+    export.add_argument("--agent", default="mean",
+                        help="an agent's index, or 'mean' for the network average (default)")
+    export.add_argument("--out", required=True, help="the adapter directory to write")
+    export.set_defaults(func=cmd_export)
+
     plot = sub.add_parser("plot", help="figures and tables from saved runs (a run or a folder)")
     plot.add_argument("results")
     plot.add_argument("--figure", default=None,
@@ -292,6 +300,12 @@ def cmd_pretrain(args) -> int:
     from decaf_ray.pretrain import cli_pretrain
 
     return cli_pretrain(args.config, args.overrides, args.out)
+
+
+def cmd_export(args) -> int:
+    from decaf_ray.export import cmd_export as export
+
+    return export(args)
 
 
 def cmd_plot(args) -> int:

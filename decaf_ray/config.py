@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -260,15 +261,34 @@ def load_as(cls: type, source: str | Path | Mapping[str, Any],
     return from_dict(cls, data)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (YAML lets the last
+    win silently, so a duplicated ``lora:`` section would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from a file, with file-level errors as ConfigError."""
+    """A YAML mapping from a file, with file-level errors as ConfigError (``FILE:LINE`` where
+    YAML says where)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "no such config file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)
     except yaml.YAMLError as e:
-        raise ConfigError(str(path), f"not valid YAML ({str(e).splitlines()[0]})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(where, f"not valid YAML ({what})") from None
     if not isinstance(data, dict):
         raise ConfigError(str(path), "must hold a YAML mapping of config keys")
     return data
@@ -398,6 +418,17 @@ def _scalar(value: Any, tp: Any, path: str) -> Any:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,127}")
+
+
+def require_name(value: str | None, field: str) -> None:
+    """A run's or sweep's name becomes one folder: one safe path component (letters, digits and
+    ``_ . = + -``, not starting with a dot or dash), never a path that could leave its parent."""
+    require(value is None or (isinstance(value, str) and NAME.fullmatch(value) is not None),
+            field, f"{value!r} is not a name: use letters, digits and _ . = + - (no '/', no "
+            "leading '.' or '-', at most 128 characters)")
 
 
 def first_difference(a: Any, b: Any, path: str = "") -> str:

@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 from decaf_ray.algorithms import ALGORITHMS
 from decaf_ray.config import (ConfigError, ConsensusConfig, DataConfig, LoRAConfig, MixingConfig,
-                              OptimConfig, RuntimeConfig, TopologyConfig, load_as, require)
+                              OptimConfig, RuntimeConfig, TopologyConfig, load_as, require,
+                              require_name)
 from decaf_ray.tasks import TASKS, task_config_class
 
 
@@ -77,6 +78,8 @@ class ExperimentConfig:
         require(self.rounds >= 1, "rounds", "must be >= 1")
         require(self.local_steps >= 1, "local_steps", "must be >= 1")
         require(self.eval_every >= 1, "eval_every", "must be >= 1")
+        require(0 <= self.seed < 2**63, "seed", f"must be between 0 and 2^63 - 1 (got {self.seed})")
+        require_name(self.name, "name")
 
     @property
     def total_steps(self) -> int:

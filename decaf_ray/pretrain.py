@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from decaf_ray import devices
+from decaf_ray.versions import versions
 from decaf_ray.config import ConfigError
 from decaf_ray.tasks.checkpoints import (cache_root, cached_path, checkpoint_digest,
                                          checkpoint_task_fields, file_lock, publish,
@@ -146,7 +147,7 @@ def _train(cfg: PretrainConfig, progress: bool) -> tuple[dict[str, Any], dict[st
         "config_hash": config_hash(cfg),
         "config": cfg.to_dict(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": _versions(),
+        "versions": versions(),
         "threads": cfg.threads or threads,
         "device": str(dev),
     }
@@ -244,13 +245,6 @@ def _evaluate(model, pre, test, tokens, scale: float, batch_size: int, dev) -> d
     return classifier.evaluate(
         lambda part: model.encode_image(pre.batch(test, part, train=False).to(dev), normalize=True),
         txt, test.labels, scale, batch_size)
-
-
-def _versions() -> dict[str, str]:
-    import open_clip
-    import torch
-
-    return {"torch": torch.__version__, "open_clip": open_clip.__version__}
 
 
 # ---------------------------------------------------------------------------- cache

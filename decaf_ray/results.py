@@ -32,6 +32,7 @@ from decaf_ray.plan import Row, RunResult
 from decaf_ray.factors import Factors
 from decaf_ray.runtime import checkpoint
 from decaf_ray.runtime.loop import RunState
+from decaf_ray.versions import versions
 
 COLUMNS = ("round", "step", "agent", "metric", "value")
 CHECKPOINT = Path("checkpoint") / checkpoint.FILE
@@ -100,7 +101,7 @@ class RunWriter:
                        "resume": f"decaf-ray run --resume {self.out}"}
         else:
             summary = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
-        _write_json(self.out / "summary.json", summary)
+        _write_json(self.out / "summary.json", {**summary, "versions": versions()})
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

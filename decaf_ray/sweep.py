@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from decaf_ray.config import (ConfigError, apply_override, first_difference, from_dict,
-                              read_yaml)
+                              read_yaml, require_name)
 from decaf_ray.experiment_config import ExperimentConfig, load_config
 from decaf_ray.runtime import checkpoint
 from decaf_ray.sweep_resources import check_fits, trial_config, trial_resources
@@ -61,6 +61,7 @@ class SweepConfig:
     max_concurrent: int | None = None
 
     def __post_init__(self):
+        require_name(self.name, "name")
         if self.num_samples < 1:
             raise ConfigError("num_samples", "must be >= 1")
         if self.checkpoint_every < 1:

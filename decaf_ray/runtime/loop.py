@@ -20,6 +20,7 @@ from decaf_ray import factors as F
 from decaf_ray import metrics
 from decaf_ray.agents import Diverged
 from decaf_ray.plan import Plan, Row, RunResult
+from decaf_ray.versions import versions
 from decaf_ray.factors import Factors, Grads
 
 
@@ -272,4 +273,5 @@ def _summary(plan: Plan, status: str, rounds: int, steps: int, diverged: Any,
         "floats_sent_per_round_per_agent": _floats_per_round(plan),
         "trainable_params_per_agent": F.param_count(plan.task.lora_shapes(), cfg.lora.rank,
                                                      plan.algorithm.train_A),
+        "versions": versions(),
     }

@@ -2,7 +2,8 @@
 
 ``load(path)`` gives one tidy DataFrame of every run under ``path`` (a run directory or any folder
 of them): the metric rows plus flattened config columns (``algorithm``, ``topology.name``,
-``lora.rank``, ...) and the run's ``status`` and ``run`` (its directory).
+``lora.rank``, ...) and the run's ``status`` and ``run`` (its directory). Failed, empty and
+unreadable runs are skipped with a one-line notice on stderr.
 
 On top of it (each takes that frame or a results directory):
 
@@ -12,7 +13,9 @@ On top of it (each takes that frame or a results directory):
 - tables (``analysis.tables``; each returns a ``Table`` with ``to_markdown``/``to_latex``):
   ``table2``, ``table3``, ``table6``, ``table7``, ``refactorization_table``, ``results_table``;
 - ``figure(name, results, out)``: write any of them to a file by name (what ``decaf-ray plot
-  --figure`` calls).
+  --figure`` calls);
+- ``plot_runs(path, metric, out)``: one line per run, labelled by what differs between the runs
+  (``analysis.overview.runs_figure``; what ``decaf-ray plot`` draws without ``--figure``).
 
 Beneath them, from the bottom up: ``runs`` reads the files, ``names`` holds the paper's names and
 orders, ``data`` selects runs and groups them into conditions, ``values`` reduces metric rows to
@@ -39,6 +42,7 @@ from analysis.figures import (
     label_distribution,
     refactorization,
 )
+from analysis.overview import runs_figure
 from analysis.results_table import results_table
 from analysis.runs import load, run_dirs, summaries
 from analysis.table import Table
@@ -47,42 +51,20 @@ from analysis.theory import fit_slope, rate_check, rate_points, theory_curves
 
 
 def plot_runs(path: str | Path, metric: str, out: str | Path) -> Path:
-    """``metric`` against round for every run under ``path``: the mean over agents as a line,
-    the range over agents as a band. Writes ``out`` and returns its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    df = load(path)
-    df = df[df.metric == metric]
-    if df.empty:
-        raise ValueError(f"no run under {path} recorded metric {metric!r}")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for _, g in df.groupby("run", sort=True):
-        agents = g[g.agent >= 0].groupby("round")["value"]
-        net = g[g.agent == -1].set_index("round")["value"]
-        label = g["name"].iloc[0] if isinstance(g["name"].iloc[0], str) else g["algorithm"].iloc[0]
-        line, = ax.plot(net.index, net.values, label=label)
-        if len(agents):
-            ax.fill_between(agents.min().index, agents.min().values, agents.max().values,
-                            color=line.get_color(), alpha=0.15, linewidth=0)
-    ax.set_xlabel("round")
-    ax.set_ylabel(metric)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    """``metric`` against round for every run under ``path`` (``overview.runs_figure``: one line
+    per run, failed and empty runs skipped with a notice, the legend by what differs). Writes
+    ``out`` and returns its path."""
+    fig = runs_figure(path, metric)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out
 
 
 __all__ = ["FIGURES", "NAMES", "TABLES", "Table", "accuracy_gap", "bytes_vs_accuracy", "fig2",
            "fig3", "figure", "fit_slope", "label_distribution", "load", "plot_runs", "rate_check",
            "rate_points", "refactorization", "refactorization_table", "results_table", "run_dirs",
-           "summaries", "table2", "table3", "table6", "table7", "theory_curves"]
+           "runs_figure", "summaries", "table2", "table3", "table6", "table7", "theory_curves"]
 
 FIGURES = {"fig2": fig2, "fig3": fig3, "theory": theory_curves, "bytes": bytes_vs_accuracy,
            "labels": label_distribution, "rate": rate_check, "refactor": refactorization}

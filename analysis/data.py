@@ -1,8 +1,9 @@
 """Selecting runs and grouping them into conditions: the layer under the figures and tables.
 
 Everything here works on the tidy frame of ``analysis.load`` (``analysis.runs``) and reads no
-file: one row per run (``run_table``), the runs matching a filter (``select``), and the
-conditions those runs fall into (``conditions``).
+file: one row per run (``run_table``), the runs matching a filter (``select``), the
+conditions those runs fall into (``conditions``), and a legend label per run by what differs
+between them (``run_labels``).
 
 Conditions. A figure panel or a table cell is a *condition*: its key columns (e.g. ``algorithm``
 and ``lora.rank``) fixed; the runs of a condition that differ only in ``seed`` are replicates and
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -105,8 +107,7 @@ class Conditions:
     held: dict[str, list[Any]] = field(default_factory=dict)
 
     def label(self, cond: tuple) -> str:
-        cols = self.key + self.split
-        return ", ".join(pretty(c, v) for c, v in zip(cols, cond))
+        return condition_label(self.key + self.split, cond)
 
     def note(self) -> str:
         """``held: rank 2, N 4``: the values other columns were held at ('' when none)."""
@@ -123,6 +124,11 @@ class Conditions:
             order = order_values(cols[i], [c[i] for c in conds])
             conds.sort(key=lambda c, i=i, order=order: order.index(c[i]))
         return conds
+
+
+def condition_label(columns: Sequence[str], values: Sequence[Any]) -> str:
+    """``DeCAF, r = 2``: each column's value as the paper writes it, in ``columns``' order."""
+    return ", ".join(pretty(c, v) for c, v in zip(columns, values))
 
 
 def _fmt(v: Any) -> str:
@@ -180,3 +186,44 @@ def hashable(v: Any) -> Any:
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+def differing_columns(runs: pd.DataFrame) -> list[str]:
+    """The config columns whose values differ across ``runs`` (a ``run_table``): condition
+    columns and ``seed`` (a repeated seed is a difference here, unlike inside a condition), in
+    the order conditions use, seed last. ``name``, ``runtime.*`` and the derived ``dataset``
+    never count (a label, the same numbers, a copy of ``task.*``)."""
+    cols = [c for c in condition_columns(config_columns(runs)) if c != "dataset"]
+    cols += ["seed"] if "seed" in runs.columns else []
+    varying = [c for c in cols if runs[c].map(hashable).nunique(dropna=False) > 1]
+    return sorted(varying, key=lambda c: (c == "seed", _PRIORITY.index(c) if c in _PRIORITY
+                                          else len(_PRIORITY), c))
+
+
+def run_labels(runs: pd.DataFrame, root: str | Path | None = None) -> dict[str, str]:
+    """A legend label for each run of ``runs`` (a ``run_table``), in the paper's order.
+
+    The values of ``differing_columns`` as a condition's label writes them (``DeCAF``,
+    ``DLoRA, r = 4``, ``seed=1``); one run alone: its algorithm; runs that differ in nothing:
+    their directory relative to ``root``. Runs that would share a label get their directory
+    appended, so no two lines read the same."""
+    names = {r: _dir_name(r, root) for r in sorted(runs["run"])}
+    if len(runs) == 1 and "algorithm" in runs.columns:
+        return {runs["run"].iloc[0]: pretty("algorithm", runs["algorithm"].iloc[0])}
+    cols = differing_columns(runs)
+    if not cols:
+        return names
+    conds = conditions(runs, cols)
+    labels = {}
+    for cond in conds.ordered():
+        members = (r for r, c in zip(conds.runs["run"], conds.runs["condition"]) if c == cond)
+        labels.update((run, conds.label(cond)) for run in sorted(members))
+    shared = pd.Series(labels).duplicated(keep=False)
+    return {r: f"{lab} [{names[r]}]" if shared[r] else lab for r, lab in labels.items()}
+
+
+def _dir_name(run: str, root: str | Path | None) -> str:
+    path = Path(run)
+    if root is not None and path.is_relative_to(root) and path != Path(root):
+        return str(path.relative_to(root))
+    return path.name or str(path)

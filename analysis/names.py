@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis.runs import NO_SUMMARY
+
 ALGORITHM_ORDER = ("centralized", "local", "local_fa", "fedavg", "fedavg_fa", "dlora",
                    "dlora_fa", "decaf")
 """Table 2's row order."""
@@ -34,6 +36,11 @@ COLUMN_NAMES = {"lora.rank": "rank", "agents": "N", "topology.name": "topology",
                 "optim.lr": "lr", "dataset": "dataset"}
 ALIASES = {"rank": "lora.rank", "topology": "topology.name", "partition": "data.partition",
            "lr": "optim.lr", "T": "rounds"}
+
+STATUS_FLAGS = {"diverged": " (diverged)", "interrupted": " (interrupted)",
+                NO_SUMMARY: " (incomplete)"}
+"""What a legend adds to a run that did not complete: drawn, but not a finished result (a run
+without a summary is still running or was killed)."""
 
 # Colours that stay with an algorithm across figures.
 _ALGO_COLOURS = {"decaf": "C3", "dlora": "C0", "dlora_fa": "C2", "fedavg": "C1",
@@ -87,6 +94,11 @@ def pretty(column: str, value: Any) -> str:
     if column == "rounds":
         return f"T = {value}"
     return f"{COLUMN_NAMES.get(column, column)}={value}"
+
+
+def status_flag(status: Any) -> str:
+    """`` (interrupted)``, `` (diverged)``, `` (incomplete)``, or '' for a completed run."""
+    return STATUS_FLAGS.get(status, "")
 
 
 def colour(algorithm: Any) -> str | None:

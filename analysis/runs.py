@@ -3,22 +3,39 @@
 A run directory holds ``metrics.csv`` (rows ``round, step, agent, metric, value``; agent -1 is a
 network-wide row), ``config.json`` and, once it has ended, ``summary.json``. This module reads
 those files and nothing else; it builds no task and imports nothing from ``decaf_ray``.
+
+A folder of runs often holds a few that cannot be drawn: a run that failed, one killed before
+its first evaluation (a header-only or empty ``metrics.csv``), or a half-written file. ``load``
+skips each with a one-line notice on stderr and reads the rest, so one bad trial does not hide a
+sweep; it raises only when nothing is left.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
 
+COLUMNS = ("round", "step", "agent", "metric", "value")
+MARKERS = ("metrics.csv", "summary.json")
+"""A directory holding either is a run (a failed run may have a summary and no rows)."""
+NO_SUMMARY = "running"
+"""The status of a run without ``summary.json``: still running, or killed before it wrote one."""
+
+
+class Unusable(Exception):
+    """A run directory that cannot be drawn; the message says why, on one line."""
+
 
 def run_dirs(path: str | Path) -> list[Path]:
-    """Every directory at or below ``path`` holding a ``metrics.csv``, sorted."""
+    """Every directory at or below ``path`` holding a ``metrics.csv`` or a ``summary.json``,
+    sorted."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such results directory")
-    return sorted(p.parent for p in path.rglob("metrics.csv"))
+    return sorted({p.parent for marker in MARKERS for p in path.rglob(marker)})
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -34,18 +51,85 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _one_line(text: str) -> str:
+    """The first non-empty line: a recorded error may span lines, a notice does not."""
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
+def _first_line(e: BaseException) -> str:
+    line = _one_line(str(e))
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def _json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:  # a file cut short by a kill is not JSON
+        raise Unusable(f"unreadable {file.name} ({_first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise Unusable(f"unreadable {file.name} (not a JSON object)")
+    return data
+
+
+def read_run(d: str | Path) -> tuple[pd.DataFrame, str, dict]:
+    """One run directory as ``(metric rows, status, flattened config)``.
+
+    ``status``: the summary's (``completed``, ``diverged``, ``interrupted``), or ``running``
+    without a summary. Raises ``Unusable`` for a failed run, a run without rows, and a missing
+    or unreadable file."""
+    d = Path(d)
+    status = NO_SUMMARY
+    if (d / "summary.json").is_file():
+        summary = _json(d / "summary.json")
+        status = str(summary.get("status", "unknown"))
+        if status == "failed":
+            error = _one_line(summary.get("error") or "") or "no error recorded"
+            raise Unusable(f"failed ({error})")
+    if not (d / "config.json").is_file():
+        raise Unusable("no config.json")
+    cfg = _flatten(_json(d / "config.json"))
+    if not (d / "metrics.csv").is_file():
+        raise Unusable("no metrics.csv")
+    try:
+        rows = pd.read_csv(d / "metrics.csv")
+    except pd.errors.EmptyDataError:  # zero bytes: killed before the header was written
+        raise Unusable("no metrics yet") from None
+    except (OSError, ValueError) as e:
+        raise Unusable(f"unreadable metrics.csv ({_first_line(e)})") from None
+    missing = [c for c in COLUMNS if c not in rows.columns]
+    if missing:
+        raise Unusable(f"unreadable metrics.csv (no column {', '.join(missing)})")
+    if rows.empty:
+        raise Unusable("no metrics yet")
+    return rows, status, cfg
+
+
+def notice(d: str | Path, why: str) -> None:
+    """The one line telling the user a run was left out."""
+    print(f"decaf-ray: skipped {d}: {_one_line(why) or 'unusable'}", file=sys.stderr)
+
+
 def load(path: str | Path) -> pd.DataFrame:
-    """Tidy rows ``run, status, <config columns>, round, step, agent, metric, value``."""
-    frames = []
-    for d in run_dirs(path):
-        df = pd.read_csv(d / "metrics.csv")
-        cfg = _flatten(json.loads((d / "config.json").read_text()))
-        summary_file = d / "summary.json"
-        status = json.loads(summary_file.read_text())["status"] if summary_file.exists() else "running"
-        meta = {"run": str(d), "status": status, **cfg}
-        frames.append(df.assign(**{k: v for k, v in meta.items() if k not in df.columns}))
-    if not frames:
+    """Tidy rows ``run, status, <config columns>, round, step, agent, metric, value`` of every
+    usable run under ``path`` (see the module docstring for what is skipped, with a notice).
+
+    Raises ``FileNotFoundError`` when ``path`` holds no run directory and ``ValueError`` when
+    every run in it was skipped."""
+    dirs = run_dirs(path)
+    if not dirs:
         raise FileNotFoundError(f"{path}: holds no run (no metrics.csv below it)")
+    frames = []
+    for d in dirs:
+        try:
+            rows, status, cfg = read_run(d)
+        except Unusable as e:
+            notice(d, str(e))
+            continue
+        meta = {"run": str(d), "status": status, **cfg}
+        frames.append(rows.assign(**{k: v for k, v in meta.items() if k not in rows.columns}))
+    if not frames:
+        raise ValueError(f"{path}: no run left to read ({len(dirs)} skipped: failed, empty or "
+                         f"unreadable)")
     return pd.concat(frames, ignore_index=True)
 
 

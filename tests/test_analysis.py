@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import itertools
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pandas as pd
 import pytest
 
 import analysis
-from analysis.data import conditions, run_table
+from analysis.data import conditions, run_labels, run_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -413,6 +415,118 @@ def test_figure_dispatcher_rejects_bad_names_and_suffixes(df, tmp_path):
 def test_plot_runs_still_works(results, tmp_path):
     out = analysis.plot_runs(Path(results) / "rate", "grad_norm_sq", tmp_path / "p.png")
     assert out.exists()
+
+
+# ------------------------------------------------------------------- decaf-ray plot, one line a run
+
+QUICKSTART = {"name": "quickstart", "topology": "ring", "data.partition": NONIID, "rounds": 6}
+
+
+def _write(out: Path, overrides: dict, end: str = "close") -> None:
+    """A real run written by RunWriter; ``end``: ``close`` (completed), ``interrupt`` (a second
+    Ctrl-C: summary ``interrupted``) or ``kill`` (rows, no summary)."""
+    from decaf_ray.experiment import run
+    from decaf_ray.experiment_config import load_config
+    from decaf_ray.results import RunWriter
+
+    cfg = load_config(_config({**QUICKSTART, **overrides}))
+    writer = RunWriter(out).open(cfg)
+    result = run(cfg, on_rows=writer.rows, progress=False)
+    if end == "close":
+        writer.close(result)
+    elif end == "interrupt":
+        writer.fail(KeyboardInterrupt())
+    else:
+        writer.stop()
+
+
+def _broken(root: Path) -> dict[str, str]:
+    """Runs that cannot be drawn, as a killed or failed ``decaf-ray run`` leaves them, and the
+    reason each notice gives."""
+    from decaf_ray.experiment_config import load_config
+    from decaf_ray.results import RunWriter
+
+    cfg = load_config(_config(QUICKSTART))
+    RunWriter(root / "failed").open(cfg).fail(RuntimeError("boom\nmore about it"))
+    RunWriter(root / "header-only").open(cfg).stop()
+    RunWriter(root / "zero-bytes").open(cfg).stop()
+    (root / "zero-bytes" / "metrics.csv").write_text("")
+    (root / "torn").mkdir()
+    (root / "torn" / "metrics.csv").write_text((root / "decaf" / "metrics.csv").read_text())
+    (root / "torn" / "config.json").write_text('{"algorithm": "de')
+    (root / "no-metrics").mkdir()  # its metrics.csv lost: the config and summary remain
+    (root / "no-metrics" / "config.json").write_text((root / "failed" / "config.json").read_text())
+    (root / "no-metrics" / "summary.json").write_text('{"status": "completed"}')
+    return {"failed": "failed (RuntimeError: boom)", "header-only": "no metrics yet",
+            "zero-bytes": "no metrics yet", "no-metrics": "no metrics.csv",
+            "torn": "unreadable config.json (JSONDecodeError: "}
+
+
+def _legend(fig) -> list[str]:
+    return [t.get_text() for t in fig.get_axes()[0].get_legend().get_texts()]
+
+
+def test_plot_skips_broken_runs_and_labels_the_quickstart_by_algorithm(tmp_path, capsys):
+    root = tmp_path / "quickstart"
+    for alg in ("decaf", "dlora", "local"):  # make run: one name for all three
+        _write(root / alg, {"algorithm": alg})
+    reasons = _broken(root)
+    out = analysis.plot_runs(root, "test_accuracy", tmp_path / "acc.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    notices = capsys.readouterr().err.splitlines()
+    assert len(notices) == len(reasons)
+    for line, (folder, why) in zip(notices, sorted(reasons.items())):
+        assert line.startswith(f"decaf-ray: skipped {root / folder}: {why}"), line
+    fig = analysis.runs_figure(root, "test_accuracy")
+    assert _legend(fig) == ["Local", "DLoRA", "DeCAF"]  # the paper's order
+    assert len(fig.get_axes()[0].get_lines()) == 3
+    # one run alone is named by its algorithm
+    assert _legend(analysis.runs_figure(root / "dlora", "test_accuracy")) == ["DLoRA"]
+
+
+def test_plot_of_nothing_usable_is_one_line_naming_the_folder(tmp_path):
+    from decaf_ray.cli import main
+
+    root = tmp_path / "bad"
+    _write(root / "decaf", {})
+    _broken(root)
+    for f in (root / "decaf").iterdir():
+        if f.name != "summary.json":  # a finished run whose files were lost
+            f.unlink()
+    with pytest.raises(ValueError, match=f"^{root}: no run left to read"):
+        analysis.load(root)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["plot", str(root), "--out", str(tmp_path / "x.png")])
+    assert code == 2
+    last = err.getvalue().splitlines()[-1]
+    assert last.startswith("decaf-ray: error: plot: ") and str(root) in last
+    assert "Traceback" not in err.getvalue()
+
+
+def test_plot_labels_by_what_differs_and_flags_unfinished_runs(tmp_path):
+    root = tmp_path / "mixed"
+    _write(root / "a", {"seed": 0})
+    _write(root / "b", {"seed": 1}, end="interrupt")
+    _write(root / "c", {"seed": 0, "lora.rank": 1}, end="kill")
+    status = analysis.load(root).groupby("run")["status"].first()
+    assert list(status) == ["completed", "interrupted", "running"]
+    assert _legend(analysis.runs_figure(root, "test_accuracy")) == [
+        "r = 1, seed=0 (incomplete)", "r = 2, seed=0", "r = 2, seed=1 (interrupted)"]
+    # runs that differ in nothing (a repeat, here also by another name) read as their folders
+    twins = tmp_path / "twins"
+    _write(twins / "first", {})
+    _write(twins / "again" / "second", {"name": "repeat"})
+    assert _legend(analysis.runs_figure(twins, "test_accuracy")) == ["again/second", "first"]
+
+
+def test_run_labels_never_repeat_a_label():
+    runs = pd.DataFrame({"run": ["/r/a", "/r/b", "/r/c"], "status": "completed",
+                         "name": ["x", "y", "z"], "algorithm": "decaf", "seed": 0,
+                         "lora.rank": [2, 2, 1], "runtime.kind": ["inprocess", "ray", "ray"]})
+    assert run_labels(runs, root="/r") == {"/r/c": "r = 1", "/r/a": "r = 2 [a]",
+                                           "/r/b": "r = 2 [b]"}
+    assert list(run_labels(runs, root="/r")) == ["/r/c", "/r/a", "/r/b"]
 
 
 # ------------------------------------------------------------------------------ notebook

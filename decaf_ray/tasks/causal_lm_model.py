@@ -2,9 +2,9 @@
 
 ``hf_config`` gives the transformers config of a ``CausalLMConfig``'s model without loading
 weights (a random ``model_config``, a GGUF's metadata, ``KNOWN_CONFIGS`` for published hub ids,
-else the hub's or folder's config file); ``meta_lora_shapes`` the adapted shapes from a
-weightless copy on the meta device. ``load_codec`` and ``load_base_model`` load the tokenizer and
-the frozen weights, which the task wraps in peft.
+else the hub's or folder's config file); ``meta_peft_model`` the peft model on the meta device
+(names and shapes, no weights), ``meta_lora_shapes`` the adapted shapes from it. ``load_codec``
+and ``load_base_model`` load the tokenizer and the frozen weights, which the task wraps in peft.
 """
 
 from __future__ import annotations
@@ -125,6 +125,14 @@ def _gguf_quick_config(path: Path):
 
 def meta_lora_shapes(config, targets: list[str], lora_cfg: LoRAConfig) -> dict[str, tuple[int, int]]:
     """Adapted module -> (d, k), from a weightless (meta device) copy of the peft model."""
+    return pl.shapes(pl.lora_layers(meta_peft_model(config, pl.peft_config(lora_cfg, targets))))
+
+
+def meta_peft_model(config, peft_cfg) -> nn.Module:
+    """The decoder of ``config`` wrapped by peft's ``get_peft_model`` with ``peft_cfg`` (a
+    ``LoraConfig``), on the meta device: the task's module names and shapes, no weights (its
+    LoRA weights too are on the meta device). Raises ConfigError("targets") when peft finds none
+    of the targets."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -132,10 +140,9 @@ def meta_lora_shapes(config, targets: list[str], lora_cfg: LoRAConfig) -> dict[s
         warnings.simplefilter("ignore", FutureWarning)  # peft asks a deprecated property
         model = AutoModelForCausalLM.from_config(config)
         try:
-            model = get_peft_model(model, pl.peft_config(lora_cfg, targets))
+            return get_peft_model(model, peft_cfg)
         except ValueError as e:
             raise ConfigError("targets", str(e).splitlines()[0]) from None
-    return pl.shapes(pl.lora_layers(model))
 
 
 def load_codec(cfg: CausalLMConfig) -> td.HFCodec:

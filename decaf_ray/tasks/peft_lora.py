@@ -62,6 +62,16 @@ def set_factors(layers: dict[str, nn.Module], factors: Factors) -> None:
         weight.copy_(src)
 
 
+def fill_factors(layers: dict[str, nn.Module], factors: Factors) -> None:
+    """``set_factors`` into a weightless model's layers (LoRA weights on the meta device, e.g.
+    from ``causal_lm_model.meta_peft_model``): their LoRA weights are made on the CPU first, and
+    nothing else of the model is."""
+    for name in factors:
+        layers[name].lora_A.to_empty(device="cpu")
+        layers[name].lora_B.to_empty(device="cpu")
+    set_factors(layers, factors)
+
+
 def begin_step(layers: dict[str, nn.Module], factors: Factors, train_A: bool) -> None:
     """Swap an agent in for a training step: its factors in, A trainable or frozen (the FA
     variants), gradients cleared."""

@@ -4,9 +4,11 @@ config, attention split into q, k, v, out projections, LoRA injected by peft.
 ``architecture`` reads the open_clip model config (and a pretrained tag's) without weights;
 ``instantiate`` builds it on the current device (``torch.device("meta")`` for shapes only);
 ``adapt`` replaces the fused ``nn.MultiheadAttention`` of the selected blocks by
-``SplitAttention`` (``decaf_ray.tasks.clip.attention``) and injects LoRA; ``load_weights`` reads a
-local checkpoint; ``tokenizer`` and ``image_size`` are what the prompts and the images are made
-for. ``cfg`` arguments are a ``CLIPConfig`` (only the model and LoRA-placement fields are read).
+``SplitAttention`` (``decaf_ray.tasks.clip.attention``) and injects LoRA; ``base_model`` is the
+model with weights and split attention, before LoRA (what an exported adapter loads into);
+``load_weights`` reads a local checkpoint; ``tokenizer`` and ``image_size`` are what the prompts
+and the images are made for. ``cfg`` arguments are a ``CLIPConfig`` (only the model and
+LoRA-placement fields are read).
 """
 
 from __future__ import annotations
@@ -80,9 +82,24 @@ def attention_blocks(model: nn.Module) -> dict[str, list[tuple[int, str]]]:
 
 
 def adapt(model: nn.Module, cfg, lora_cfg: LoRAConfig) -> dict[str, nn.Module]:
-    """Split the attention of the selected blocks, inject peft LoRA; returns the LoRA layers."""
+    """Split the attention of the selected blocks, inject peft LoRA; returns the LoRA layers.
+    Blocks already split (a ``base_model``) stay as they are."""
     from peft import inject_adapter_in_model
 
+    names = _split(model, cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    pcfg = peft_lora.peft_config(lora_cfg, names)
+    pcfg.target_modules = "|".join(re.escape(n) for n in names)  # exact names: a full match
+    inject_adapter_in_model(pcfg, model)
+    layers = peft_lora.lora_layers(model)
+    assert set(layers) == set(names), sorted(set(layers) ^ set(names))
+    return layers
+
+
+def _split(model: nn.Module, cfg) -> list[str]:
+    """Put ``SplitAttention`` in the selected blocks (where a target is in the attention and it
+    is not there yet); returns the names of the modules LoRA goes on."""
     blocks = attention_blocks(model)
     names = []
     for enc in cfg.encoders:
@@ -100,17 +117,49 @@ def adapt(model: nn.Module, cfg, lora_cfg: LoRAConfig) -> dict[str, nn.Module]:
             if idx not in chosen:
                 continue
             block = model.get_submodule(name)
-            if any(t in cfg.targets for t in ("q", "k", "v", "out")):
+            split = any(t in cfg.targets for t in ("q", "k", "v", "out"))
+            if split and not isinstance(block.attn, SplitAttention):
                 block.attn = SplitAttention(block.attn)
             names += [f"{name}.{leaf}" for t in cfg.targets for leaf in TARGETS[t]]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    pcfg = peft_lora.peft_config(lora_cfg, names)
-    pcfg.target_modules = "|".join(re.escape(n) for n in names)  # exact names: a full match
-    inject_adapter_in_model(pcfg, model)
-    layers = peft_lora.lora_layers(model)
-    assert set(layers) == set(names), sorted(set(layers) ^ set(names))
-    return layers
+    return names
+
+
+def base_model(cfg, weights: bool = True) -> nn.Module:
+    """The open_clip model the CLIP task adapts, before LoRA: the selected blocks' attention split
+    into q, k, v, out projections (``SplitAttention``, the same computation), eval mode, float32.
+
+    This is the base a ``decaf-ray export`` adapter loads into, the one call a user needs besides
+    peft's: ``PeftModel.from_pretrained(base_model(cfg), DIR)``, ``cfg`` the run's ``task``
+    section (``decaf_ray.results.load_run_config(RUN).task``).
+
+    ``weights``: made as the task makes them: the pretrained tag's (open_clip downloads them),
+    the checkpoint's (a ``pretrain:`` stand-in from its cache), else drawn from ``init_seed``;
+    on the CPU. False: none, on the current device (``torch.device("meta")``: names and shapes).
+    """
+    import dataclasses
+
+    import open_clip
+
+    from decaf_ray.tasks import checkpoints
+    from decaf_ray.tasks.step_rng import step_rng
+
+    spec = checkpoints.standin_spec(cfg.checkpoint)
+    if spec is not None:
+        cfg = dataclasses.replace(cfg, **checkpoints.cached_task_fields(spec))
+    arch, tag = architecture(cfg)
+    if not weights:
+        model = instantiate(arch)
+    else:
+        with step_rng(cfg.init_seed, torch.device("cpu")):  # as the task: weights on the CPU
+            if tag is not None:
+                model = open_clip.create_model(cfg.model, pretrained=cfg.pretrained,
+                                               force_quick_gelu=arch["quick_gelu"])
+            else:
+                model = instantiate(arch)
+                if cfg.checkpoint is not None:
+                    load_weights(model, cfg.checkpoint)
+    _split(model, cfg)
+    return model.eval()
 
 
 def load_weights(model: nn.Module, path: str) -> None:

@@ -93,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
                                            "average) as a PEFT adapter directory")
     export.add_argument("run", help="a run directory (config.json + adapters.safetensors)")
     export.add_argument("--agent", default="mean",
-                        help="an agent's index, or 'mean' for the network average (default)")
+                        help="an agent's index, or 'mean' (default): the network average "
+                             "v-bar, A and B each averaged over the agents, where a run's "
+                             "grad_norm is measured")
     export.add_argument("--out", required=True, help="the adapter directory to write")
     export.set_defaults(func=cmd_export)
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from torch import nn
 from decaf_ray.config import ConfigError
 from decaf_ray.experiment_config import ExperimentConfig
 from decaf_ray.factors import Factors, mean
-from decaf_ray.results import load_adapters, load_run_config
+from decaf_ray.results import load_adapters, load_run_config, readable_like_the_rest
 from decaf_ray.tasks import peft_lora as pl
 
 ADAPTERS = "adapters.safetensors"
@@ -77,10 +76,7 @@ def export(run: str | Path, agent: str | int, out: str | Path) -> Path:
         model.save_pretrained(str(out), save_embedding_layers=False)
     except OSError as e:
         raise ConfigError("--out", f"{out}: cannot write it ({e.strerror or e})") from None
-    # safetensors creates its file 0600: give it the mode the other files got (0666 less umask)
-    umask = os.umask(0)
-    os.umask(umask)
-    (out / "adapter_model.safetensors").chmod(0o666 & ~umask)
+    readable_like_the_rest(out / "adapter_model.safetensors")
     return out
 
 

@@ -128,11 +128,11 @@ def save_adapters(path: str | Path, adapters: dict[int, Factors]) -> None:
                for i, f in adapters.items() for name, (a, b) in f.items()
                for part, t in (("A", a), ("B", b))}
     save_file(tensors, str(path))
-    _readable_like_the_rest(Path(path))
+    readable_like_the_rest(Path(path))
 
 
-def _readable_like_the_rest(path: Path) -> None:
-    """safetensors creates its file 0600; give it the mode every other file of the run gets
+def readable_like_the_rest(path: Path) -> None:
+    """safetensors creates its files 0600; give ``path`` the mode every other file of a run gets
     (0666 less the umask)."""
     umask = os.umask(0)
     os.umask(umask)

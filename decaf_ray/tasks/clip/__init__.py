@@ -25,8 +25,8 @@ The data are ``decaf_ray.tasks.image_data``; several agents in one pass,
 
 from decaf_ray.tasks.clip.attention import SplitAttention
 from decaf_ray.tasks.clip.config import ENCODERS, TARGETS, CLIPConfig
-from decaf_ray.tasks.clip.model import adapt, architecture, instantiate
+from decaf_ray.tasks.clip.model import adapt, architecture, base_model, instantiate
 from decaf_ray.tasks.clip.task import CLIPTask, build
 
-__all__ = ["CLIPConfig", "CLIPTask", "build", "SplitAttention", "adapt", "architecture",
-           "instantiate", "TARGETS", "ENCODERS"]
+__all__ = ["CLIPConfig", "CLIPTask", "build", "SplitAttention", "adapt", "base_model",
+           "architecture", "instantiate", "TARGETS", "ENCODERS"]

@@ -27,8 +27,8 @@ from decaf_ray.factors import Factors, Grads
 from decaf_ray.tasks import image_data, peft_lora, stacked_lora
 from decaf_ray.tasks.clip import classifier
 from decaf_ray.tasks.clip.config import CLIPConfig
-from decaf_ray.tasks.clip.model import (OPENAI_MEAN, OPENAI_STD, adapt, architecture, image_size,
-                                        instantiate, load_weights, tokenizer)
+from decaf_ray.tasks.clip.model import (OPENAI_MEAN, OPENAI_STD, adapt, architecture, base_model,
+                                        image_size, instantiate, tokenizer)
 from decaf_ray.tasks.step_rng import step_indices, step_rng
 
 
@@ -83,18 +83,10 @@ class CLIPTask:
         LoRA, device. Leaves torch's global RNG as it was."""
         if self.model is not None:
             return self.model
-        import open_clip
-
         cfg = self.cfg
         dev = devices.resolve(cfg.device)
-        with step_rng(cfg.init_seed, torch.device("cpu")):  # the weights are made on the CPU
-            if self.tag is not None:
-                model = open_clip.create_model(cfg.model, pretrained=cfg.pretrained,
-                                               force_quick_gelu=self.arch["quick_gelu"])
-            else:
-                model = instantiate(self.arch)
-                if cfg.checkpoint is not None:
-                    load_weights(model, cfg.checkpoint)
+        model = base_model(cfg)  # weights on the CPU, drawn from init_seed when not loaded
+        with step_rng(cfg.init_seed, torch.device("cpu")):  # peft's own draws, then replaced
             layers = adapt(model, cfg, self.lora_cfg)
         model.eval().to(dev)
         self.tokens = tokenizer(cfg, self.arch)(self.prompts).to(dev)

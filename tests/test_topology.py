@@ -1,8 +1,8 @@
-"""Tests for decaf_ray.topology: graphs, mixing matrices and their checks."""
+"""Tests for decaf_ray.topology: mixing matrices, their checks, and that the sparse Pi holds the
+very floats of the dense one it replaced."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import networkx as nx
@@ -10,42 +10,29 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import sparse
 
+from test_topology_graphs import NS, assert_valid_graph, graph_exists, sweep_params
+
+from decaf_ray import topology
 from decaf_ray.topology import (
     SCHEMES,
     TOPOLOGIES,
     build_topology,
     check_mixing,
     graph_facts,
-    is_connected,
     mixing_matrix,
+    neighbourhoods,
     neighbours,
     spectral_gap,
 )
-
-NS = range(2, 41)
-
-
-def sweep_params(name: str, n: int) -> dict:
-    """Sensible params for each topology; random_regular's may be invalid for some n on purpose."""
-    return {
-        "erdos_renyi": {"p": 0.5, "seed": n},
-        "random_regular": {"degree": 3, "seed": n},
-        "edges": {"edges": [[i, i + 1] for i in range(n - 1)] + [[0, n - 1]] * (n > 3)},
-    }.get(name, {})
-
-
-def graph_exists(name: str, params: dict, n: int) -> bool:
-    if name == "random_regular":
-        d = params["degree"]
-        return d < n and (n * d) % 2 == 0
-    return True
 
 
 def assert_valid_mixing(pi: np.ndarray, g: nx.Graph) -> None:
     """The properties check_mixing promises, asserted independently of it."""
     n = g.number_of_nodes()
-    assert pi.shape == (n, n) and pi.dtype == np.float64
+    assert isinstance(pi, sparse.csr_array) and pi.shape == (n, n) and pi.dtype == np.float64
+    pi = pi.toarray()
     assert np.all(np.isfinite(pi))
     np.testing.assert_allclose(pi, pi.T, atol=1e-12, rtol=0)
     assert pi.min() >= 0.0
@@ -61,13 +48,6 @@ def assert_valid_mixing(pi: np.ndarray, g: nx.Graph) -> None:
         assert mags[0] == pytest.approx(1.0, abs=1e-9)
         assert mags[1] < 1.0 - 1e-9
         assert spectral_gap(pi) == pytest.approx(1.0 - mags[1], abs=1e-9)
-
-
-def assert_valid_graph(g: nx.Graph, n: int) -> None:
-    assert sorted(g.nodes) == list(range(n))
-    assert not g.is_directed() and not g.is_multigraph()
-    assert nx.number_of_selfloops(g) == 0
-    assert nx.is_connected(g) and is_connected(g)
 
 
 # ---------------------------------------------------------------- every topology, every scheme
@@ -91,11 +71,13 @@ def test_every_topology_and_scheme_gives_valid_mixing(name: str, n: int) -> None
             continue
         pi = mixing_matrix(g, scheme)
         assert_valid_mixing(pi, g)
+        dense = pi.toarray()
         if scheme == "uniform":
             deg = g.degree(0)
-            assert np.allclose(pi[0][pi[0] > 0], 1.0 / (deg + 1))
+            assert np.allclose(dense[0][dense[0] > 0], 1.0 / (deg + 1))
         # the user-matrix path accepts what the built-in schemes produce, as a nested list
-        np.testing.assert_allclose(mixing_matrix(g, "matrix", matrix=pi.tolist()), pi, atol=1e-15)
+        np.testing.assert_allclose(mixing_matrix(g, "matrix", matrix=dense.tolist()).toarray(),
+                                   dense, atol=1e-15)
     assert set(SCHEMES) == {"uniform", "metropolis", "max_degree", "matrix"}
 
 
@@ -106,7 +88,7 @@ def test_single_agent(name: str) -> None:
     assert list(g.nodes) == [0] and g.number_of_edges() == 0
     for scheme in ("uniform", "metropolis", "max_degree"):
         pi = mixing_matrix(g, scheme)
-        assert pi.tolist() == [[1.0]]
+        assert pi.toarray().tolist() == [[1.0]]
     assert spectral_gap(pi) == 1.0
     assert graph_facts(g, pi)["rho"] == 0.0
     idx, w = neighbours(pi, 0)
@@ -130,12 +112,12 @@ def test_ring_of_10_uniform_is_one_third() -> None:
 def test_ring_of_2_is_one_edge() -> None:
     g = build_topology("ring", 2)
     assert list(g.edges) == [(0, 1)]
-    assert np.allclose(mixing_matrix(g, "uniform"), 0.5)
+    assert np.allclose(mixing_matrix(g, "uniform").toarray(), 0.5)
 
 
 def test_complete_of_10_uniform() -> None:
     pi = mixing_matrix(build_topology("complete", 10), "uniform")
-    np.testing.assert_allclose(pi, np.full((10, 10), 0.1), atol=1e-15)
+    np.testing.assert_allclose(pi.toarray(), np.full((10, 10), 0.1), atol=1e-15)
     assert spectral_gap(pi) == pytest.approx(1.0, abs=1e-12)
 
 
@@ -148,20 +130,6 @@ def test_ring_spectral_gap_closed_form(n: int) -> None:
     assert spectral_gap(pi) == pytest.approx(1 - second, abs=1e-12)
     assert spectral_gap(pi) == pytest.approx(1 - (1 + 2 * math.cos(2 * math.pi / n)) / 3, abs=1e-12)
     assert graph_facts(build_topology("ring", n), pi)["rho"] == pytest.approx(second**2, abs=1e-12)
-
-
-def test_exponential_n8_by_hand() -> None:
-    # offsets +-1, +-2, +-4 (j = 0, 1, 2 = floor(log2 7)); +4 and -4 coincide mod 8
-    expected = {
-        (0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7), (0, 7),
-        (0, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7), (0, 6), (1, 7),
-        (0, 4), (1, 5), (2, 6), (3, 7),
-    }  # fmt: skip
-    g = build_topology("exponential", 8)
-    assert {tuple(sorted(e)) for e in g.edges} == expected
-    assert all(d == 5 for _, d in g.degree)
-    # n=5: offsets 1, 2, 4 = -1 mod 5 give the complete graph
-    assert build_topology("exponential", 5).number_of_edges() == 10
 
 
 def test_star_hub_and_metropolis_neighbours() -> None:
@@ -180,123 +148,6 @@ def test_max_degree_weights() -> None:
     pi = mixing_matrix(build_topology("star", 5), "max_degree")
     assert pi[1, 0] == pytest.approx(1 / 5) and pi[1, 1] == pytest.approx(4 / 5)
     assert pi[0, 0] == pytest.approx(1 / 5)
-
-
-def test_bipartite_is_even_odd_complete_bipartite() -> None:
-    for n in range(2, 12):
-        g = build_topology("bipartite", n)
-        assert all((i + j) % 2 == 1 for i, j in g.edges)
-        assert g.number_of_edges() == (n // 2) * ((n + 1) // 2)
-        assert (len({d for _, d in g.degree}) == 1) == (n % 2 == 0)
-    assert mixing_matrix(build_topology("bipartite", 6), "uniform")[0, 1] == pytest.approx(1 / 4)
-
-
-def test_grid_and_torus_shapes() -> None:
-    g = build_topology("grid", 12)  # default 3 x 4
-    assert g.number_of_edges() == 3 * 3 + 2 * 4
-    assert g.has_edge(0, 1) and g.has_edge(0, 4) and not g.has_edge(3, 4)
-    assert build_topology("grid", 12, rows=2).number_of_edges() == 2 * 5 + 6
-    assert nx.is_isomorphic(build_topology("grid", 7), nx.path_graph(7))  # prime n: a path
-    t = build_topology("torus", 6, rows=2)  # side 2 would give duplicate vertical edges
-    assert isinstance(t, nx.Graph) and not t.is_multigraph()
-    assert all(d == 3 for _, d in t.degree) and t.number_of_edges() == 9
-    assert nx.is_isomorphic(build_topology("torus", 4), nx.cycle_graph(4))
-    assert nx.is_isomorphic(build_topology("torus", 5, rows=1), nx.cycle_graph(5))
-    assert all(d == 4 for _, d in build_topology("torus", 16).degree)
-    with pytest.raises(ValueError, match=r"rows=3 does not divide n=10; valid rows: 1, 2, 5, 10"):
-        build_topology("grid", 10, rows=3)
-
-
-def test_random_regular_has_requested_degree() -> None:
-    g = build_topology("random_regular", 20, degree=4, seed=1)
-    assert all(d == 4 for _, d in g.degree)
-    with pytest.raises(ValueError, match="n\\*degree even"):
-        build_topology("random_regular", 9, degree=3)
-    with pytest.raises(ValueError, match="degree=9 is out of range"):
-        build_topology("random_regular", 9, degree=9)
-
-
-def test_small_world_params() -> None:
-    g = build_topology("small_world", 20, k=6, p=0.2, seed=3)
-    assert g.number_of_edges() == 60  # rewiring keeps the edge count n * k / 2
-    again = build_topology("small_world", 20, k=6, p=0.2, seed=3)
-    assert sorted(g.edges) == sorted(again.edges)
-    with pytest.raises(ValueError, match="k=30 is out of range"):
-        build_topology("small_world", 20, k=30)
-    with pytest.raises(ValueError, match=r"p=1.5 is out of range; valid: \[0, 1\]"):
-        build_topology("small_world", 20, p=1.5)
-
-
-def test_erdos_renyi_is_deterministic_for_a_seed() -> None:
-    a = build_topology("erdos_renyi", 25, p=0.2, seed=7)
-    b = build_topology("erdos_renyi", 25, p=0.2, seed=7)
-    c = build_topology("erdos_renyi", 25, p=0.2, seed=8)
-    assert sorted(a.edges) == sorted(b.edges)
-    assert sorted(a.edges) != sorted(c.edges)
-    # p so small that no draw is connected: a clear error, not a hang or a disconnected graph
-    with pytest.raises(ValueError, match="no connected graph in 100 draws"):
-        build_topology("erdos_renyi", 30, p=0.01)
-
-
-# ---------------------------------------------------------------- user edge lists
-
-
-def test_edges_from_list_file_and_json(tmp_path) -> None:
-    pairs = [[0, 1], [1, 2], [2, 3], [3, 0], [0, 2]]
-    g = build_topology("edges", 4, edges=pairs)
-    assert {tuple(sorted(e)) for e in g.edges} == {tuple(sorted(p)) for p in pairs}
-    txt = tmp_path / "g.txt"
-    txt.write_text("# a square with a chord\n0 1\n1 2\n\n2 3  # comment\n3 0\n0 2\n")
-    js = tmp_path / "g.json"
-    js.write_text(json.dumps(pairs))
-    for path in (txt, str(js)):
-        assert sorted(build_topology("edges", 4, path=path).edges) == sorted(g.edges)
-
-
-def test_edges_errors(tmp_path) -> None:
-    with pytest.raises(ValueError, match=r"graph is disconnected \(2 components\)"):
-        build_topology("edges", 4, edges=[[0, 1], [2, 3]])
-    with pytest.raises(ValueError, match=r"graph is disconnected \(3 components\)"):
-        build_topology("edges", 4, edges=[[0, 1]])
-    with pytest.raises(ValueError, match="edge node id=4 is out of range; valid: 0..3"):
-        build_topology("edges", 4, edges=[[0, 4]])
-    with pytest.raises(ValueError, match="self loop"):
-        build_topology("edges", 2, edges=[[0, 1], [1, 1]])
-    with pytest.raises(ValueError, match="not an \\[i, j\\] pair"):
-        build_topology("edges", 3, edges=[[0, 1, 2]])
-    with pytest.raises(ValueError, match="exactly one of"):
-        build_topology("edges", 3)
-    bad = tmp_path / "bad.txt"
-    bad.write_text("0 1\n1 2 3\n")
-    with pytest.raises(ValueError, match=":2: expected 'i j'"):
-        build_topology("edges", 3, path=bad)
-
-
-# ---------------------------------------------------------------- name and param errors
-
-
-def test_unknown_topology_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match="unknown topology 'rng'; valid: complete, ring") as e:
-        build_topology("rng", 5)
-    assert all(name in str(e.value) for name in TOPOLOGIES)
-    assert "\n" not in str(e.value)
-
-
-def test_param_errors() -> None:
-    with pytest.raises(ValueError, match="'ring' got unknown param\\(s\\) rows; valid: none"):
-        build_topology("ring", 5, rows=1)
-    with pytest.raises(ValueError, match="'grid' got unknown param\\(s\\) cols; valid: rows"):
-        build_topology("grid", 6, cols=3)
-    with pytest.raises(ValueError, match="'erdos_renyi' is missing param\\(s\\) p; valid: p, seed"):
-        build_topology("erdos_renyi", 5)
-    with pytest.raises(ValueError, match=r"p=0.0 is out of range; valid: \(0, 1\]"):
-        build_topology("erdos_renyi", 5, p=0)
-    with pytest.raises(ValueError, match="n=0 is out of range"):
-        build_topology("complete", 0)
-    with pytest.raises(ValueError, match="n must be an integer"):
-        build_topology("complete", 2.5)
-    with pytest.raises(ValueError, match="seed must be an integer"):
-        build_topology("erdos_renyi", 5, p=0.5, seed="a")
 
 
 def test_uniform_on_star_refuses() -> None:
@@ -321,20 +172,20 @@ def test_scheme_errors() -> None:
 
 def test_user_matrix_from_files(tmp_path) -> None:
     g = build_topology("ring", 5)
-    pi = mixing_matrix(g, "uniform")
+    pi = mixing_matrix(g, "uniform").toarray()
     np.save(tmp_path / "pi.npy", pi)
     np.savetxt(tmp_path / "pi.csv", pi, delimiter=",")
     np.savetxt(tmp_path / "pi.txt", pi)
     for name in ("pi.npy", "pi.csv", "pi.txt"):
         loaded = mixing_matrix(g, "matrix", matrix=str(tmp_path / name))
-        np.testing.assert_allclose(loaded, pi, atol=1e-15)
+        np.testing.assert_allclose(loaded.toarray(), pi, atol=1e-15)
     with pytest.raises(ValueError, match="valid suffixes: .npy, .csv, .txt"):
         mixing_matrix(g, "matrix", matrix=str(tmp_path / "pi.mat"))
 
 
 def test_user_matrix_errors() -> None:
     g = build_topology("ring", 4)
-    good = mixing_matrix(g, "uniform")
+    good = mixing_matrix(g, "uniform").toarray()
     asym = good.copy()
     asym[0, 1] += 0.1
     asym[0, 0] -= 0.1
@@ -367,7 +218,7 @@ def test_user_matrix_errors() -> None:
 
 def test_user_matrix_noise_is_snapped_to_the_graph() -> None:
     g = build_topology("ring", 4)
-    noisy = mixing_matrix(g, "uniform")
+    noisy = mixing_matrix(g, "uniform").toarray()
     noisy[0, 2] = noisy[2, 0] = 1e-12  # within atol: accepted, but must not create a neighbour
     pi = mixing_matrix(g, "matrix", matrix=noisy)
     assert pi[0, 2] == 0.0
@@ -388,11 +239,86 @@ def test_graph_facts() -> None:
     facts = graph_facts(g, pi)
     assert facts["nodes"] == 5 and facts["edges"] == 4
     assert facts["min_degree"] == 1 and facts["max_degree"] == 4 and facts["regular"] is False
-    lam = np.linalg.eigvalsh(pi)
+    lam = np.linalg.eigvalsh(pi.toarray())
     assert facts["spectral_gap"] == pytest.approx(1 - max(abs(lam[-2]), abs(lam[0])))
     assert facts["rho"] == pytest.approx(max(abs(lam[-2]), abs(lam[0])) ** 2)
     ring = build_topology("ring", 6)
     assert graph_facts(ring, mixing_matrix(ring))["regular"] is True
+
+
+# ---------------------------------------------------------------- sparse Pi, dense floats
+
+
+def dense_reference(g: nx.Graph, scheme: str) -> np.ndarray:
+    """Pi as this module built it, densely, before it went sparse: the floats to keep."""
+    n = g.number_of_nodes()
+    deg = np.array([g.degree(i) for i in range(n)], dtype=np.int64)
+    weight = {"uniform": lambda i, j: 1.0 / (deg[i] + 1),
+              "metropolis": lambda i, j: 1.0 / (1 + max(deg[i], deg[j])),
+              "max_degree": lambda i, j: 1.0 / (1 + int(deg.max()))}[scheme]
+    pi = np.zeros((n, n))
+    for i, j in g.edges:
+        pi[i, j] = pi[j, i] = weight(i, j)
+    np.fill_diagonal(pi, 1.0 - pi.sum(axis=1))
+    return pi
+
+
+def dense_neighbours(pi: np.ndarray, i: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    idx = np.flatnonzero((pi[i] > 0) | (np.arange(len(pi)) == i))
+    return tuple(int(j) for j in idx), tuple(float(x) for x in pi[i, idx])
+
+
+LARGER = [("torus", 900, {}), ("exponential", 700, {}), ("grid", 1000, {}), ("star", 300, {}),
+          ("random_regular", 600, {"degree": 7, "seed": 1}), ("bipartite", 130, {}),
+          ("small_world", 500, {"k": 6, "p": 0.3, "seed": 2}), ("erdos_renyi", 300, {"p": 0.1})]
+
+
+@pytest.mark.parametrize("name, n, params", [(name, n, sweep_params(name, n))
+                                             for name in TOPOLOGIES for n in (5, 9, 16, 33)]
+                         + LARGER)
+def test_sparse_pi_holds_the_dense_floats(name: str, n: int, params: dict) -> None:
+    if not graph_exists(name, params, n):
+        return
+    g = build_topology(name, n, **params)
+    regular = len({d for _, d in g.degree}) == 1
+    for scheme in ("uniform", "metropolis", "max_degree") if regular else ("metropolis",
+                                                                           "max_degree"):
+        ref, pi = dense_reference(g, scheme), mixing_matrix(g, scheme)
+        assert np.array_equal(pi.toarray(), ref), scheme
+        assert neighbourhoods(pi) == tuple(dense_neighbours(ref, i) for i in range(n))
+    # the user matrix path, snapped as before: clipped onto the graph, then symmetrized
+    user = ref + np.triu(np.full((n, n), 1e-13), 1) * nx.to_numpy_array(g)
+    snapped = np.where(nx.to_numpy_array(g) + np.eye(n) > 0, np.clip(user, 0.0, None), 0.0)
+    snapped = (snapped + snapped.T) / 2
+    pi = mixing_matrix(g, "matrix", matrix=user.tolist())
+    assert np.array_equal(pi.toarray(), snapped)
+    assert neighbourhoods(pi) == tuple(dense_neighbours(snapped, i) for i in range(n))
+
+
+@pytest.mark.parametrize("width", [1, 5, 8, 13, 127, 128, 129, 136, 300, 1000, 8193, 40000])
+def test_row_sums_replay_numpys_pairwise_order(width: int) -> None:
+    rng = np.random.default_rng(width)
+    dense = np.zeros((40, width))
+    for row in dense:
+        k = int(rng.integers(0, min(width, 60) + 1))
+        row[rng.choice(width, k, replace=False)] = rng.random(k) * 10.0 ** rng.uniform(-6, 0, k)
+    off = sparse.csr_array(dense)
+    assert np.array_equal(topology._dense_row_sums(off), dense.sum(axis=1))
+
+
+def test_above_spectral_max_the_gap_is_read_off_the_support(monkeypatch) -> None:
+    monkeypatch.setattr(topology, "SPECTRAL_MAX", 3)
+    ring, complete = build_topology("ring", 4), build_topology("complete", 4)
+    pi = mixing_matrix(ring, "uniform")  # connected, with a positive diagonal: it mixes
+    assert graph_facts(ring, pi)["spectral_gap"] == "not computed for N > 3"
+    assert graph_facts(ring, pi)["rho"] == "not computed for N > 3"
+    with pytest.raises(ValueError, match="not computed for N > 3"):
+        spectral_gap(pi)
+    with pytest.raises(ValueError, match="no spectral gap.*disconnected or periodic"):
+        check_mixing(np.eye(4), ring)  # no edge used: disconnected
+    with pytest.raises(ValueError, match="no spectral gap"):
+        check_mixing(0.5 * nx.to_numpy_array(ring), ring)  # zero diagonal, even cycle: periodic
+    check_mixing((np.ones((4, 4)) - np.eye(4)) / 3, complete)  # zero diagonal, odd cycles: mixes
 
 
 # ---------------------------------------------------------------- property test
@@ -421,3 +347,4 @@ def test_random_connected_graphs_mix(case) -> None:
             idx, w = neighbours(pi, i)
             assert idx.tolist() == sorted({i, *g.neighbors(i)})
             assert w.sum() == pytest.approx(1.0)
+            assert neighbourhoods(pi)[i] == (tuple(idx.tolist()), tuple(w.tolist()))

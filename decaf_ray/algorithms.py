@@ -28,6 +28,7 @@ from typing import Callable, Literal
 
 import numpy as np
 import torch
+from scipy import sparse
 from torch import Tensor
 
 from decaf_ray import consensus
@@ -83,13 +84,16 @@ class Algorithm:
             return factors
         return {n: (None, b) for n, (_, b) in factors.items()}  # type: ignore[misc]
 
-    def mixing(self, graph_pi: np.ndarray) -> np.ndarray:
-        """The Pi this algorithm uses given the graph's (N, N) Pi."""
+    def mixing(self, graph_pi: sparse.csr_array) -> sparse.csr_array:
+        """The Pi this algorithm uses given the graph's (N, N) CSR Pi, as CSR storing its
+        positive entries and diagonal: the identity stores N entries; the server's 1/N
+        everywhere stores all N^2, since each agent averages all N (``plan.plan_bytes``)."""
         n = graph_pi.shape[0]
         if self.pi == "server":
-            return np.full((n, n), 1.0 / n)
+            return sparse.csr_array((np.full(n * n, 1.0 / n), np.tile(np.arange(n), n),
+                                     np.arange(0, n * n + 1, n)), shape=(n, n))
         if self.pi == "identity":
-            return np.eye(n)
+            return sparse.eye_array(n, format="csr")
         return graph_pi
 
     def floats_per_message(self, shapes: dict[str, tuple[int, int]], rank: int) -> int:

@@ -9,13 +9,13 @@ The runtimes (``decaf_ray.runtime``) run a ``Plan``; ``decaf_ray.experiment.run`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 import numpy as np
 import psutil
+from scipy import sparse
 
 from decaf_ray import partition, topology
 from decaf_ray.algorithms import ALGORITHMS, Algorithm
@@ -39,8 +39,9 @@ class Plan:
     config: ExperimentConfig
     algorithm: Algorithm
     graph: nx.Graph
-    pi: np.ndarray
-    """(N, N) mixing matrix the algorithm uses (FedAvg: 1/N everywhere, Local: identity)."""
+    pi: sparse.csr_array
+    """(N, N) CSR mixing matrix the algorithm uses (FedAvg: 1/N everywhere, Local: identity);
+    it stores the positive weights and the diagonal (``decaf_ray.topology``)."""
     shards: list[np.ndarray]
     """Training indices of each agent."""
     task: Task = field(repr=False, compare=False)
@@ -82,9 +83,11 @@ def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
             cfg.runtime.train_workers > cfg.data.batch_size:
         raise ConfigError("runtime.train_workers", f"must be <= data.batch_size "
                           f"({cfg.data.batch_size}): each Ray Train worker takes part of a batch")
-    _check_plan_memory(n)
     try:
+        _check_plan_memory(cfg, algorithm, n)  # from the params alone, before building
         graph = topology.build_topology(cfg.topology.name, n, **cfg.topology.params)
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as e:
         raise ConfigError("topology", str(e)) from None
     try:
@@ -107,23 +110,56 @@ def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
                           "micro_batch: null")
     pi = algorithm.mixing(graph_pi)
     return Plan(cfg, algorithm, graph, pi, make_shards(cfg, task, n), task,
-                tuple(_neighbourhood(pi, i) for i in range(n)))
+                topology.neighbourhoods(pi))
 
 
-PI_BYTES_PER_ENTRY = 8 * 2
-"""Pi is a dense (N, N) float64 matrix, made twice over (the graph's, then the algorithm's)."""
+# What a plan holds, in bytes, measured with tracemalloc (CPython 3.11, networkx 3, scipy 1.17)
+# and rounded up: per agent a networkx node (~265), its neighbourhood's tuples and its shard
+# (~120 each); per edge ~160-225 of networkx dicts; per stored Pi entry 16 (float, index), ~210
+# at the peak while the graph's Pi is built and checked; per neighbourhood entry ~110 at the peak
+# (two tuple slots, a float, an int, and the lists they are sliced from).
+AGENT_BYTES, EDGE_BYTES, PI_ENTRY_BYTES, PI_PEAK_BYTES, NEIGHBOUR_BYTES = 600, 250, 16, 220, 120
 
 
-def _check_plan_memory(n: int) -> None:
-    """Refuse, before allocating, a plan whose mixing matrices would not fit in half of this
-    machine's available memory (10^5 agents need 160 GB)."""
-    need = PI_BYTES_PER_ENTRY * n * n
-    have = psutil.virtual_memory().available
-    if need > have / 2:
-        raise ConfigError("agents", f"{n} agents need {need / 1e9:.1f} GB for the dense N x N "
-                          f"mixing matrices; this machine has {have / 1e9:.1f} GB available "
-                          f"(at most about {math.isqrt(int(have / 2 / PI_BYTES_PER_ENTRY))} "
-                          "agents)")
+def plan_bytes(cfg: ExperimentConfig, algorithm: Algorithm, n: int) -> int:
+    """Peak bytes of the graph, the mixing matrices and the neighbourhoods of ``n`` agents, from
+    the config alone (nothing is built): ~0.15 GB for 10^5 agents on a ring, ~2.6 TB on a
+    complete graph. FedAvg's Pi is dense by nature (each agent averages all N): N^2 entries."""
+    edges = topology.edge_count(cfg.topology.name, n, **cfg.topology.params)
+    return _peak_bytes(n, edges, algorithm, cfg.mixing.scheme)
+
+
+def _peak_bytes(n: int, edges: int, algorithm: Algorithm, scheme: str) -> int:
+    graph_nnz = n + 2 * edges
+    used = {"graph": graph_nnz, "identity": n, "server": n * n}[algorithm.pi]
+    held = AGENT_BYTES * n + EDGE_BYTES * edges
+    if scheme == "matrix":
+        held += 3 * 8 * n * n  # the user's dense (n, n) matrix, clipped, then symmetrized
+    building_pi = held + PI_PEAK_BYTES * graph_nnz
+    reading_pi = held + PI_ENTRY_BYTES * (graph_nnz + (used if algorithm.pi != "graph" else 0)) \
+        + NEIGHBOUR_BYTES * used
+    return max(building_pi, reading_pi)
+
+
+def _check_plan_memory(cfg: ExperimentConfig, algorithm: Algorithm, n: int) -> None:
+    """Refuse, before building anything, a plan that would not fit in half of this machine's
+    available memory (``plan_bytes``); ValueError for bad topology params, as building would."""
+    need, have = plan_bytes(cfg, algorithm, n), psutil.virtual_memory().available
+    if need <= have / 2:
+        return
+    edges = topology.edge_count(cfg.topology.name, n, **cfg.topology.params)
+    lo, hi = 1, n  # bisect the most agents that fit, topology and algorithm kept
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        try:
+            m_edges = topology.edge_count(cfg.topology.name, mid, **cfg.topology.params)
+        except ValueError:  # rows, degree or k that suit n only: those graphs grow linearly
+            m_edges = edges * mid // n
+        lo, hi = (mid, hi) if _peak_bytes(mid, m_edges, algorithm, cfg.mixing.scheme) <= have / 2 \
+            else (lo, mid - 1)
+    raise ConfigError("agents", f"{n} agents on {cfg.topology.name} with {algorithm.name} need "
+                      f"about {need / 1e9:.1f} GB (graph, mixing matrices, neighbourhoods); this "
+                      f"machine has {have / 1e9:.1f} GB available (at most about {lo} agents)")
 
 
 def _check_rank(rank: int, shapes: dict[str, tuple[int, int]]) -> None:
@@ -133,11 +169,6 @@ def _check_rank(rank: int, shapes: dict[str, tuple[int, int]]) -> None:
     if rank > min(d, k):
         raise ConfigError("lora.rank", f"{rank} exceeds min(d, k) = {min(d, k)} of the adapted "
                           f"weight {name} ({d} x {k}); use at most {min(d, k)}")
-
-
-def _neighbourhood(pi: np.ndarray, i: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    ids, w = topology.neighbours(pi, i)
-    return tuple(int(j) for j in ids), tuple(float(x) for x in w)
 
 
 def make_shards(cfg: ExperimentConfig, task: Task, n: int) -> list[np.ndarray]:

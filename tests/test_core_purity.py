@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "decaf_ray"
-CORE = ["topology", "consensus", "algorithms", "partition", "factors", "optim", "metrics"]
+CORE = ["topology", "topology_graphs", "consensus", "algorithms", "partition", "factors", "optim", "metrics"]
 # reading a user-named matrix or edge-list file is topology's one allowed input
-ALLOWED_IO = {"topology": {"read_text", "load", "loadtxt", "open"}}
+ALLOWED_IO = {"topology": {"load", "loadtxt", "open"}, "topology_graphs": {"read_text"}}
 IO_CALLS = {"open", "read_text", "write_text", "read_bytes", "write_bytes", "save", "load",
             "loadtxt", "savetxt", "mkdir"}
 

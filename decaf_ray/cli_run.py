@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from decaf_ray.config import ConfigError, first_difference
-from decaf_ray.experiment_config import ExperimentConfig, load_config
+from decaf_ray.experiment_config import ExperimentConfig, load_config, self_contained
 
 
 def cmd_run(args) -> int:
@@ -84,7 +84,7 @@ def _config_and_out(args) -> tuple[ExperimentConfig, Path]:
         raise ConfigError("--resume", f"{out} has already ended ({status}); nothing to resume")
     cfg = saved
     if args.config is not None or args.overrides:
-        cfg = load_config(args.config or saved.to_dict(), args.overrides)
+        cfg = self_contained(load_config(args.config or saved.to_dict(), args.overrides))
         if cfg != saved and not args.force:
             raise ConfigError("--resume", f"the config differs from the one {out} was run with "
                               f"({first_difference(saved.to_dict(), cfg.to_dict())}); resume "

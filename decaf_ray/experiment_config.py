@@ -8,6 +8,7 @@ It sits above the tasks: a ``task:`` section is the dataclass its kind registers
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -98,3 +99,22 @@ def load_config(source: str | Path | Mapping[str, Any],
                 overrides: list[str] | None = None) -> ExperimentConfig:
     """An experiment config from a YAML file or a mapping; see ``load_as``."""
     return load_as(ExperimentConfig, source, overrides)
+
+
+def self_contained(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the files it names by path read into it: a user mixing matrix
+    (``mixing.matrix``) and an edge list (``topology: {name: edges, path: ...}``), so that the
+    ``config.json`` a run writes re-runs anywhere, not only from the folder the path was
+    relative to. Same graph, same Pi: float64 values round-trip exactly through JSON."""
+    from decaf_ray import topology, topology_graphs
+
+    if isinstance(cfg.mixing.matrix, (str, os.PathLike)):
+        matrix = topology.read_matrix(cfg.mixing.matrix).tolist()
+        cfg = dataclasses.replace(cfg, mixing=dataclasses.replace(cfg.mixing, matrix=matrix))
+    params = cfg.topology.params
+    if cfg.topology.name == "edges" and params.get("path") is not None:
+        edges = topology_graphs.read_edges(params["path"])
+        rest = {k: v for k, v in params.items() if k != "path"}
+        cfg = dataclasses.replace(cfg, topology=dataclasses.replace(
+            cfg.topology, params={**rest, "edges": [list(e) for e in edges]}))
+    return cfg

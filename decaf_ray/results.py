@@ -2,7 +2,8 @@
 
 A run directory holds:
 
-- ``config.json``: the resolved config (reads back with ``load_config``);
+- ``config.json``: the resolved config, self-contained (a matrix or edge-list file read into
+  it; reads back with ``load_config``);
 - ``metrics.csv``: long-form rows ``round, step, agent, metric, value`` (agent -1: network-level),
   appended as the run goes, so a long run can be watched;
 - ``summary.json``: status (completed / diverged / interrupted / failed), final network
@@ -27,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from decaf_ray.config import ConfigError
-from decaf_ray.experiment_config import ExperimentConfig, load_config
+from decaf_ray.experiment_config import ExperimentConfig, load_config, self_contained
 from decaf_ray.plan import Row, RunResult
 from decaf_ray.factors import Factors
 from decaf_ray.runtime import checkpoint
@@ -57,7 +58,9 @@ class RunWriter:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError("--out", f"{self.out}: cannot make it ({e.strerror})") from None
-        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        # self-contained: a matrix or edge-list file is read into it
+        (self.out / "config.json").write_text(
+            json.dumps(self_contained(cfg).to_dict(), indent=2) + "\n")
         self._file = open(self.out / "metrics.csv", "w", newline="")
         self._csv = csv.DictWriter(self._file, fieldnames=COLUMNS)
         self._csv.writeheader()

@@ -173,17 +173,21 @@ def _max_degree(graph: nx.Graph, matrix: Any = None) -> sparse.csr_array:
     return _edge_weights(graph, lambda i, j: 1.0 / (1 + dmax))
 
 
+def read_matrix(path: str | os.PathLike) -> np.ndarray:
+    """A user's mixing matrix file (.npy, .csv, .txt), as float64 (N, N), unchecked."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if suffix in (".csv", ".txt"):
+        return np.loadtxt(path, delimiter="," if suffix == ".csv" else None, ndmin=2)
+    _fail(f"cannot read mixing matrix {str(path)!r}; valid suffixes: .npy, .csv, .txt")
+
+
 def _user_matrix(graph: nx.Graph, matrix: Any = None) -> sparse.csr_array:
     if matrix is None:
         _fail("scheme 'matrix' needs matrix= (nested list, numpy array, or .npy/.csv/.txt path)")
     if isinstance(matrix, (str, os.PathLike)):
-        suffix = Path(matrix).suffix.lower()
-        if suffix == ".npy":
-            matrix = np.load(matrix, allow_pickle=False)
-        elif suffix in (".csv", ".txt"):
-            matrix = np.loadtxt(matrix, delimiter="," if suffix == ".csv" else None, ndmin=2)
-        else:
-            _fail(f"cannot read mixing matrix {str(matrix)!r}; valid suffixes: .npy, .csv, .txt")
+        matrix = read_matrix(matrix)
     pi = np.array(matrix, dtype=np.float64)  # dense by nature: the user wrote all n^2 entries
     check_mixing(pi, graph)
     # Snap rounding noise (within atol) to exact zeros and symmetry, so neighbours(), which keys on

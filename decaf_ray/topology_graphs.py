@@ -146,7 +146,7 @@ def _small_world(n: int, k: int | None = None, p: float = 0.1, seed: int = 0) ->
         raise ValueError(msg) from None
 
 
-def _read_edges(path: str | os.PathLike) -> list:
+def read_edges(path: str | os.PathLike) -> list:
     text = Path(path).read_text()
     if text.lstrip().startswith("["):
         return json.loads(text)
@@ -168,7 +168,7 @@ def _read_edges(path: str | os.PathLike) -> list:
 def _edge_pairs(edges: list | None, path: str | os.PathLike | None) -> list:
     if (edges is None) == (path is None):
         _fail("topology 'edges' needs exactly one of edges=[[i, j], ...] or path=FILE")
-    return _read_edges(path) if path is not None else edges
+    return read_edges(path) if path is not None else edges
 
 
 def _edges(n: int, edges: list | None = None, path: str | os.PathLike | None = None) -> nx.Graph:

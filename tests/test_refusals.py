@@ -64,8 +64,11 @@ def test_sizes_are_refused_before_allocating(config, tmp_path):
     res = cli("run", config, "--out", out, "--set", "lora.rank=10000")
     refused(res, "lora.rank")
     assert "min(d, k) = 4" in res.stderr  # the synthetic task's (d, k) = (4, 8)
-    res = cli("run", config, "--out", out, "--set", "agents=1000000")  # 10^12 dense entries
-    refused(res, "agents")
+    # a million agents on the ring: the sparse plan would fit, the 200 examples do not
+    refused(cli("run", config, "--out", out, "--set", "agents=1000000"), "data")
+    # on the complete graph the plan itself (10^12 weights) is refused, naming agents
+    refused(cli("run", config, "--out", out, "--set", "agents=1000000",
+                "--set", "topology=complete"), "agents")
     assert not out.exists()
 
 
@@ -89,3 +92,26 @@ def test_a_run_records_the_versions_it_ran_with(config, tmp_path):
     assert cli("run", config, "--out", tmp_path / "r", "--quiet").returncode == 0
     versions = json.loads((tmp_path / "r" / "summary.json").read_text())["versions"]
     assert {"python", "decaf-ray", "torch", "ray", "peft", "transformers"} <= set(versions)
+
+
+def test_config_json_is_self_contained_and_reruns_from_anywhere(tmp_path, monkeypatch):
+    """A matrix file and an edge-list file named by relative paths are read into config.json,
+    which then re-runs from another folder to the same numbers."""
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "m.csv").write_text("0.5,0.25,0,0.25\n0.25,0.5,0.25,0\n0,0.25,0.5,0.25\n"
+                                "0.25,0,0.25,0.5\n")
+    (here / "e.txt").write_text("0 1\n1 2\n2 3\n3 0\n")
+    (here / "c.yaml").write_text(yaml.safe_dump({**TINY, "topology": {"name": "edges",
+                                                                     "path": "e.txt"},
+                                                 "mixing": {"scheme": "matrix",
+                                                            "matrix": "m.csv"}}))
+    monkeypatch.chdir(here)
+    assert cli("run", "c.yaml", "--out", tmp_path / "a", "--quiet").returncode == 0
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["mixing"]["matrix"][0] == [0.5, 0.25, 0.0, 0.25]
+    assert saved["topology"] == {"name": "edges", "edges": [[0, 1], [1, 2], [2, 3], [3, 0]]}
+    monkeypatch.chdir(tmp_path)
+    res = cli("run", tmp_path / "a" / "config.json", "--out", tmp_path / "b", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "a" / "metrics.csv").read_bytes() == (tmp_path / "b" / "metrics.csv").read_bytes()

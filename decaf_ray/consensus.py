@@ -32,7 +32,10 @@ SPLITS = ("balanced", "left", "aligned", "conserved")
 """How DeCAF splits T(M) = U_r S_r V_r^T into (A, B): ``balanced`` (the paper) gives
 B = U_r S_r^{1/2}, A = S_r^{1/2} V_r^T; ``left`` gives B = U_r S_r, A = V_r^T; ``aligned`` is
 balanced here, then rotated per agent onto its previous factors with ``align`` (same product);
-``conserved`` is aligned, then rescaled per agent with ``conserve_imbalance`` (same product)."""
+``conserved`` is aligned, then rescaled per agent with ``conserve_imbalance`` (same product).
+``balanced`` and ``left`` fix each singular pair's sign (largest-magnitude entry of u_i
+positive; decaf-ray's convention, the paper does not say), so their factors do not depend on
+the SVD routine's sign choice."""
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -112,13 +115,31 @@ def _lowrank_fro(U: Tensor, V: Tensor, c: Tensor) -> Tensor:
     return torch.linalg.matrix_norm((Ru * c) @ Rv.mT)
 
 
+def _fix_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+    """Flip each singular pair (u_i, v_i) so the largest-magnitude entry of u_i is positive.
+
+    An SVD fixes each pair only up to a joint sign, and LAPACK builds choose differently; B A is
+    the same either way, but the next gradient step (taken in the new basis) is not. This is
+    decaf-ray's convention, not the paper's (which does not say). Ties go to the first entry
+    (argmax's rule); an all-zero u_i is left as it is. U (*b, d, s), Vh (*b, s, k).
+    """
+    pivot = U.gather(-2, U.abs().argmax(dim=-2, keepdim=True))  # (*b, 1, s)
+    sign = torch.where(pivot < 0, -1.0, 1.0).to(U.dtype)
+    return U * sign, Vh * sign.mT
+
+
 def _split(U: Tensor, S: Tensor, Vh: Tensor, rank: int, split: str) -> tuple[Tensor, Tensor]:
     """T(M) = U_r S_r V_r^T -> (A (*b, rank, k), B (*b, d, rank)) as ``split`` says.
 
+    For ``balanced`` and ``left`` the singular pairs first get ``_fix_signs``'s convention, so
+    the factors do not depend on the SVD routine's sign choice. ``aligned`` and ``conserved``
+    skip it: their per-agent fit to the previous factors already removes the sign ambiguity.
     When M has fewer than ``rank`` singular values the missing directions carry S = 0: they are
     padded with zero columns of B and zero rows of A, so the shapes never depend on the data.
     """
     U, S, Vh = U[..., :rank], S[..., :rank], Vh[..., :rank, :]
+    if split in ("balanced", "left"):
+        U, Vh = _fix_signs(U, Vh)
     pad = rank - S.shape[-1]
     if pad > 0:
         U, S, Vh = F.pad(U, (0, pad)), F.pad(S, (0, pad)), F.pad(Vh, (0, 0, 0, pad))

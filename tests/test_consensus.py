@@ -347,3 +347,37 @@ def test_conserve_imbalance_extreme_scales_in_float32(scale, delta):
     assert torch.isfinite(A2).all() and torch.isfinite(B2).all()
     assert float(B2[0, 0] * A2[0, 0]) == pytest.approx(scale * scale, rel=1e-5)
     assert float(B2.square().sum() - A2.square().sum()) == pytest.approx(delta, rel=1e-4, abs=1e-30)
+
+
+def _flipped_svd(svd, seed):
+    """torch.linalg.svd with each singular pair's sign flipped at random: an equally valid SVD."""
+    g = torch.Generator().manual_seed(seed)
+
+    def flipped(X, *args, **kwargs):
+        U, S, Vh = svd(X, *args, **kwargs)
+        sign = (torch.randint(0, 2, S.shape, generator=g) * 2 - 1).to(U.dtype)
+        return U * sign[..., None, :], S, Vh * sign[..., :, None]
+    return flipped
+
+
+@pytest.mark.parametrize("split", ["balanced", "left"])
+@pytest.mark.parametrize("mix", [decaf_mix, decaf_mix_dense])
+def test_sign_flipped_svd_gives_identical_factors(monkeypatch, split, mix):
+    As, Bs, w = make(3, 7, 6, 2, batch=(4,), seed=5)
+    A, B = mix(As, Bs, w, split=split)
+    for seed in range(3):
+        monkeypatch.setattr(torch.linalg, "svd", _flipped_svd(torch.linalg.svd, seed))
+        Af, Bf = mix(As, Bs, w, split=split)
+        monkeypatch.undo()
+        assert torch.equal(A, Af) and torch.equal(B, Bf)
+    pivot = B.gather(-2, B.abs().argmax(dim=-2, keepdim=True))  # the convention itself
+    assert torch.all(pivot > 0)
+
+
+@pytest.mark.parametrize("split", ["balanced", "left"])
+def test_dense_and_factored_agree_on_the_factors(split):
+    # With the sign convention the factors themselves, not only their product, agree.
+    As, Bs, w = make(3, 9, 8, 2, batch=(2,), seed=8)
+    A, B = decaf_mix(As, Bs, w, split=split)
+    Ad, Bd = decaf_mix_dense(As, Bs, w, split=split)
+    assert torch.allclose(A, Ad, atol=1e-10) and torch.allclose(B, Bd, atol=1e-10)

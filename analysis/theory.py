@@ -2,7 +2,7 @@
 
 - ``theory_curves``: consensus interference (Theorem 2: ||sum pi B_j A_j - (sum pi B_j)(sum pi A_j)||_F)
   and the TSVD error with its Proposition 1 bound, over rounds, per algorithm and rank.
-- ``rate_check``: Corollary 1. With step size alpha ~ 1/sqrt(T), (1/T) sum_t ||grad f(v-bar_t)||^2
+- ``rate_check``: Corollary 1. With step size alpha ~ 1/sqrt(T), (1/T) sum_{t=1..T} ||grad f(v-bar_t)||^2
   decays like T^(-1/2): over a sweep of T, the log-log slope of the average squared gradient norm
   against T should be about -1/2 for both DeCAF and DLoRA.
 """
@@ -113,11 +113,32 @@ def rate_family(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
     return family, {c: hashable(family[c].iloc[0]) for c in varying}
 
 
+def _check_cadence(chosen: pd.DataFrame, net: pd.DataFrame) -> None:
+    """Raise ValueError unless every run evaluated every round t = 1..T (``eval_every: 1``):
+    the corollary's average is over all T rounds, and a sparser or mixed cadence would average
+    different sets of rounds at different T."""
+    if "eval_every" in chosen:
+        every = sorted({int(v) for v in chosen["eval_every"].dropna()})
+        if every != [1] and every:
+            raise ValueError(f"rate_check needs eval_every: 1 in every run (Corollary 1 averages "
+                             f"t = 1..T), got eval_every {', '.join(map(str, every))}")
+    seen = net.groupby("run")["round"].nunique()
+    rounds = chosen.set_index("run")["rounds"].astype(int)
+    short = [r for r in rounds.index if seen.get(r, 0) < rounds[r]]
+    if short:
+        r = short[0]
+        raise ValueError(f"rate_check needs the metric at every round t = 1..T (eval_every: 1): "
+                         f"{r} has {seen.get(r, 0)} of {rounds[r]} rounds"
+                         + (f" ({len(short) - 1} more runs alike)" if len(short) > 1 else ""))
+
+
 def rate_points(results, *, metric: str = "grad_norm_sq",
                 algorithms: Sequence[str] | None = ("decaf", "dlora"),
                 where: Mapping[str, Any] | None = None) -> pd.DataFrame:
-    """Per algorithm and T (``rounds``): each run's mean over its evaluated rounds of the
-    network ``metric``, then the mean (and min, max) over seeds. When the runs hold several T
+    """Per algorithm and T (``rounds``): each run's mean over rounds t = 1..T of the network
+    ``metric`` (Corollary 1's average; round 0, the initial model, is left out), then the mean
+    (and min, max) over seeds. Runs must evaluate every round (``eval_every: 1``); others are
+    refused with a ValueError. When the runs hold several T
     sweeps (or other experiments), the sweep with the most (algorithm, T) points is used (see
     ``rate_family``; ``where`` selects one explicitly) and ``points.attrs["held"]`` says what it
     fixes. Columns ``algorithm, T, mean, min, max, n_runs, lr_sqrt_T``."""
@@ -133,6 +154,8 @@ def rate_points(results, *, metric: str = "grad_norm_sq",
     net = rows[rows["agent"] < 0]
     if net.empty:  # a metric with per-agent rows only: their mean per round
         net = rows.groupby(["run", "round"], as_index=False)["value"].mean()
+    net = net[net["round"] >= 1]  # Corollary 1 averages t = 1..T; round 0 is the initial model
+    _check_cadence(chosen, net)
     per_run = net.groupby("run")["value"].mean().rename("avg")
     chosen = chosen.join(per_run, on="run").dropna(subset=["avg"])
     lr = chosen["optim.lr"] if "optim.lr" in chosen else pd.Series(np.nan, index=chosen.index)
@@ -160,7 +183,7 @@ def rate_check(results, *, metric: str = "grad_norm_sq",
                algorithms: Sequence[str] | None = ("decaf", "dlora"),
                reference: float | None = -0.5, where: Mapping[str, Any] | None = None
                ) -> tuple[Figure, dict[str, float]]:
-    """Corollary 1's check: (1/|evaluated rounds|) sum ||grad f(v-bar_t)||^2 against T on
+    """Corollary 1's check: (1/T) sum_{t=1..T} ||grad f(v-bar_t)||^2 against T on
     log-log axes, one line per algorithm with its fitted slope in the legend (error bars: range
     over seeds), and a dashed T^``reference`` guide. Returns ``(figure, {algorithm: slope})``.
 
@@ -200,7 +223,7 @@ def rate_check(results, *, metric: str = "grad_norm_sq",
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("T (rounds)")
-    ax.set_ylabel(r"mean over rounds of $\|\nabla f(\bar v_t)\|^2$")
+    ax.set_ylabel(r"mean over $t = 1..T$ of $\|\nabla f(\bar v_t)\|^2$")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     if held:

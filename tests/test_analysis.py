@@ -246,20 +246,38 @@ def test_rate_check_on_the_sweep(df, tmp_path, capsys):
     assert "rate check" in capsys.readouterr().out
 
 
-def test_rate_slope_on_known_data():
-    """avg ||grad||^2 = 3 T^-1/2 for decaf and 5 T^-1 for dlora (2 seeds each): slopes exact."""
+def _rate_frame(ts=(10, 40, 160, 640)):
     rows = []
     for alg, (c, p) in {"decaf": (3.0, -0.5), "dlora": (5.0, -1.0)}.items():
-        for t, seed in itertools.product((10, 40, 160, 640), (0, 1)):
+        for t, seed in itertools.product(ts, (0, 1)):
             run = f"/x/{alg}-{t}-{seed}"
             noise = 1.1 if seed else 1 / 1.1  # the seed mean stays c T^p (geometric pairs)
-            values = [c * t ** p * noise * f for f in (0.5, 1.5)]  # mean over rounds = value
+            # Rounds 1..T alternate 0.5 and 1.5 times c T^p (T even: mean c T^p); round 0 is off.
+            values = [1e3] + [c * t ** p * noise * (0.5 if r % 2 else 1.5) for r in range(1, t + 1)]
             for r, v in enumerate(values):
                 rows.append({"run": run, "status": "completed", "algorithm": alg, "rounds": t,
-                             "optim.lr": 0.2 / np.sqrt(t), "seed": seed, "task.kind": "synthetic",
-                             "round": r, "step": r, "agent": -1, "metric": "grad_norm_sq",
-                             "value": v})
-    df = pd.DataFrame(rows)
+                             "eval_every": 1, "optim.lr": 0.2 / np.sqrt(t), "seed": seed,
+                             "task.kind": "synthetic", "round": r, "step": r, "agent": -1,
+                             "metric": "grad_norm_sq", "value": v})
+    return pd.DataFrame(rows)
+
+
+def test_rate_check_refuses_a_sparse_or_mixed_cadence():
+    df = _rate_frame(ts=(4, 8))
+    mixed = df.assign(eval_every=np.where(df["rounds"] == 8, 2, 1))
+    with pytest.raises(ValueError, match="needs eval_every: 1 .* got eval_every 1, 2"):
+        analysis.rate_points(mixed)
+    sparse = df[(df["round"] % 2 == 0) | (df["round"] == df["rounds"])].drop(columns="eval_every")
+    with pytest.raises(ValueError, match=r"every round t = 1..T .*has 2 of 4 rounds"):
+        analysis.rate_points(sparse)
+    points = analysis.rate_points(df)  # round 0 (1e3) is not in the average
+    assert points["max"].max() < 10
+
+
+def test_rate_slope_on_known_data():
+    """avg over t = 1..T of ||grad||^2 = 3 T^-1/2 for decaf and 5 T^-1 for dlora (2 seeds
+    each): slopes exact. Round 0 holds a huge value that would bend both lines if averaged."""
+    df = _rate_frame()
     fig, slopes = analysis.rate_check(df)
     assert slopes["decaf"] == pytest.approx(-0.5, abs=0.01)
     assert slopes["dlora"] == pytest.approx(-1.0, abs=0.01)

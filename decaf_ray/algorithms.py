@@ -23,6 +23,7 @@ small, so one batched call saves their fixed cost n times over). Adding an algor
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -108,6 +109,20 @@ class Algorithm:
         ``degree`` graph neighbours, or one upload to the server for FedAvg."""
         recipients = 1 if self.pi == "server" else degree
         return self.floats_per_message(shapes, rank) * recipients
+
+    def floats_broadcast_per_round(self, shapes: dict[str, tuple[int, int]], rank: int) -> int:
+        """Floats the server sends per communication round: FedAvg's one broadcast of the
+        averaged adapter (one message, as the paper's Table 1 counts it); 0 without a server."""
+        return self.floats_per_message(shapes, rank) if self.pi == "server" else 0
+
+    def network_floats_per_round(self, shapes: dict[str, tuple[int, int]], rank: int,
+                                 degrees: Sequence[int]) -> int:
+        """Floats the whole network sends per communication round, counted as the paper's
+        Table 1 does: every agent's messages (``degrees[i]`` neighbours, or one upload) plus
+        the server's broadcast, so FedAvg with N agents all taking part (p = 1) sends
+        pN + 1 = N + 1 messages. ``floats_sent_per_round_per_agent`` is this over N."""
+        return (sum(self.floats_sent_per_round(shapes, rank, d) for d in degrees)
+                + self.floats_broadcast_per_round(shapes, rank))
 
 
 ALGORITHMS: dict[str, Algorithm] = {}

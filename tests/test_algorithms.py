@@ -121,6 +121,16 @@ def test_floats_sent():
     assert ALGORITHMS["local"].floats_sent_per_round(shapes, 1, degree=2) == 0
 
 
+def test_network_floats_count_the_servers_broadcast():
+    # The paper's Table 1: FedAvg sends pN + 1 messages a round (N uploads, one broadcast).
+    shapes, msg = {"q": (768, 768), "v": (768, 512)}, 1536 + 1280
+    assert ALGORITHMS["fedavg"].floats_broadcast_per_round(shapes, 1) == msg
+    assert ALGORITHMS["fedavg"].network_floats_per_round(shapes, 1, [9] * 10) == 11 * msg
+    assert ALGORITHMS["dlora"].floats_broadcast_per_round(shapes, 1) == 0
+    assert ALGORITHMS["dlora"].network_floats_per_round(shapes, 1, [2, 2, 2]) == 6 * msg
+    assert ALGORITHMS["local"].network_floats_per_round(shapes, 1, [2, 2]) == 0
+
+
 def test_registry_refuses_duplicates_and_bad_names():
     with pytest.raises(ValueError, match="already registered"):
         register(Algorithm("decaf", True, None, "identity"))

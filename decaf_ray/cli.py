@@ -139,6 +139,8 @@ def cmd_describe(args) -> int:
     print(f"\nadapted_modules: {len(shapes)}")
     print(f"floats_per_message: {plan.algorithm.floats_per_message(shapes, rank)}")
     print(f"floats_sent_per_round_per_agent: min {min(sent)}, mean {np.mean(sent):.6g}, max {max(sent)}")
+    print(f"floats_sent_per_round (network, a server's broadcast included): "
+          f"{plan.algorithm.network_floats_per_round(shapes, rank, degrees)}")
     print(f"trainable_params: {param_count(shapes, rank, plan.algorithm.train_A)}")
     for line in warnings_for(cfg):
         print(f"warning: {line}")

@@ -251,10 +251,11 @@ def _row(rnd: int, t: int, agent: int, metric: str, value: float) -> Row:
 
 
 def _floats_per_round(plan: Plan) -> float:
-    """Mean over agents of the floats each sends per communication round."""
+    """Mean over agents of the network's floats per communication round, the server's
+    broadcast included (the paper's Table 1: FedAvg sends pN + 1 messages, not N)."""
     shapes, rank = plan.task.lora_shapes(), plan.config.lora.rank
-    return sum(plan.algorithm.floats_sent_per_round(shapes, rank, plan.degree(i))
-               for i in range(plan.agents)) / plan.agents
+    degrees = [plan.degree(i) for i in range(plan.agents)]
+    return plan.algorithm.network_floats_per_round(shapes, rank, degrees) / plan.agents
 
 
 def _postfix(rows: list[Row]) -> dict[str, str]:

@@ -11,7 +11,6 @@ does a killed process: either resumes from the last periodic checkpoint
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import threading
@@ -69,9 +68,11 @@ def _config_and_out(args) -> tuple[ExperimentConfig, Path]:
         cfg = load_config(args.config, args.overrides)
         if args.out is not None and not args.out.strip():
             raise ConfigError("--out", "is empty; give a directory (or leave --out out)")
+        from decaf_ray.results import check_out_dir
+
         name = cfg.name or cfg.algorithm
         out = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        _check_writable(out)
+        check_out_dir(out)
         return cfg, out
     out = Path(args.resume)
     if args.out is not None and Path(args.out) != out:
@@ -90,20 +91,6 @@ def _config_and_out(args) -> tuple[ExperimentConfig, Path]:
                               f"({first_difference(saved.to_dict(), cfg.to_dict())}); resume "
                               "without CONFIG/--set, or add --force to continue with it")
     return cfg, out
-
-
-def _check_writable(out: Path) -> None:
-    """Refuse, before anything is built, a directory that could not be made or written: its
-    nearest existing ancestor must be a writable folder."""
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise ConfigError("--out", f"{out} exists and is not an empty directory")
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError("--out", f"{out}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError("--out", f"{out}: cannot write in {parent}")
 
 
 def _status(out: Path) -> str | None:

@@ -35,7 +35,8 @@ from torch import nn
 from decaf_ray.config import ConfigError
 from decaf_ray.experiment_config import ExperimentConfig
 from decaf_ray.factors import Factors, mean
-from decaf_ray.results import load_adapters, load_run_config, readable_like_the_rest
+from decaf_ray.results import (check_out_dir, load_adapters, load_run_config,
+                               readable_like_the_rest)
 from decaf_ray.tasks import peft_lora as pl
 
 ADAPTERS = "adapters.safetensors"
@@ -61,7 +62,8 @@ def export(run: str | Path, agent: str | int, out: str | Path) -> Path:
     """
     cfg = _run_config(Path(run))
     factors = _agent_factors(Path(run), agent)
-    out = _empty_out(Path(out))
+    out = Path(out)
+    check_out_dir(out)
     model = _meta_peft_model(cfg, list(factors))
     layers = pl.lora_layers(model)
     have = {n: (b.shape[0], a.shape[1], a.shape[0]) for n, (a, b) in factors.items()}
@@ -121,12 +123,6 @@ def _status(run: Path) -> str | None:
         return json.loads((run / "summary.json").read_text()).get("status")
     except (OSError, ValueError, AttributeError):
         return None
-
-
-def _empty_out(out: Path) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError("--out", f"{out} exists and is not an empty directory")
-    return out
 
 
 def _meta_peft_model(cfg: ExperimentConfig, names: list[str]) -> nn.Module:

@@ -39,6 +39,21 @@ COLUMNS = ("round", "step", "agent", "metric", "value")
 CHECKPOINT = Path("checkpoint") / checkpoint.FILE
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse, before anything is built or written, an output folder that is not empty or could
+    not be made: its nearest existing ancestor must be a writable folder. (A run's ``--out``,
+    an export's.)"""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ConfigError("--out", f"{out} exists and is not an empty directory")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError("--out", f"{out}: cannot write it ({parent} is a file, not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError("--out", f"{out}: cannot write it (no write permission in {parent})")
+
+
 class RunWriter:
     """Streams one run into ``out``; ``open`` refuses a non-empty directory."""
 
@@ -51,9 +66,8 @@ class RunWriter:
         """Create the directory and write the config; ``rows`` (a resumed run's rows so far)
         start metrics.csv. ``overwrite`` writes into a non-empty directory (a Tune trial's, a
         resumed run's)."""
-        if not overwrite and self.out.exists() and (
-                not self.out.is_dir() or any(self.out.iterdir())):
-            raise ConfigError("--out", f"{self.out} exists and is not an empty directory")
+        if not overwrite:
+            check_out_dir(self.out)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:

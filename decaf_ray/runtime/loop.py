@@ -229,11 +229,11 @@ def _eval_rows(plan: Plan, hosts: Hosts, rnd: int, t: int,
                diags: dict[int, dict[str, float]]) -> tuple[list[Row], dict[int, Factors]]:
     """Per-agent test metrics and diagnostics, then network rows (agent -1): their means,
     consensus distance, parameter distance, ||grad f(v-bar)||^2 and floats sent so far; and the
-    factors they were measured at (copies)."""
+    factors they were measured at (no copy needed: factors are never updated in place)."""
     per_agent = hosts.evaluate()
     for i, d in diags.items():
         per_agent[i].update(d)
-    factors = {i: F.clone(f) for i, f in hosts.factors().items()}
+    factors = hosts.factors()
     adapters = [a for _, a in sorted(factors.items())]
     net = metrics.means(per_agent)
     net["consensus_distance"] = metrics.consensus_distance(adapters, plan.config.lora.scale)

@@ -33,7 +33,7 @@ from decaf_ray.tasks import text_data as td
 from decaf_ray.tasks.causal_lm_config import CausalLMConfig
 from decaf_ray.tasks.causal_lm_model import (hf_config, load_base_model, load_codec,
                                              meta_lora_shapes)
-from decaf_ray.tasks.step_rng import step_indices, step_rng
+from decaf_ray.tasks.step_rng import seeded_step, step_rng
 
 # CausalLMConfig is named here for the task registry (``TASKS`` points at this module, whose
 # ``build`` it calls).
@@ -138,20 +138,15 @@ class CausalLMTask:
 
     # ------------------------------------------------------------------ the Task protocol
 
-    def loss_and_grads(self, factors: Factors, indices: np.ndarray, train_A: bool, seed: int
-                       ) -> tuple[float, Grads]:
+    def _loss_and_grads(self, factors: Factors, idx: np.ndarray, train_A: bool
+                        ) -> tuple[float, Grads]:
         """Mean cross-entropy per answer token on training rows ``indices``, and its gradient.
 
         LoRA dropout is active and draws from ``seed`` on the model's device (``step_rng``).
         Returns gradients as float32 CPU tensors; A's is None when not ``train_A``.
-        """
-        idx = step_indices(indices)
-        self.materialize()
-        with step_rng(seed, self.device):
-            return self._loss_and_grads(factors, idx, train_A)
 
-    def _loss_and_grads(self, factors: Factors, idx: np.ndarray, train_A: bool
-                        ) -> tuple[float, Grads]:
+        ``loss_and_grads(factors, indices, train_A, seed)`` is this step under ``seeded_step``.
+        """
         pl.begin_step(self.layers, factors, train_A)
         self.model.train()
         answers = [self.answers[self.train_labels[i]] for i in idx]
@@ -164,6 +159,8 @@ class CausalLMTask:
         grads = pl.get_grads(self.layers, train_A)
         pl.zero_grads(self.layers)
         return total / tokens, grads
+
+    loss_and_grads = seeded_step(_loss_and_grads)
 
     def loss_weight(self, indices: np.ndarray) -> float:
         """Answer tokens of training rows ``indices``: ``loss_and_grads`` is a mean over them."""

@@ -18,7 +18,8 @@ CPU numbers are unchanged.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import functools
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -52,3 +53,19 @@ def step_rng(seed: int | None, device: torch.device) -> Iterator[None]:
             if cuda:
                 torch.cuda.default_generators[cuda[0]].manual_seed(seed)
         yield
+
+
+def seeded_step(inner: Callable) -> Callable:
+    """A task's public ``loss_and_grads(factors, indices, train_A, seed)`` made from its
+    ``inner(self, factors, idx, train_A)``: the indices checked (``step_indices``), the model
+    made (``self.materialize()``), and ``inner`` run under ``step_rng(seed, self.device)``.
+    What every task with a lazily made model on a device does around its step."""
+
+    @functools.wraps(inner)
+    def loss_and_grads(self, factors, indices, train_A: bool, seed: int):
+        idx = step_indices(indices)
+        self.materialize()
+        with step_rng(seed, self.device):
+            return inner(self, factors, idx, train_A)
+
+    return loss_and_grads

@@ -29,7 +29,7 @@ from decaf_ray.tasks.clip import classifier
 from decaf_ray.tasks.clip.config import CLIPConfig
 from decaf_ray.tasks.clip.model import (OPENAI_MEAN, OPENAI_STD, adapt, architecture, base_model,
                                         image_size, instantiate, tokenizer)
-from decaf_ray.tasks.step_rng import step_indices, step_rng
+from decaf_ray.tasks.step_rng import seeded_step, step_indices, step_rng
 
 
 class CLIPTask:
@@ -124,22 +124,17 @@ class CLIPTask:
 
     # ------------------------------------------------------------------ Task protocol
 
-    def loss_and_grads(self, factors: Factors, indices: np.ndarray, train_A: bool, seed: int
-                       ) -> tuple[float, Grads]:
+    def _loss_and_grads(self, factors: Factors, idx: np.ndarray, train_A: bool
+                        ) -> tuple[float, Grads]:
         """Mean cross-entropy on training images ``indices`` at ``factors``, and its gradient.
 
         Augmentation, then LoRA dropout, draw from ``seed`` (``step_rng``: the CPU generator, and
         the model's CUDA device's). Chunks of ``micro_batch`` accumulate the mean gradient (the
         same one without dropout and augmentation, whose draws depend on the chunking).
         Returns (loss, {module: (grad A (r, k) or None, grad B (d, r))}), float32 on the CPU.
-        """
-        idx = step_indices(indices)
-        self.materialize()
-        with step_rng(seed, self.device):
-            return self._loss_and_grads(factors, idx, train_A)
 
-    def _loss_and_grads(self, factors: Factors, idx: np.ndarray, train_A: bool
-                        ) -> tuple[float, Grads]:
+        ``loss_and_grads(factors, indices, train_A, seed)`` is this step under ``seeded_step``.
+        """
         peft_lora.begin_step(self.layers, factors, train_A)
         self._set_training(True)
         chunk = self.cfg.micro_batch or idx.size
@@ -154,6 +149,8 @@ class CLIPTask:
         grads = peft_lora.get_grads(self.layers, train_A)
         peft_lora.zero_grads(self.layers)
         return total, grads
+
+    loss_and_grads = seeded_step(_loss_and_grads)
 
     def loss_and_grads_many(self, factors: list[Factors], indices: list[np.ndarray],
                             train_A: bool, seeds: list[int]) -> list[tuple[float, Grads]]:

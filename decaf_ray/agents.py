@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -213,11 +213,16 @@ class AgentGroup:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self) -> dict[int, dict[str, float]]:
-        """Test metrics and mean training loss since the last evaluation, per agent."""
+    def evaluate(self, final: bool = False) -> dict[int, dict[str, Any]]:
+        """Test metrics and mean training loss since the last evaluation, per agent. ``final``
+        (the run's last evaluation): the task's ``evaluate_final(factors, agent)`` where it has
+        one (generative benchmarks; may add ``generations``, a list of records), else its
+        ``evaluate``."""
         out = {}
+        at_end = getattr(self.task, "evaluate_final", None) if final else None
         for agent in self.agents.values():
-            metrics = dict(self.task.evaluate(agent.factors))
+            metrics = dict(at_end(agent.factors, agent.id) if at_end else
+                           self.task.evaluate(agent.factors))
             if agent.losses:
                 metrics["train_loss"] = float(np.mean(agent.losses))
             agent.losses = []

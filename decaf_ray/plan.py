@@ -73,6 +73,10 @@ class RunResult:
     rows: list[Row]
     summary: dict[str, Any]
     factors: dict[int, Factors]
+    generations: list[dict[str, Any]] = field(default_factory=list)
+    """What the task generated at the final evaluation (``evaluate_final``; the instruct task's
+    benchmark answers), one record per prompt with its ``agent``; ``results`` writes them to
+    ``generations.jsonl``."""
 
 
 def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:

@@ -10,6 +10,8 @@ A run directory holds:
   metrics, timing, floats sent, trainable parameters;
 - ``adapters.safetensors``: every agent's final factors, keys ``agent{i}/{module}/A|B``
   (safetensors: reading it back executes no code);
+- ``generations.jsonl``: what the task generated at the final evaluation (the instruct task's
+  benchmark answers, and the judge's verdicts where one judged them), one record a line;
 - ``checkpoint/state.pt``: the latest ``RunState`` (every ``runtime.checkpoint_every`` rounds
   and where an interrupted run stopped), what ``decaf-ray run --resume DIR`` continues from.
 """
@@ -99,6 +101,9 @@ class RunWriter:
             shutil.rmtree(self.out / CHECKPOINT.parent, ignore_errors=True)
         _write_json(self.out / "summary.json", summary)
         save_adapters(self.out / "adapters.safetensors", result.factors)
+        if result.generations:
+            with open(self.out / "generations.jsonl", "w") as f:
+                f.writelines(json.dumps(g, ensure_ascii=False) + "\n" for g in result.generations)
 
     def stop(self) -> None:
         """An interrupted run (to be resumed): the rows so far stay, no summary is written."""

@@ -4,6 +4,7 @@ runtimes must match number for number."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -47,8 +48,8 @@ class InProcessHosts:
         self.mix_s = time.perf_counter() - start
         return diags
 
-    def evaluate(self) -> dict[int, dict[str, float]]:
-        return self.group.evaluate()
+    def evaluate(self, final: bool = False) -> dict[int, dict[str, Any]]:
+        return self.group.evaluate(final)
 
     def factors(self) -> dict[int, Factors]:
         return self.group.factors()

@@ -40,7 +40,9 @@ class Hosts(Protocol):
     def communicate(self, t: int, diagnose: bool) -> dict[int, dict[str, float]]:
         """Gradients at w_t, exchange w_t, mix, apply; diagnostics per agent if asked."""
 
-    def evaluate(self) -> dict[int, dict[str, float]]: ...
+    def evaluate(self, final: bool = False) -> dict[int, dict[str, Any]]:
+        """Test metrics per agent; ``final`` (the run's last round) also the task's
+        ``evaluate_final`` metrics, whose ``generations`` (a list of records) ride along."""
 
     def factors(self) -> dict[int, Factors]: ...
 
@@ -94,10 +96,11 @@ def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
         hosts.restore(resume.agents)
         rows, t, first = list(resume.rows), resume.step, resume.round + 1
     rnd, good = first - 1, None  # good: (round, factors) of the last all-finite evaluation
+    generations: list[dict[str, Any]] = []
     try:
         if resume is None:
             with clock.phase("eval"):
-                new, adapters = _eval_rows(plan, hosts, 0, 0, {})
+                new, adapters, _ = _eval_rows(plan, hosts, 0, 0, {})
                 hosts.end_round(0)
             rows += new
             yield 0, new
@@ -116,7 +119,8 @@ def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
             new = []
             with clock.phase("eval"):
                 if evaluate:
-                    new, adapters = _eval_rows(plan, hosts, rnd, t, diags)
+                    new, adapters, generations = _eval_rows(plan, hosts, rnd, t, diags,
+                                                            final=rnd == cfg.rounds)
                 hosts.end_round(rnd)  # Ray: the round's deferred steps run here, if any
             clock.end_round(rnd, mix)
             rows += new
@@ -144,7 +148,8 @@ def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
     final = {r["metric"]: r["value"] for r in rows if r["agent"] == -1 and r["round"] == done}
     summary = _summary(plan, status, done, t, diverged, final, time.perf_counter() - start)
     summary.update(clock.summary(getattr(hosts, "load_s", 0.0)))
-    yield RunResult(cfg, status, rows, summary, factors)
+    yield RunResult(cfg, status, rows, summary, factors,
+                    generations if status == "completed" else [])
 
 
 def _check_finite(rows: list[Row], t: int) -> None:
@@ -225,12 +230,17 @@ def follow(items: Iterable[Item], rounds: int, desc: str, *,
     raise RuntimeError("the run ended without a result")
 
 
-def _eval_rows(plan: Plan, hosts: Hosts, rnd: int, t: int,
-               diags: dict[int, dict[str, float]]) -> tuple[list[Row], dict[int, Factors]]:
+def _eval_rows(plan: Plan, hosts: Hosts, rnd: int, t: int, diags: dict[int, dict[str, float]],
+               final: bool = False
+               ) -> tuple[list[Row], dict[int, Factors], list[dict[str, Any]]]:
     """Per-agent test metrics and diagnostics, then network rows (agent -1): their means,
-    consensus distance, parameter distance, ||grad f(v-bar)||^2 and floats sent so far; and the
-    factors they were measured at (no copy needed: factors are never updated in place)."""
-    per_agent = hosts.evaluate()
+    consensus distance, parameter distance, ||grad f(v-bar)||^2 and floats sent so far; the
+    factors they were measured at (no copy needed: factors are never updated in place); and,
+    at the ``final`` evaluation, the generations the task's ``evaluate_final`` made, each
+    record tagged with its agent."""
+    per_agent = hosts.evaluate(final)
+    generations = [{"agent": i, **g} for i, m in sorted(per_agent.items())
+                   for g in m.pop("generations", [])]
     for i, d in diags.items():
         per_agent[i].update(d)
     factors = hosts.factors()
@@ -243,7 +253,7 @@ def _eval_rows(plan: Plan, hosts: Hosts, rnd: int, t: int,
         net["grad_norm_sq"] = metrics.grad_norm_sq([g for _, g in sorted(grads.items())])
     net["floats_sent"] = rnd * _floats_per_round(plan)
     out = [_row(rnd, t, i, k, v) for i, m in sorted(per_agent.items()) for k, v in sorted(m.items())]
-    return out + [_row(rnd, t, -1, k, v) for k, v in sorted(net.items())], factors
+    return out + [_row(rnd, t, -1, k, v) for k, v in sorted(net.items())], factors, generations
 
 
 def _row(rnd: int, t: int, agent: int, metric: str, value: float) -> Row:

@@ -102,8 +102,8 @@ class AgentHost:
         diags = self.group.mix_and_apply(t, local, diagnose)
         return diags, time.perf_counter() - start
 
-    def evaluate(self) -> dict[int, dict[str, float]]:
-        return self.group.evaluate()
+    def evaluate(self, final: bool = False) -> dict[int, dict[str, Any]]:
+        return self.group.evaluate(final)
 
     def factors(self) -> dict[int, NumpyFactors]:
         return {i: to_numpy(f) for i, f in self.group.factors().items()}

@@ -215,12 +215,12 @@ class RayHosts:
         self.mix_s = max(s for _, s in parts)  # hosts mix side by side: the slowest counts
         return {i: d for part, _ in parts for i, d in part.items()}
 
-    def evaluate(self) -> dict[int, dict[str, float]]:
+    def evaluate(self, final: bool = False) -> dict[int, dict[str, Any]]:
         self._flush()
-        return self._call("evaluate")
+        return self._call("evaluate", final)
 
-    def _evaluate(self) -> dict[int, dict[str, float]]:
-        return {i: m for part in ray.get([h.evaluate.remote() for h in self.hosts])
+    def _evaluate(self, final: bool) -> dict[int, dict[str, Any]]:
+        return {i: m for part in ray.get([h.evaluate.remote(final) for h in self.hosts])
                 for i, m in part.items()}
 
     def factors(self) -> dict[int, Factors]:

@@ -35,6 +35,9 @@ def cmd_run(args) -> int:
     # a stand-in checkpoint is made here, once (trained on a cache miss); hosts only read it
     cfg = resolve_checkpoint(cfg)
     plan = prepare(cfg)  # every config error surfaces here, before anything is written
+    from decaf_ray.judge import check
+
+    check(cfg)  # a judge without its key, or unreachable: now, not after training
     for line in warnings_for(cfg):
         print(f"decaf-ray: warning: {line}", file=sys.stderr)
     state = load_checkpoint(out) if args.resume else None

@@ -64,8 +64,19 @@ def sections() -> list[Section]:
     pretrain = importlib.import_module("decaf_ray.tasks.pretrain_config").PretrainConfig
     return ([Section("Experiment", ExperimentConfig)]
             + [Section(name, hints[name], name) for name in nested]
-            + [Section(f"task: {kind}", task_config_class(kind), "task") for kind in TASKS]
+            + [s for kind in TASKS for s in _task_sections(kind, task_config_class(kind))]
             + [Section("Sweep file", SweepConfig), Section("Pretrain file", pretrain)])
+
+
+def _task_sections(kind: str, cls: type) -> list[Section]:
+    """A task kind's section, then one per nested section of it (``task.judge``)."""
+    hints = typing.get_type_hints(cls)
+    nested = []
+    for f in dataclasses.fields(cls):
+        inner = [a for a in (typing.get_args(hints[f.name]) or (hints[f.name],))
+                 if dataclasses.is_dataclass(a)]
+        nested += [Section(f"task: {kind}, {f.name}", inner[0], f"task.{f.name}")] if inner else []
+    return [Section(f"task: {kind}", cls, "task")] + nested
 
 
 def field_docs(cls: type) -> dict[str, str]:

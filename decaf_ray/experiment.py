@@ -35,7 +35,22 @@ def run(cfg: ExperimentConfig, *, on_rows: Callable[[list[Row]], None] | None = 
         stop: once set, the run ends at the next round boundary with status ``interrupted``
             and a last ``RunState`` (to ``on_checkpoint``) to resume from. Centralized on Ray
             (Ray Train) cannot stop between rounds: see ``stoppable``.
+
+    An instruct run's MT-Bench/Vicuna answers are judged here, on the driver, once the
+    runtime returns (``decaf_ray.judge``); their score rows go to ``on_rows`` too.
     """
+    result = _run(cfg, on_rows=on_rows, progress=progress, plan=plan, run_id=run_id,
+                  resume=resume, checkpoint_every=checkpoint_every,
+                  on_checkpoint=on_checkpoint, stop=stop)
+    from decaf_ray import judge
+
+    if judge.judged(cfg) and result.status == "completed":
+        result = judge.judge_result(cfg, result, on_rows)
+    return result
+
+
+def _run(cfg: ExperimentConfig, *, on_rows, progress, plan, run_id, resume, checkpoint_every,
+         on_checkpoint, stop) -> RunResult:
     kwargs = dict(on_rows=on_rows, progress=progress, on_checkpoint=on_checkpoint)
     if plan is None:  # a stand-in checkpoint is resolved (trained on a miss) here, once
         from decaf_ray.pretrain import resolve_checkpoint

@@ -61,6 +61,7 @@ TASKS: dict[str, str] = {
     "synthetic": "decaf_ray.tasks.synthetic:SyntheticConfig",
     "clip": "decaf_ray.tasks.clip:CLIPConfig",
     "causal_lm": "decaf_ray.tasks.causal_lm:CausalLMConfig",
+    "instruct": "decaf_ray.tasks.instruct:InstructConfig",
 }
 
 

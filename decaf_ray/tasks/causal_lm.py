@@ -18,90 +18,47 @@ last few logits are computed.
 
 from __future__ import annotations
 
-import hashlib
-import warnings
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from decaf_ray import devices
 from decaf_ray.config import LoRAConfig
 from decaf_ray.factors import Factors, Grads
 from decaf_ray.tasks import peft_lora as pl
 from decaf_ray.tasks import text_data as td
 from decaf_ray.tasks.causal_lm_config import CausalLMConfig
-from decaf_ray.tasks.causal_lm_model import (hf_config, load_base_model, load_codec,
-                                             meta_lora_shapes)
-from decaf_ray.tasks.step_rng import seeded_step, step_rng
+from decaf_ray.tasks.decoder import DecoderTask
+from decaf_ray.tasks.step_rng import seeded_step
 
 # CausalLMConfig is named here for the task registry (``TASKS`` points at this module, whose
 # ``build`` it calls).
 __all__ = ["CausalLMConfig", "CausalLMTask", "build"]
 
 
-class CausalLMTask:
+class CausalLMTask(DecoderTask):
     """The built task: ``train``/``test`` examples, ``train_labels`` (0/1), lazy model."""
 
     num_classes: int | None = 2
 
     def __init__(self, cfg: CausalLMConfig, lora_cfg: LoRAConfig, seed: int):
-        self.cfg, self.lora_cfg, self.seed = cfg, lora_cfg, seed
         data_seed = seed if cfg.data_seed is None else cfg.data_seed
         self.train, self.test = td.load_splits(cfg, data_seed)
         self.train_labels: np.ndarray = np.array([e.label for e in self.train], dtype=np.int64)
         self.test_labels: np.ndarray = np.array([e.label for e in self.test], dtype=np.int64)
-        self.codec: td.Codec | None = self._builtin_codec()
-        self.config = hf_config(cfg, None if self.codec is None else self.codec.size)
-        self._shapes = meta_lora_shapes(self.config, cfg.targets, lora_cfg)
-        self.model = self.layers = self.device = self.answers = None
+        super().__init__(cfg, lora_cfg, seed, self._builtin_codec(cfg))
+        self.answers = None
         self._cache: dict[tuple[int, int], list[int]] = {}
-        self._evals: dict[bytes, dict[str, float]] = {}
 
-    def _builtin_codec(self) -> td.Codec | None:
-        kind = self.cfg.tokenizer
-        if kind == "auto" and self.cfg.model_config is not None:
+    def _builtin_codec(self, cfg: CausalLMConfig) -> td.Codec | None:
+        kind = cfg.tokenizer
+        if kind == "auto" and cfg.model_config is not None:
             kind = "words"
         if kind == "words":
             return td.WordCodec([e.prompt for e in self.train + self.test] + list(td.ANSWERS))
         return td.ByteCodec() if kind == "bytes" else None
 
-    def lora_shapes(self) -> dict[str, tuple[int, int]]:
-        return dict(self._shapes)
-
-    # ------------------------------------------------------------------ lazy model
-
-    def load(self) -> None:
-        """Load the model now (idempotent): the Task protocol's optional load phase."""
-        self.materialize()
-
-    def materialize(self) -> None:
-        """Load the tokenizer and weights, wrap them in peft; a no-op after the first call.
-
-        Leaves torch's global RNG as it found it (peft's init of A draws from it), so the first
-        step's dropout does not depend on whether this host had loaded the model already.
-        """
-        if self.model is not None:
-            return
-        cfg = self.cfg
-        self.device = devices.resolve(cfg.device)
-        with step_rng(None, self.device), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            self._load()
-
-    def _load(self) -> None:
-        from peft import get_peft_model
-
-        cfg = self.cfg
-        if self.codec is None:
-            self.codec = load_codec(cfg)
-        model = load_base_model(cfg, self.config, self.device, self.seed)
-        model = get_peft_model(model, pl.peft_config(self.lora_cfg, cfg.targets))
-        layers = pl.lora_layers(model)
-        if pl.shapes(layers) != self._shapes:
-            raise ValueError(f"{cfg.model}: the loaded model's LoRA shapes differ from its config's")
+    def _loaded(self) -> None:
         self.answers = td.answer_ids(self.codec)
-        self.model, self.layers = model, layers
 
     def prompt_ids(self, split: int, i: int) -> list[int]:
         """Token ids of prompt ``i`` of ``split`` (0 train, 1 test), cut to fit (cached)."""
@@ -147,18 +104,11 @@ class CausalLMTask:
 
         ``loss_and_grads(factors, indices, train_A, seed)`` is this step under ``seeded_step``.
         """
-        pl.begin_step(self.layers, factors, train_A)
-        self.model.train()
         answers = [self.answers[self.train_labels[i]] for i in idx]
-        tokens, total = self.loss_weight(idx), 0.0
         mb = self.cfg.micro_batch
-        for s in range(0, idx.size, mb):
-            nll = self._answer_nll([self.prompt_ids(0, i) for i in idx[s:s + mb]], answers[s:s + mb]).sum()
-            (nll / tokens).backward()
-            total += float(nll.detach())
-        grads = pl.get_grads(self.layers, train_A)
-        pl.zero_grads(self.layers)
-        return total / tokens, grads
+        sums = (self._answer_nll([self.prompt_ids(0, i) for i in idx[s:s + mb]],
+                                 answers[s:s + mb]).sum() for s in range(0, idx.size, mb))
+        return self.accumulate(factors, train_A, sums, self.loss_weight(idx))
 
     loss_and_grads = seeded_step(_loss_and_grads)
 
@@ -191,21 +141,9 @@ class CausalLMTask:
                     out[rows, c] = -self._answer_nll(batch, [a] * len(batch)).cpu()
         return out
 
-    def evaluate(self, factors: Factors) -> dict[str, float]:
-        """``test_loss`` (mean NLL per answer token of the true answer), ``test_accuracy``,
-        ``test_f1`` (F1 of " yes"), without dropout.
-
-        Deterministic, so results are remembered by the adapter's bytes (agents often share
-        one, e.g. at the start): an equal adapter is evaluated once.
-        """
-        key = _digest(factors)
-        if key not in self._evals:
-            if len(self._evals) >= 16:
-                self._evals.pop(next(iter(self._evals)))
-            self._evals[key] = self._evaluate(factors)
-        return dict(self._evals[key])
-
     def _evaluate(self, factors: Factors) -> dict[str, float]:
+        """``test_loss`` (mean NLL per answer token of the true answer), ``test_accuracy``,
+        ``test_f1`` (F1 of " yes"), without dropout (``evaluate`` remembers it by adapter)."""
         lp = self.scores(factors)
         gold = torch.as_tensor(self.test_labels)
         pred = lp.argmax(1)
@@ -213,17 +151,6 @@ class CausalLMTask:
         loss = float(-lp.gather(1, gold[:, None])[:, 0].sum() / n_tok.sum())
         return {"test_loss": loss, "test_accuracy": float((pred == gold).float().mean()),
                 "test_f1": td.binary_f1(pred.tolist(), self.test_labels.tolist())}
-
-
-def _digest(factors: Factors) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    for name, (a, b) in factors.items():
-        h.update(name.encode())
-        for t in (a, b):
-            t = t.detach().to("cpu", torch.float32).contiguous()
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.numpy().tobytes())
-    return h.digest()
 
 
 def build(task_cfg: CausalLMConfig, lora_cfg: LoRAConfig, seed: int) -> CausalLMTask:

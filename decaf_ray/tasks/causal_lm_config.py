@@ -24,11 +24,11 @@ from decaf_ray.config import require
 
 
 @dataclass(frozen=True)
-class CausalLMConfig:
-    """``task: {kind: causal_lm, ...}``: a causal LM answering WiC/BoolQ yes/no prompts; see
-    the module docstrings here and in ``decaf_ray.tasks.causal_lm``."""
+class DecoderConfig:
+    """The fields every decoder task shares (``causal_lm``, ``instruct``): which model, where
+    LoRA goes, how it runs. ``causal_lm_model`` loads a model from these alone."""
 
-    kind: str = "causal_lm"
+    kind: str = ""
     model: str = "meta-llama/Llama-2-7b-hf"
     """Hub id or local folder (``from_pretrained``); with ``gguf_file``, the folder or repo
     holding it."""
@@ -38,24 +38,13 @@ class CausalLMConfig:
     """A transformers config (e.g. LlamaConfig fields) for a random model; ``vocab_size``
     defaults to the tokenizer's."""
     tokenizer: str = "auto"
-    """``auto`` (the model's own; ``words`` for ``model_config``), ``words`` (a word vocabulary
-    built from the data), ``bytes``, or a hub id / folder for ``AutoTokenizer``."""
+    """``auto`` (the model's own; for a ``model_config``, ``words`` in ``causal_lm`` and
+    ``bytes`` in ``instruct``), ``words`` (a word vocabulary built from the data; causal_lm
+    only), ``bytes``, or a hub id / folder for ``AutoTokenizer``."""
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """Module names (peft ``target_modules``) that get LoRA."""
-    dataset: Literal["wic", "boolq"] = "wic"
-    train_file: str | None = None
-    """Local jsonl of training rows; null = the hub's train split (``datasets`` library)."""
-    test_file: str | None = None
-    """Local jsonl of test rows; null = the hub's validation split, or, with a ``train_file``,
-    a seeded ``test_fraction`` of it (BoolQ ships only a dev file here)."""
-    test_fraction: float = 0.2
-    hub_dataset: str = "aps/super_glue"
-    """``datasets.load_dataset(hub_dataset, dataset)`` when no files are given."""
-    train_samples: int | None = None
-    """Cap on training rows (a seeded subsample); null = all."""
-    test_samples: int | None = None
     max_length: int = 512
-    """Tokens of prompt + answer; longer passages are cut."""
+    """Tokens of a whole example (prompt + answer or response); longer ones are cut."""
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """``auto``: bfloat16 on CUDA, float32 on the CPU. LoRA factors stay float32."""
     device: str = "auto"
@@ -71,19 +60,47 @@ class CausalLMConfig:
     """Seed of the subsamples and split; null = the experiment seed."""
 
     def __post_init__(self):
-        require(self.kind == "causal_lm", "kind", "must be 'causal_lm'")
         require(self.gguf_file is None or self.model_config is None, "gguf_file",
                 "give at most one of gguf_file and model_config")
         require(len(self.targets) >= 1 and all(isinstance(t, str) and t for t in self.targets),
                 "targets", "must be a non-empty list of module names")
-        require(0.0 < self.test_fraction < 1.0, "test_fraction", "must be in (0, 1)")
-        require(self.test_file is None or self.train_file is not None, "test_file",
-                "give a train_file too (or neither, for the hub)")
-        for name in ("train_samples", "test_samples"):
-            v = getattr(self, name)
-            require(v is None or v >= 1, name, "must be >= 1 or null (all)")
         require(self.max_length >= 8, "max_length", "must be >= 8")
         require(self.micro_batch >= 1, "micro_batch", "must be >= 1")
         require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                 "device", "must be auto, cpu, cuda, cuda:<i> or mps")
+
+
+@dataclass(frozen=True)
+class CausalLMConfig(DecoderConfig):
+    """``task: {kind: causal_lm, ...}``: a causal LM answering WiC/BoolQ yes/no prompts; see
+    the module docstrings here and in ``decaf_ray.tasks.causal_lm``."""
+
+    kind: str = "causal_lm"
+    dataset: Literal["wic", "boolq"] = "wic"
+    train_file: str | None = None
+    """Local jsonl of training rows; null = the hub's train split (``datasets`` library)."""
+    test_file: str | None = None
+    """Local jsonl of test rows; null = the hub's validation split, or, with a ``train_file``,
+    a seeded ``test_fraction`` of it (BoolQ ships only a dev file here)."""
+    test_fraction: float = 0.2
+    hub_dataset: str = "aps/super_glue"
+    """``datasets.load_dataset(hub_dataset, dataset)`` when no files are given."""
+    train_samples: int | None = None
+    """Cap on training rows (a seeded subsample); null = all."""
+    test_samples: int | None = None
+
+    def __post_init__(self):
+        require(self.kind == "causal_lm", "kind", "must be 'causal_lm'")
+        super().__post_init__()
+        check_data_fields(self)
+
+
+def check_data_fields(cfg) -> None:
+    """The checks of the data fields ``causal_lm`` and ``instruct`` share."""
+    require(0.0 < cfg.test_fraction < 1.0, "test_fraction", "must be in (0, 1)")
+    require(cfg.test_file is None or cfg.train_file is not None, "test_file",
+            "give a train_file too (or neither, for the hub)")
+    for name in ("train_samples", "test_samples"):
+        v = getattr(cfg, name)
+        require(v is None or v >= 1, name, "must be >= 1 or null (all)")

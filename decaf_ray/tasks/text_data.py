@@ -136,6 +136,7 @@ def load_splits(cfg: Any, seed: int) -> tuple[list[Example], list[Example]]:
     with draws seeded by ``seed``. File and hub errors surface as ``ConfigError``."""
     from decaf_ray.config import ConfigError
 
+    test = None
     try:
         if cfg.train_file is None:
             train = load_hub(cfg.dataset, "train", cfg.hub_dataset)
@@ -144,17 +145,22 @@ def load_splits(cfg: Any, seed: int) -> tuple[list[Example], list[Example]]:
             train = read_jsonl(cfg.train_file, cfg.dataset)
             if cfg.test_file is not None:
                 test = read_jsonl(cfg.test_file, cfg.dataset)
-            else:
-                if len(train) < 2:
-                    raise ValueError(f"{cfg.train_file}: too few rows to split")
-                tr, te = split_rows(len(train), cfg.test_fraction, stream_rng(seed, _SPLIT))
-                train, test = [train[i] for i in tr], [train[i] for i in te]
+        return split_and_cap(train, test, cfg, seed)
     except (OSError, ValueError) as e:
         raise ConfigError("train_file" if cfg.train_file else "dataset", str(e)) from None
-    keep = subsample(len(train), cfg.train_samples, stream_rng(seed, _TRAIN))
-    train = [train[i] for i in keep]
-    keep = subsample(len(test), cfg.test_samples, stream_rng(seed, _TEST))
-    test = [test[i] for i in keep]
+
+
+def split_and_cap(train: list, test: list | None, cfg: Any, seed: int) -> tuple[list, list]:
+    """``(train, test)`` rows: ``test`` or else a seeded ``cfg.test_fraction`` of ``train``,
+    each then cut to a seeded ``cfg.train_samples`` / ``cfg.test_samples``. Seed streams are
+    the same for every text task, so a file gives the same split whichever task reads it."""
+    if test is None:
+        if len(train) < 2:
+            raise ValueError(f"{cfg.train_file}: too few rows to split")
+        tr, te = split_rows(len(train), cfg.test_fraction, stream_rng(seed, _SPLIT))
+        train, test = [train[i] for i in tr], [train[i] for i in te]
+    train = [train[i] for i in subsample(len(train), cfg.train_samples, stream_rng(seed, _TRAIN))]
+    test = [test[i] for i in subsample(len(test), cfg.test_samples, stream_rng(seed, _TEST))]
     return train, test
 
 
@@ -218,10 +224,13 @@ class ByteCodec:
     """UTF-8 bytes, offset past three specials (pad 0, BOS 1, EOS 2)."""
 
     def __init__(self):
-        self.prefix, self.pad_id, self.size = [1], 0, 259
+        self.prefix, self.pad_id, self.size, self.eos_id = [1], 0, 259, 2
 
     def encode(self, text: str) -> list[int]:
         return [b + 3 for b in text.encode("utf-8")]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
 
 
 class HFCodec:
@@ -237,9 +246,13 @@ class HFCodec:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self.size = len(tokenizer)
+        self.eos_id = tokenizer.eos_token_id
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 def answer_ids(codec: Codec, answers: Iterable[str] = ANSWERS) -> list[list[int]]:

@@ -11,7 +11,7 @@ On top of it (each takes that frame or a results directory):
   ``fig2``, ``fig3``, ``theory_curves``, ``bytes_vs_accuracy``, ``label_distribution``,
   ``rate_check`` (returns ``(figure, slopes)``), ``refactorization`` (the DeCAF split study);
 - tables (``analysis.tables``; each returns a ``Table`` with ``to_markdown``/``to_latex``):
-  ``table2``, ``table3``, ``table6``, ``table7``, ``refactorization_table``, ``results_table``;
+  ``table2``, ``table3``, ``table5``, ``table6``, ``table7``, ``refactorization_table``, ``results_table``;
 - ``figure(name, results, out)``: write any of them to a file by name (what ``decaf-ray plot
   --figure`` calls);
 - ``plot_runs(path, metric, out)``: one line per run, labelled by what differs between the runs
@@ -46,7 +46,7 @@ from analysis.overview import runs_figure
 from analysis.results_table import results_table
 from analysis.runs import load, run_dirs, summaries
 from analysis.table import Table
-from analysis.tables import refactorization_table, table2, table3, table6, table7
+from analysis.tables import refactorization_table, table2, table3, table5, table6, table7
 from analysis.theory import fit_slope, rate_check, rate_points, theory_curves
 
 
@@ -64,11 +64,12 @@ def plot_runs(path: str | Path, metric: str, out: str | Path) -> Path:
 __all__ = ["FIGURES", "NAMES", "TABLES", "Table", "accuracy_gap", "bytes_vs_accuracy", "fig2",
            "fig3", "figure", "fit_slope", "label_distribution", "load", "plot_runs", "rate_check",
            "rate_points", "refactorization", "refactorization_table", "results_table", "run_dirs",
-           "runs_figure", "summaries", "table2", "table3", "table6", "table7", "theory_curves"]
+           "runs_figure", "summaries", "table2", "table3", "table5", "table6", "table7",
+           "theory_curves"]
 
 FIGURES = {"fig2": fig2, "fig3": fig3, "theory": theory_curves, "bytes": bytes_vs_accuracy,
            "labels": label_distribution, "rate": rate_check, "refactor": refactorization}
-TABLES = {"table2": table2, "table3": table3, "table6": table6, "table7": table7,
+TABLES = {"table2": table2, "table3": table3, "table5": table5, "table6": table6, "table7": table7,
           "refactor_table": refactorization_table}
 NAMES = tuple(FIGURES) + tuple(TABLES)
 """Every name ``figure`` accepts."""

@@ -107,8 +107,8 @@ def colour(algorithm: Any) -> str | None:
 
 
 def is_fraction_metric(metric: str) -> bool:
-    """Accuracy and F1 are recorded in [0, 1] and shown in percent."""
-    return metric.endswith(("accuracy", "f1"))
+    """Accuracy, F1 and rates are recorded in [0, 1] and shown in percent."""
+    return metric.endswith(("accuracy", "f1", "_rate"))
 
 
 def metric_label(metric: str) -> str:

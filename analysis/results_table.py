@@ -25,7 +25,9 @@ from analysis.values import final_values
 COLUMN_TITLES = {"algorithm": "Algorithm", "lora.rank": "Low Rank", "dataset": "Data",
                  "data.partition": "Partition", "agents": "Agents", "topology.name": "Topology"}
 QUANTITY_NAMES = {"time_per_round_s": "TT (s)", "trainable_params_per_agent": "NTP",
-                  "floats_sent_per_round_per_agent": "floats/round", "wall_time_s": "wall (s)"}
+                  "floats_sent_per_round_per_agent": "floats/round", "wall_time_s": "wall (s)",
+                  "mt_bench_score": "MT", "advbench_refusal_rate": "Adv", "vicuna_score": "Vic",
+                  "test_perplexity": "PPL"}
 
 
 def _values(df: pd.DataFrame, runs: pd.DataFrame, metric: str, source: str,

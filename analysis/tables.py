@@ -1,4 +1,4 @@
-"""The paper's tables (2, 3, 6, 7) and the re-factorization study's, each ``results_table``
+"""The paper's tables (2, 3, 5, 6, 7) and the re-factorization study's, each ``results_table``
 with the paper's rows, columns, metric and caption; every one returns a ``Table``
 (``to_markdown``, ``to_latex``).
 """
@@ -8,9 +8,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pandas as pd
+
 from analysis.data import run_table
 from analysis.names import ALGORITHM_ORDER, pretty, refactorization_variant
-from analysis.results_table import results_table
+from analysis.results_table import QUANTITY_NAMES, results_table
 from analysis.runs import as_frame
 from analysis.table import Table
 
@@ -39,6 +41,41 @@ def table3(results, *, metric: str = "test_f1", where: Mapping[str, Any] | None 
         for name in ("std", "n", "best", "second", "diverged"):
             setattr(t, name, getattr(t, name).rename(columns={"Centralized": "CNT"}))
     return t
+
+
+TABLE5_METRICS = ("mt_bench_score", "advbench_refusal_rate", "vicuna_score")
+
+
+def table5(results, *, where: Mapping[str, Any] | None = None, perplexity: bool = True,
+           **kwargs) -> Table:
+    """Table 5: the instruction-tuning benchmarks, rows = MT (MT-Bench score, 1-10), Adv
+    (AdvBench refusal rate, %), Vic (Vicuna-bench score, 1-10) and, with ``perplexity``, PPL
+    (held-out perplexity, lower is better), columns = algorithms in the paper's order; best
+    bold, second underlined per row. A benchmark no run recorded (no judge) is left out and
+    said so in the notes."""
+    kwargs.setdefault("caption", "Instruction tuning: MT-Bench (MT) and Vicuna-bench (Vic) "
+                      "judge scores, AdvBench refusal rate (Adv, %) and held-out perplexity "
+                      "(PPL), final round, mean over seeds (± std). Best and second-best are "
+                      "bold and underlined.")
+    higher = results_table(results, "algorithm", (), list(TABLE5_METRICS), where=where,
+                           **kwargs)
+    parts = [higher]
+    if perplexity:
+        parts.append(results_table(results, "algorithm", (), "test_perplexity", mode="min",
+                                   where=where, **{**kwargs, "caption": ""}))
+    frames = {name: pd.concat([getattr(t, name).T for t in parts if not t.mean.empty])
+              for name in ("mean", "std", "n", "best", "second", "diverged")
+              if any(not t.mean.empty for t in parts)}
+    if not frames:
+        return higher
+    out = Table(frames["mean"], frames["std"], frames["n"], frames["best"], frames["second"],
+                fmt=higher.fmt, row_title="", caption=higher.caption, notes=list(higher.notes),
+                diverged=frames["diverged"], show_std=higher.show_std)
+    missing = [QUANTITY_NAMES[m] for m in TABLE5_METRICS if QUANTITY_NAMES[m] not in out.mean.index]
+    if missing:
+        out.notes.append(f"No run recorded {', '.join(missing)} (MT and Vic need a judge: "
+                         "task.judge).")
+    return out
 
 
 def refactorization_table(results, *, metric: str = "test_accuracy",

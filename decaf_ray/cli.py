@@ -102,8 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="figures and tables from saved runs (a run or a folder)")
     plot.add_argument("results")
     plot.add_argument("--figure", default=None,
-                      help="fig2, fig3, table2, table3, table6, table7, theory, bytes, labels, "
-                           "rate; default: --metric against round for every run")
+                      help="fig2, fig3, table2, table3, table5, table6, table7, theory, bytes, "
+                           "labels, rate; default: --metric against round for every run")
     plot.add_argument("--metric", default="test_accuracy")
     plot.add_argument("--out", required=True,
                       help="file to write: .png/.pdf/.svg for figures, .md/.tex for tables")
@@ -176,10 +176,9 @@ def _on(cluster) -> str:
 
 
 def _is_sweep(path: str) -> bool:
-    from decaf_ray.config import read_yaml
+    from decaf_ray.sweep import is_sweep_file
 
-    data = read_yaml(path)
-    return isinstance(data, dict) and ("grid" in data or "base" in data)
+    return is_sweep_file(path)
 
 
 def _describe_sweep(args) -> int:
@@ -239,7 +238,9 @@ def _resource_lines(trial, cluster) -> list[str]:
     cpus, gpus = trial.host
     what = {"hosts": "AgentHost actors", "train_workers": "Ray Train workers (Centralized)",
             "inprocess": "the trial's own process (runtime.kind inprocess)"}[trial.placement]
-    lines = [f"hosts: {trial.hosts} ({what}); {trial.agents_per_host} agent(s) per host, "
+    lines = [f"model: {trial.model}",
+             f"trainable params per agent: {trial.trainable:,}",
+             f"hosts: {trial.hosts} ({what}); {trial.agents_per_host} agent(s) per host, "
              f"{trial.batch_agents} per forward pass",
              f"per host: {cpus:g} CPUs, {gpus:g} GPU",
              f"per trial: {trial.cpus:g} CPUs, {trial.gpus:g} GPUs"

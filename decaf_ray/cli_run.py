@@ -68,7 +68,7 @@ def _config_and_out(args) -> tuple[ExperimentConfig, Path]:
     if not args.resume:
         if args.config is None:
             raise ConfigError("config", "give a config file, or --resume DIR")
-        cfg = load_config(args.config, args.overrides)
+        cfg = _load(args.config, args.overrides)
         if args.out is not None and not args.out.strip():
             raise ConfigError("--out", "is empty; give a directory (or leave --out out)")
         from decaf_ray.results import check_out_dir
@@ -94,6 +94,19 @@ def _config_and_out(args) -> tuple[ExperimentConfig, Path]:
                               f"({first_difference(saved.to_dict(), cfg.to_dict())}); resume "
                               "without CONFIG/--set, or add --force to continue with it")
     return cfg, out
+
+
+def _load(path: str, overrides: list[str] | None) -> ExperimentConfig:
+    """The experiment config at ``path``; a sweep file's base config (its grid left out, as
+    ``--set`` picks a point of it), said so in one line."""
+    from decaf_ray.sweep import is_sweep_file, load_sweep
+
+    if not is_sweep_file(path):
+        return load_config(path, overrides)
+    cfg = load_sweep(path, overrides).config_for({})
+    print(f"decaf-ray: {path} is a sweep file: running its base config (algorithm "
+          f"{cfg.algorithm}); `decaf-ray sweep {path}` runs its whole grid", file=sys.stderr)
+    return cfg
 
 
 def _status(out: Path) -> str | None:

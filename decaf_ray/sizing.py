@@ -49,6 +49,7 @@ from decaf_ray.sweep_resources import DRIVER_CPUS
 GB = 1e9
 CUDA_CONTEXT = 0.5 * GB
 """What one CUDA context takes on its GPU, per host process."""
+DECODERS = ("causal_lm", "instruct")
 ACTIVATION_BYTES = {"clip": {2: 48, 4: 76}, "causal_lm": {2: 56, 4: 85}}
 """c per (layer x token x width) by activation bytes (2: bf16, 4: float32). Measured on the CPU
 (saved-tensor hooks, one real training step): ViT-B/16 37 (vision) and 41 (text) bf16, 63
@@ -90,6 +91,10 @@ class TrialSize:
     rounds: int
     local_steps: int
     training_agents: int
+    model: str = ""
+    """The model in words (a hub id, a GGUF file, a random config, a CLIP architecture)."""
+    trainable: int = 0
+    """LoRA parameters each agent trains (the paper's Tables 6-7 count)."""
 
     memory = property(lambda self: sum(p.bytes for p in self.parts))
     """Bytes one host needs on its device (the estimate's total)."""
@@ -127,15 +132,30 @@ def size_trial(cfg: ExperimentConfig, task: Any = None) -> TrialSize:
     parts = _task_parts(cfg, task, cuda, batch, n_pass) + [_adapters(cfg, per, task)]
     if cuda:
         parts.append(Part("cuda context", CUDA_CONTEXT, "one CUDA context per host process"))
+    from decaf_ray.factors import param_count
+
+    trainable = param_count(_lora_shapes(cfg, task), cfg.lora.rank,
+                            ALGORITHMS[cfg.algorithm].train_A)
     return TrialSize(placement, hosts, per, n_pass, host, driver, "cuda" if cuda else "cpu",
-                     tuple(parts), cfg.rounds, cfg.local_steps, agents)
+                     tuple(parts), cfg.rounds, cfg.local_steps, agents, _model(cfg.task),
+                     trainable)
+
+
+def _model(t) -> str:
+    if t.kind in DECODERS:
+        what = ("a random model_config" if t.model_config is not None else
+                f"{t.model} ({t.gguf_file})" if t.gguf_file else t.model)
+        return f"{what}, LoRA on {', '.join(t.targets)}"
+    if t.kind == "clip":
+        return f"CLIP {t.model} ({t.pretrained or ('a checkpoint' if t.checkpoint else 'random init')})"
+    return f"{t.kind} {getattr(t, 'd', '')} x {getattr(t, 'k', '')}"
 
 
 def _task_parts(cfg, task, cuda: bool, batch: int, n_pass: int) -> list[Part]:
     kind = cfg.task.kind
     if kind == "clip":
         return _clip_parts(cfg.task, task, cuda, batch, n_pass)
-    if kind == "causal_lm":
+    if kind in DECODERS:
         return _lm_parts(cfg.task, task, cuda, batch)
     if kind == "synthetic":
         t = cfg.task
@@ -143,7 +163,7 @@ def _task_parts(cfg, task, cuda: bool, batch: int, n_pass: int) -> list[Part]:
                 Part("activations", batch * (t.d + t.k) * 4.0 * 2,
                      f"batch {batch} x (d {t.d} + k {t.k}) x 4 B x 2")]
     raise ConfigError("task.kind", f"no memory estimate for task kind {kind!r}; sizing knows "
-                                   "clip, causal_lm and synthetic")
+                                   "clip, causal_lm, instruct and synthetic")
 
 
 def _adapters(cfg: ExperimentConfig, per: int, task: Any) -> Part:
@@ -165,7 +185,7 @@ def _lora_shapes(cfg: ExperimentConfig, task: Any) -> dict[str, tuple[int, int]]
     t = cfg.task
     if t.kind == "clip":
         return dict(_clip_meta(t)[2])
-    if t.kind == "causal_lm":
+    if t.kind in DECODERS:
         return dict(_lm_meta(_lm_config(t, None), tuple(t.targets))[1])
     return {"linear": (t.d, t.k)}
 
@@ -311,6 +331,12 @@ def _lm_parts(t, task, cuda: bool, batch: int) -> list[Part]:
         heads = config.num_attention_heads
         act += layers * micro * heads * t.max_length ** 2 * EAGER_SCORE_BYTES[ab]
         formula += f" + eager scores {layers} x {micro} x {heads} heads x {t.max_length}^2 x {EAGER_SCORE_BYTES[ab]} B"
-    return [Part("weights", params * float(ab), f"{params:,} params x {ab} B "
-                 f"({'bfloat16' if bf16 else 'float32'})"),
-            Part("activations", float(act), formula)]
+    parts = [Part("weights", params * float(ab), f"{params:,} params x {ab} B "
+                  f"({'bfloat16' if bf16 else 'float32'})"),
+             Part("activations", float(act), formula)]
+    if t.kind == "instruct":  # every position's logits (causal_lm keeps only the last few)
+        vocab = config.vocab_size
+        parts.append(Part("logits", float(tokens * vocab * (ab + 8)),
+                          f"{tokens:,} tokens x vocab {vocab:,} x ({ab} B + float32 copy and "
+                          "its gradient 8 B)"))
+    return parts

@@ -113,6 +113,12 @@ def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
+def is_sweep_file(path: str | Path) -> bool:
+    """Whether the YAML at ``path`` is a sweep file (it has a ``grid`` or a ``base``)."""
+    data = read_yaml(path)
+    return isinstance(data, dict) and ("grid" in data or "base" in data)
+
+
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
     """Read and validate a sweep file; every grid point must give a valid experiment config."""
     path = Path(path)
@@ -175,6 +181,9 @@ def trial(params: dict[str, Any], sweep: SweepConfig, cluster_cpus: float | None
     from decaf_ray.devices import hide_unassigned_gpus
 
     hide_unassigned_gpus()  # the trial reserved no GPU (its hosts did): it must not take one
+    # Tune starts a trial in its trial folder; relative paths in the config (task.train_file,
+    # task.eval_dir, ...) mean what they mean to `decaf-ray run`: the job's working directory.
+    os.chdir(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))
     from ray import tune
 
     from decaf_ray.experiment import run

@@ -595,3 +595,23 @@ def test_refactorization_figure_and_table(tmp_path):
     md = analysis.figure("refactor_table", tmp_path, tmp_path / "t.md").read_text()
     assert "± " in md and "aligned" in md.lower()
     assert analysis.figure("refactor", tmp_path, tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_table5_rows_are_the_benchmarks_with_perplexity_ranked_lowest_best():
+    vals = {  # algorithm -> (refusal rate, perplexity); no judge: MT and Vic absent
+        "local": (0.40, 9.0), "fedavg": (0.50, 7.0), "dlora": (0.45, 7.5), "decaf": (0.60, 8.0)}
+    rows = []
+    for alg, (adv, ppl) in vals.items():
+        for metric, v in (("advbench_refusal_rate", adv), ("test_perplexity", ppl)):
+            for agent in (0, 1):
+                rows.append({"run": f"/x/{alg}", "status": "completed", "algorithm": alg,
+                             "data.partition": "iid", "task.kind": "instruct", "seed": 0,
+                             "round": 4, "step": 8, "agent": agent, "metric": metric,
+                             "value": v})
+    t = analysis.table5(pd.DataFrame(rows))
+    assert list(t.mean.index) == ["Adv", "PPL"]
+    assert list(t.mean.columns) == ["Local", "FedAvg", "DLoRA", "DeCAF"]
+    md = t.to_markdown()
+    assert "| Adv | 40.00 | 50.00 | 45.00 | **60.00** |" in md.replace("<u>50.00</u>", "50.00")
+    assert t.best.loc["PPL", "FedAvg"] and t.second.loc["PPL", "DLoRA"]
+    assert any("MT, Vic" in n and "judge" in n for n in t.notes)

@@ -199,3 +199,24 @@ def test_describe_uses_the_live_cluster_at_ray_address(config, ray_session, monk
     # a trial asks 0.01 + 2 hosts x 0.5 CPU: one at a time on 2 CPUs
     assert "per trial: 1.01 CPUs, 0 GPUs (incl. the driver's 0.01 CPU)" in res.stdout
     assert "trials at once: 1 (bound by CPUs)" in res.stdout
+
+
+def test_run_on_a_sweep_file_runs_its_base_and_says_so(tmp_path):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "base": TINY, "grid": {"algorithm": ["dlora"]}}))
+    res = cli("run", sweep, "--out", tmp_path / "r", "--quiet", "--set", "rounds=3")
+    assert res.returncode == 0, res.stderr
+    assert "is a sweep file: running its base config (algorithm decaf)" in res.stderr
+    saved = load_run_config(tmp_path / "r")
+    assert saved.algorithm == "decaf" and saved.rounds == 3
+
+
+def test_describe_table5_shows_the_papers_model_rank_and_trainable_params():
+    root = Path(__file__).resolve().parents[1]
+    res = cli("describe", root / "sweeps" / "table5.yaml")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert out.splitlines()[0] == "# sweep table5: 7 grid points x 1 samples"
+    assert "model: meta-llama/Llama-2-7b-hf, LoRA on q_proj, v_proj" in out
+    assert "trainable params per agent: 8,388,608" in out  # the paper's Table 6, rank 16
+    assert "  algorithm=decaf" in out.splitlines()

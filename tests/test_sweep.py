@@ -144,3 +144,27 @@ def test_an_interrupted_sweep_resumes_without_redoing_finished_trials(tmp_path):
     ref = run(load_config({**BASE, "rounds": 300}), progress=False)
     got = analysis.load(long_trial[0])
     assert got["value"].tolist() == pytest.approx([r["value"] for r in ref.rows], rel=0, abs=0)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trials_read_relative_data_paths_from_the_jobs_directory(tmp_path):
+    """Tune starts a trial in its own folder; a config's relative data paths (here the instruct
+    task's records and benchmark folder, relative to the project root) must still resolve, and
+    the trial's run folder gets the benchmarks' generations."""
+    data = "tests/data/instruct"
+    base = {**BASE, "agents": 2, "rounds": 2, "local_steps": 1, "eval_every": 1,
+            "task": {"kind": "instruct", "train_file": f"{data}/alpaca_en_demo.json",
+                     "eval_dir": data, "benchmarks": ["advbench"], "bench_samples": 2,
+                     "max_new_tokens": 4, "max_length": 64,
+                     "model_config": {"hidden_size": 16, "intermediate_size": 32,
+                                      "num_hidden_layers": 1, "num_attention_heads": 2,
+                                      "num_key_value_heads": 1}},
+            "data": {"partition": "iid", "batch_size": 2}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "rel", "base": base, "grid": {"seed": [0]}}))
+    proc = _sweep_cli(path, "--storage", tmp_path / "out", cwd=ROOT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "1 trials, 0 failed" in out, out[-3000:]
+    gens = list((tmp_path / "out" / "rel").rglob("generations.jsonl"))
+    assert len(gens) == 1 and len(gens[0].read_text().splitlines()) == 2 * 2

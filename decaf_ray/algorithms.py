@@ -18,13 +18,17 @@ equal shape are mixed in one batched call. An algorithm may also give ``mix_many
 for n agents with equally many neighbours at once (DeCAF does: its per-agent QRs and SVDs are
 small, so one batched call saves their fixed cost n times over). Adding an algorithm is one
 ``register`` call here.
+
+With ``optim.name: adam_tracked`` (the paper's Algorithm 4) DLoRA, DLoRA-FA and DeCAF also send
+each agent's second-moment tracker in the same message (``with_tracker``), mixed by the same mix
+as the factors (``agents.AgentGroup.mix_and_apply``) and counted in the floats (``tracking``).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 import numpy as np
@@ -67,6 +71,9 @@ class Algorithm:
     mix_many: MixManyFn | None = None
     """Optional batched ``mix``: (owns (n), payloads (n lists of m), weights (n, m), options) ->
     n adapters, each bit-identical to ``mix`` of that agent alone."""
+    tracked: bool = False
+    """Algorithm 4 (``optim.name: adam_tracked``): each message also carries the sender's
+    second-moment tracker, as many floats again as its factors (see ``tracking``)."""
 
     @property
     def communicates(self) -> bool:
@@ -98,10 +105,11 @@ class Algorithm:
         return graph_pi
 
     def floats_per_message(self, shapes: dict[str, tuple[int, int]], rank: int) -> int:
-        """Floats in one published adapter: sum (d + k) r, or d r for the FA variants."""
+        """Floats in one published adapter: sum (d + k) r, or d r for the FA variants; twice
+        that when ``tracked`` (the tracker of each factor that travels goes with it)."""
         if not self.communicates:
             return 0
-        return param_count(shapes, rank, self.train_A)
+        return param_count(shapes, rank, self.train_A) * (2 if self.tracked else 1)
 
     def floats_sent_per_round(self, shapes: dict[str, tuple[int, int]], rank: int,
                               degree: int) -> int:
@@ -123,6 +131,34 @@ class Algorithm:
         pN + 1 = N + 1 messages. ``floats_sent_per_round_per_agent`` is this over N."""
         return (sum(self.floats_sent_per_round(shapes, rank, d) for d in degrees)
                 + self.floats_broadcast_per_round(shapes, rank))
+
+
+TRACKER = "tracker:"
+"""Prefix of the tracker's entries in a tracked payload (no module name holds a colon)."""
+
+
+def tracking(algorithm: Algorithm) -> Algorithm:
+    """``algorithm`` as Algorithm 4 runs it: its messages carry the tracker too (``tracked``).
+
+    Algorithm 4 covers the gossip algorithms (DLoRA, DLoRA-FA, DeCAF); ValueError for the
+    others (FedAvg, Local, Centralized), where the paper defines no mixed tracker."""
+    if algorithm.pi != "graph":
+        raise ValueError(f"adam_tracked (Algorithm 4) mixes a second-moment tracker over the "
+                         f"graph; {algorithm.name} does not gossip (use it with decaf, dlora or "
+                         f"dlora_fa, or use adam)")
+    return replace(algorithm, tracked=True)
+
+
+def with_tracker(payload: Factors, tracker: Factors) -> Factors:
+    """One message holding a payload and the tracker's payload (its entries prefixed); a mix
+    reads only the module names of the agent's own factors, so it never sees the tracker."""
+    return {**payload, **{TRACKER + n: pair for n, pair in tracker.items()}}
+
+
+def tracker_of(payload: Factors) -> Factors:
+    """The tracker's payload in a message built by ``with_tracker``."""
+    k = len(TRACKER)
+    return {n[k:]: pair for n, pair in payload.items() if n.startswith(TRACKER)}
 
 
 ALGORITHMS: dict[str, Algorithm] = {}

@@ -137,19 +137,29 @@ class LoRAConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Per-agent optimizer (Algorithms 1, 3, 4): sgd, momentum (heavy ball), adam, adamw."""
+    """Per-agent optimizer: ``sgd`` (Algorithm 1), ``momentum`` (heavy ball, Algorithm 3),
+    ``adam`` / ``adamw`` (local Adam: bias-corrected, each agent's moments its own, never
+    mixed), or ``adam_tracked`` (the paper's Algorithm 4, DLoRA-Adam / DeCAF-Adam: a
+    second-moment tracker mixed with the factors at every communication, which doubles what
+    an agent sends; decaf, dlora and dlora_fa only). See ``decaf_ray.optim``."""
 
-    name: Literal["sgd", "momentum", "adam", "adamw"] = "sgd"
+    name: Literal["sgd", "momentum", "adam", "adamw", "adam_tracked"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    """Adam's eps, added to sqrt(v); ``adam_tracked`` floors the tracker at eps instead."""
     weight_decay: float = 0.0
     schedule: Literal["constant", "cosine"] = "constant"
     warmup_steps: int = 0
     min_lr: float = 0.0
+    h: Literal["adam", "amsgrad"] = "adam"
+    """``adam_tracked``'s second-moment rule h_t: ``adam``, the moving average
+    V_t = b2 V_{t-1} + (1 - b2) g_t^2, or ``amsgrad``, the running max of that average."""
 
     def __post_init__(self):
+        require(self.h == "adam" or self.name == "adam_tracked", "h",
+                "only optim.name adam_tracked reads it; leave it adam")
         require(self.lr > 0, "lr", "must be > 0")
         require(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
         require(all(0.0 <= b < 1.0 for b in self.betas), "betas", "both must be in [0, 1)")

@@ -18,7 +18,7 @@ import psutil
 from scipy import sparse
 
 from decaf_ray import partition, topology
-from decaf_ray.algorithms import ALGORITHMS, Algorithm
+from decaf_ray.algorithms import ALGORITHMS, Algorithm, tracking
 from decaf_ray.config import ConfigError
 from decaf_ray.experiment_config import ExperimentConfig
 from decaf_ray.factors import Factors
@@ -82,6 +82,11 @@ class RunResult:
 def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
     """Build the graph, Pi, the task's labels and the partition; errors name the config field."""
     algorithm = ALGORITHMS[cfg.algorithm]
+    if cfg.optim.name == "adam_tracked":  # Algorithm 4: the tracker travels, and is counted
+        try:
+            algorithm = tracking(algorithm)
+        except ValueError as e:
+            raise ConfigError("optim.name", str(e)) from None
     n = 1 if algorithm.centralized else cfg.agents
     if algorithm.centralized and cfg.runtime.kind == "ray" and \
             cfg.runtime.train_workers > cfg.data.batch_size:

@@ -298,6 +298,10 @@ def run_sweep(sweep: SweepConfig, storage: str | Path, *, resume: bool = False,
     nodes = placement.nodes()
     cluster_cpus = sum(n["CPU"] for n in nodes)
     check_fits(sweep, nodes, cluster_cpus)
+    from decaf_ray.judge import check as check_judge
+
+    for cfg in sweep.representatives():  # a judge without its key or server: now, not after
+        check_judge(cfg)                  # hours of training
     sweep, shipped = _resolve_weights(sweep)
     if stage_data:
         from decaf_ray.staging import stage

@@ -45,14 +45,15 @@ def write_chat_model(folder: Path, texts: list[str]) -> Path:
 
 class JudgeServer:
     """``with JudgeServer(folder) as url:`` serves the model in ``folder`` at ``url`` (``.../v1``);
-    ``requests`` keeps each request's path and Authorization header."""
+    ``requests`` keeps each request's path and Authorization header; the first ``fail_first``
+    completions answer 503, as an overloaded server does."""
 
-    def __init__(self, folder: Path, max_tokens: int = 12):
+    def __init__(self, folder: Path, max_tokens: int = 12, fail_first: int = 0):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForCausalLM.from_pretrained(folder).eval()
-        self.max_tokens, self.requests = max_tokens, []
+        self.max_tokens, self.requests, self.fail_first = max_tokens, [], fail_first
         self.lock = threading.Lock()
 
     def complete(self, body: dict) -> str:
@@ -90,6 +91,9 @@ class JudgeServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if self.path != "/v1/chat/completions":
                     return self._reply(404, {"error": "not found"})
+                if server.fail_first > 0:
+                    server.fail_first -= 1
+                    return self._reply(503, {"error": "overloaded"})
                 text = server.complete(body)
                 self._reply(200, {"object": "chat.completion", "model": body["model"],
                                   "choices": [{"index": 0, "finish_reason": "length",

@@ -303,3 +303,44 @@ def test_a_model_folder_loads_with_its_own_tokenizer(chat_folder):
     task = make(model=str(chat_folder), model_config=None, template="chat")
     loss, grads = task.loss_and_grads(adapter(task), np.arange(4), True, seed=0)
     assert math.isfinite(loss) and task.codec.eos_id == task.codec.tokenizer.eos_token_id
+
+
+def test_left_padded_batches_answer_as_one_prompt_at_a_time():
+    """Greedy answers do not depend on the batch a prompt shares (padding and positions are
+    right), so every agent's answers are comparable whatever generate_batch is."""
+    from decaf_ray.tasks import peft_lora as pl
+    from decaf_ray.tasks.generate import greedy
+
+    task = make()
+    task.materialize()
+    pl.set_factors(task.layers, adapter(task, scale=0.5))
+    prompts = [task.template.prompt([t]) for t in ("Hi", "Name three colours of the rainbow.",
+                                                   "Why is the sky blue? Explain briefly.", "Ok")]
+    kw = dict(pad_id=task.codec.pad_id, eos_id=task.codec.eos_id, max_new_tokens=8,
+              device=task.device)
+    assert greedy(task.model, prompts, batch_size=4, **kw) == \
+        [greedy(task.model, [p], batch_size=1, **kw)[0] for p in prompts]
+
+
+def test_the_endpoint_judge_retries_an_overloaded_server_and_reports_a_dead_one(chat_folder,
+                                                                                tmp_path):
+    server = JudgeServer(chat_folder, fail_first=1)
+    with server as url:
+        cfg = run_cfg(tmp_path, judge={"url": url, "model": "tiny", "api_key_env": None,
+                                       "max_tokens": 4, "retries": 1})
+        assert isinstance(judge.make_judge(cfg.task.judge)("sys", "user"), str)
+    assert [p for p, _ in server.requests].count("/v1/chat/completions") == 2
+    dead = JudgeServer(chat_folder, fail_first=5)
+    with dead as url:
+        cfg = run_cfg(tmp_path, judge={"url": url, "model": "tiny", "api_key_env": None,
+                                       "retries": 0})
+        with pytest.raises(ValueError, match="HTTP 503"):
+            judge.make_judge(cfg.task.judge)("sys", "user")
+        from decaf_ray.plan import RunResult
+
+        rows = [{"round": 6, "step": 12, "agent": -1, "metric": "test_loss", "value": 1.0}]
+        gens = [{"agent": 0, "benchmark": "vicuna", "question_id": "1", "category": "generic",
+                 "turns": ["q"], "answers": ["a"]}]
+        result = judge.judge_result(cfg, RunResult(cfg, "completed", list(rows), {"final": {}},
+                                                   {}, gens))
+    assert result.summary["judge"].startswith("failed: ValueError") and result.rows == rows

@@ -11,6 +11,7 @@ What staging does per task kind (each distinct dataset once, however many trials
                must exist and hold images.
     causal_lm  ``text_data.load_splits``: local jsonl files are read and checked; hub datasets are
                fetched through ``datasets`` into its cache.
+    instruct   ``instruct_data.load_records`` and the benchmark files, the same way.
     synthetic  nothing.
 
 Offline, a download fails fast with one line naming ``task.root`` and what to put there. Trials on
@@ -90,6 +91,8 @@ def dataset_key(cfg: ExperimentConfig) -> tuple | None:
         if task.train_file is not None:
             return ("text", task.dataset, task.train_file, task.test_file)
         return ("hub", task.dataset, task.hub_dataset)
+    if task.kind == "instruct":
+        return ("instruct", task.train_file or task.hub_dataset, task.test_file, task.eval_dir)
     return None
 
 
@@ -112,7 +115,8 @@ def _stage_one(cfg: ExperimentConfig, lock_timeout_s: float, socket_timeout_s: f
             return _load_images(replace(task, download=True), root)
     lock_dir = Path("~/.cache/decaf_ray").expanduser()
     lock_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(lock_dir / f"{LOCK_NAME}.{task.dataset}", f"{task.dataset} text data",
+    name = getattr(task, "dataset", task.kind)
+    with _locked(lock_dir / f"{LOCK_NAME}.{name}", f"{name} text data",
                  lock_timeout_s, log), _socket_timeout(socket_timeout_s):
         return _load_text(cfg)
 
@@ -143,22 +147,28 @@ def _download_failed(task, root: Path, why: Any) -> ConfigError:
 
 
 def _load_text(cfg: ExperimentConfig) -> str:
-    from decaf_ray.tasks import text_data
+    from decaf_ray.tasks import instruct_data, text_data
 
     task = cfg.task
     seed = task.data_seed if task.data_seed is not None else cfg.seed
+    name = getattr(task, "dataset", task.kind)
     try:
-        train, test = text_data.load_splits(task, seed)
+        if task.kind == "instruct":
+            train, test = instruct_data.load_records(task, seed)
+            if task.benchmarks:
+                instruct_data.load_benchmarks(task, seed)
+        else:
+            train, test = text_data.load_splits(task, seed)
     except ConfigError as e:
         raise e.under("task") from None
     except ImportError as e:  # no ``datasets`` library for a hub dataset
         raise ConfigError("task.train_file", _one_line(e)) from None
     except Exception as e:  # hub or network failures, whatever library raised them
-        raise ConfigError("task.hub_dataset", f"could not fetch {task.dataset} from "
+        raise ConfigError("task.hub_dataset", f"could not fetch {name} from "
                           f"{task.hub_dataset} ({_one_line(e)}); give task.train_file "
                           "(and test_file) as local jsonl files") from None
     source = task.train_file or task.hub_dataset
-    return f"{task.dataset}: ready from {source} ({len(train)} train, {len(test)} test rows)"
+    return f"{name}: ready from {source} ({len(train)} train, {len(test)} test rows)"
 
 
 @contextmanager

@@ -167,3 +167,19 @@ def test_causal_lm_files_are_read_and_missing_ones_name_the_field(tmp_path):
     with pytest.raises(ConfigError) as e:
         stage(llm(train_file=str(tmp_path / "none.jsonl"), test_file=None))
     assert e.value.field == "task.train_file" and "\n" not in str(e.value)
+
+
+def test_instruct_records_and_benchmark_files_are_read_and_a_missing_folder_named(tmp_path):
+    data = ROOT / "tests" / "data" / "instruct"
+    cfg = llm().to_dict()
+    cfg["task"] = {"kind": "instruct", "model_config": {"hidden_size": 16,
+                                                        "intermediate_size": 32,
+                                                        "num_hidden_layers": 1,
+                                                        "num_attention_heads": 2},
+                   "train_file": str(data / "alpaca_en_demo.json"), "eval_dir": str(data)}
+    assert stage(load_config(cfg)) == [
+        f"instruct: ready from {data / 'alpaca_en_demo.json'} (23 train, 1 test rows)"]
+    cfg["task"]["eval_dir"] = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError) as e:
+        stage(load_config(cfg))
+    assert e.value.field == "task.eval_dir" and "advbench_harmful_behaviors.csv" in str(e.value)

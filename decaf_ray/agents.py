@@ -191,9 +191,13 @@ class AgentGroup:
         the rest of the state (``optim.MOMENTS``).
         """
         mixes = self._mix(inbox, {aid: self.agents[aid].factors for aid in inbox})
-        key = self.optimizer.tracker
-        trackers = {} if key is None else self._mix(
-            inbox, {aid: self.agents[aid].opt_state[key] for aid in inbox}, tracker_of)
+        key, trackers = self.optimizer.tracker, {}
+        if key is not None:
+            try:
+                trackers = self._mix(
+                    inbox, {aid: self.agents[aid].opt_state[key] for aid in inbox}, tracker_of)
+            except torch.linalg.LinAlgError:  # DeCAF: a tracker product past float range
+                raise Diverged(t, min(inbox), math.nan, "tracker") from None
         diags = {}
         for aid, (_, weights, payloads) in inbox.items():
             agent, mixed = self.agents[aid], mixes[aid]

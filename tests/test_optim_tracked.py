@@ -2,13 +2,14 @@
 optimizer's own rules (h, the eps floor, no bias correction), and end-to-end runs."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from decaf_ray.agents import Agent, AgentGroup, Sampler
-from decaf_ray.algorithms import ALGORITHMS, MixOptions
+from decaf_ray.agents import Agent, AgentGroup, Diverged, Sampler
+from decaf_ray.algorithms import ALGORITHMS, MixOptions, mix_decaf_many
 from decaf_ray.config import ConfigError, OptimConfig
 from decaf_ray.experiment import run
 from decaf_ray.experiment_config import load_config
@@ -149,6 +150,22 @@ def test_aligned_and_conserved_splits_fit_the_tracker_to_the_agents_own():
             if split == "aligned":
                 dist = lambda u: sum(float((x - y).norm() ** 2) for x, y in zip(u, own[i]))
                 assert dist(fitted[i]) <= dist(balanced[i]) + 1e-12
+
+
+def test_a_tracker_past_float_range_is_a_divergence(monkeypatch):
+    inf = [(torch.full((R, K), math.inf, dtype=F64), torch.ones(D, R, dtype=F64))] * 3
+    with pytest.raises(Diverged, match="tracker"):  # refused before it is published
+        _mixed_trackers("balanced", inf)
+
+    def fails(owns, *_):  # LAPACK on a finite product near float's range
+        if owns[0]["w"][0].abs().max() > 1e10:
+            raise torch.linalg.LinAlgError("linalg.svd: failed to converge")
+        return mix_decaf_many(owns, *_)
+
+    monkeypatch.setitem(ALGORITHMS, "decaf", replace(ALGORITHMS["decaf"], mix_many=fails))
+    big = [(torch.full((R, K), 1e15, dtype=F64), torch.ones(D, R, dtype=F64))] * 3
+    with pytest.raises(Diverged, match="tracker"):
+        _mixed_trackers("balanced", big)
 
 
 def _step_alone(opt, grads_seq):

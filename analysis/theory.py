@@ -230,3 +230,67 @@ def rate_check(results, *, metric: str = "grad_norm_sq",
         corner_note(ax, "held: " + ", ".join(f"{COLUMN_NAMES.get(c, c)} {v}"
                                              for c, v in held.items()))
     return fig, slopes
+
+
+def neighbourhood_size(runs: pd.DataFrame) -> pd.Series:
+    """|N_b(i)| (the agent counted) of each run's graph where every agent has the same one:
+    complete (the agent count), ring (3), random_regular (degree + 1); NaN otherwise."""
+    name = runs.get("topology.name", pd.Series(index=runs.index, dtype=object))
+    degree = pd.to_numeric(runs.get("topology.degree", pd.Series(np.nan, index=runs.index)),
+                           errors="coerce")
+    agents = pd.to_numeric(runs.get("agents", pd.Series(np.nan, index=runs.index)), errors="coerce")
+    out = pd.Series(np.nan, index=runs.index, dtype=float)
+    out[name == "complete"] = agents[name == "complete"]
+    out[name == "ring"] = 3.0
+    out[name == "random_regular"] = degree[name == "random_regular"] + 1
+    return out
+
+
+def tsvd_points(results, *, where: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Proposition 1 measured: per DeCAF split, rank r and neighbourhood size m, the TSVD error
+    and the bound sqrt((m - 1) r) c^2, each the mean over agents and communication rounds of a
+    run, then over seeds. Columns ``consensus.split, lora.rank, m, error, error_std, bound,
+    ratio, n`` (ratio: error / bound, per run then averaged)."""
+    df = as_frame(results)
+    runs = select(run_table(df, "tsvd_error"), where)
+    cols = ["consensus.split", "lora.rank", "m", "error", "error_std", "bound", "ratio", "n"]
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    runs = runs.assign(m=neighbourhood_size(runs)).dropna(subset=["m"])
+    # the network rows (agent -1) hold the mean over agents, per-agent rows need not be kept
+    rows = df[df["run"].isin(runs["run"]) & (df["agent"] == -1) & (df["round"] > 0)]
+    per_run = rows.pivot_table(index="run", columns="metric", values="value", aggfunc="mean")
+    runs = runs.join(per_run[["tsvd_error", "prop1_bound"]], on="run")
+    runs["ratio"] = runs["tsvd_error"] / runs["prop1_bound"]
+    key = [c for c in ("consensus.split", "lora.rank", "m") if c in runs]
+    g = runs.groupby(key, sort=True)
+    out = pd.DataFrame({"error": g["tsvd_error"].mean(), "error_std": g["tsvd_error"].std(ddof=1),
+                        "bound": g["prop1_bound"].mean(), "ratio": g["ratio"].mean(),
+                        "n": g.size()}).reset_index()
+    return out.reindex(columns=cols)
+
+
+def tsvd_neighbourhood(results, *, where: Mapping[str, Any] | None = None) -> Figure:
+    """TSVD error (solid, ± std over seeds) and Proposition 1's bound (dashed) against the
+    neighbourhood size |N_b(i)|, one colour per rank, one panel per DeCAF split; log scale."""
+    pts = tsvd_points(results, where=where)
+    splits = list(pts["consensus.split"].dropna().unique()) if len(pts) else []
+    fig, axes = new_figure(max(len(splits), 1), size=(4.8, 3.8))
+    axes = np.atleast_1d(axes)
+    if not splits:
+        no_data(axes[0])
+        return fig
+    for ax, split in zip(axes, splits):
+        sel = pts[pts["consensus.split"] == split]
+        for rank, g in sel.groupby("lora.rank", sort=True):
+            line, = ax.plot(g["m"], g["error"], marker="o", label=f"r = {int(rank)}")
+            ax.errorbar(g["m"], g["error"], yerr=g["error_std"].fillna(0), fmt="none",
+                        ecolor=line.get_color(), capsize=3)
+            ax.plot(g["m"], g["bound"], linestyle="--", color=line.get_color())
+        ax.set_yscale("log")
+        ax.set_title(f"DeCAF {split}: TSVD error (solid), bound (dashed)", fontsize=10)
+        ax.set_xlabel(r"neighbourhood size $|N_b(i)|$")
+        ax.set_ylabel(r"$\|\cdot\|_F$")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig

@@ -615,3 +615,28 @@ def test_table5_rows_are_the_benchmarks_with_perplexity_ranked_lowest_best():
     assert "| Adv | 40.00 | 50.00 | 45.00 | **60.00** |" in md.replace("<u>50.00</u>", "50.00")
     assert t.best.loc["PPL", "FedAvg"] and t.second.loc["PPL", "DLoRA"]
     assert any("MT, Vic" in n and "judge" in n for n in t.notes)
+
+
+def test_tsvd_points_by_neighbourhood_size_and_rank():
+    rows = []
+    for split in ("balanced", "conserved"):
+        for (name, degree), m in ((("random_regular", 2), 3), (("complete", None), 10)):
+            for rank in (1, 2):
+                for seed in (0, 1):
+                    run = f"/x/{split}-{name}-{rank}-{seed}"
+                    err = 0.1 * m * rank + 0.01 * seed
+                    for rnd, metric, v in ((0, "test_accuracy", 0.1), (1, "tsvd_error", err),
+                                           (2, "tsvd_error", err), (1, "prop1_bound", 2 * err),
+                                           (2, "prop1_bound", 2 * err)):
+                        rows.append({"run": run, "status": "completed", "algorithm": "decaf",
+                                     "consensus.split": split, "topology.name": name,
+                                     "topology.degree": degree, "agents": 10, "lora.rank": rank,
+                                     "seed": seed, "round": rnd, "step": rnd, "agent": -1,
+                                     "metric": metric, "value": v})
+    pts = analysis.tsvd_points(pd.DataFrame(rows))
+    got = pts.set_index(["consensus.split", "lora.rank", "m"])
+    assert len(pts) == 8 and set(pts["n"]) == {2}
+    assert got.loc[("balanced", 2, 10.0), "error"] == pytest.approx(2.005)
+    assert got.loc[("conserved", 1, 3.0), "ratio"] == pytest.approx(0.5)
+    fig = analysis.tsvd_neighbourhood(pd.DataFrame(rows))
+    assert len(fig.axes) == 2

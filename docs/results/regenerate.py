@@ -25,11 +25,12 @@ import pandas as pd
 import analysis
 
 HERE = Path(__file__).resolve().parent
-KEEP = ["run", "status", "name", "algorithm", "seed", "agents", "topology.name", "data.partition",
+KEEP = ["run", "status", "name", "algorithm", "seed", "agents", "topology.name", "topology.degree",
+        "data.partition",
         "lora.rank", "optim.name", "optim.lr", "consensus.split", "consensus.state", "rounds",
         "local_steps", "data.batch_size"]
 METRICS = ["test_accuracy", "test_loss", "train_loss", "consensus_distance", "interference",
-           "tsvd_error", "floats_sent", "test_perplexity", "advbench_refusal_rate",
+           "tsvd_error", "prop1_bound", "floats_sent", "test_perplexity", "advbench_refusal_rate",
            "mt_bench_score", "vicuna_score"]
 
 

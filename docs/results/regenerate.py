@@ -58,7 +58,7 @@ def main() -> None:
         p.error("give the sweeps' storage folder or --from-csv (one of them)")
     frames = {}
     for sweep in ["refactorization-cpu", "refactorization-conserved-cpu", "fig2c-conserved-cpu",
-                  "fig2ab-cpu", "fig2c-cpu", "fig3b-cpu", "fig3c-cpu", "table5-cpu"]:
+                  "fig2ab-cpu", "fig2c-cpu", "fig3b-cpu", "fig3c-cpu", "table5-cpu", *LAB]:
         if args.from_csv:
             if (HERE / f"{sweep}.csv").is_file():
                 frames[sweep] = pd.read_csv(HERE / f"{sweep}.csv")
@@ -85,6 +85,61 @@ def main() -> None:
     fig3 = [frames[s] for s in ("fig3b-cpu", "fig3c-cpu") if s in frames]
     if fig3:
         analysis.figure("fig3", pd.concat(fig3, ignore_index=True), HERE / "fig3.png")
+    lab(frames)
+
+
+LAB = ["lab-fig2-synthetic", "lab-fig3-synthetic", "lab-tsvd-synthetic"]
+SPLITS = {"default": "conserved", "paper": "balanced"}
+"""The DeCAF each lab figure shows: today's default split, or the paper's."""
+
+
+def _with_decaf(df: pd.DataFrame, split: str) -> pd.DataFrame:
+    """``df`` with only the DeCAF runs of ``split`` (the other algorithms' runs all kept)."""
+    other = df["algorithm"] != "decaf"
+    return df[other | (df["consensus.split"] == split)]
+
+
+def _table(table, path: Path) -> None:
+    path.write_text(table.to_markdown())
+
+
+def lab(frames: dict[str, pd.DataFrame]) -> None:
+    """The synthetic theory lab's figures and tables (docs/results/lab-synthetic.md)."""
+    from analysis.names import refactorization_variant
+
+    if "lab-fig2-synthetic" in frames:
+        df = frames["lab-fig2-synthetic"]
+        for tag, split in SPLITS.items():
+            analysis.figure("fig2", _with_decaf(df, split), HERE / f"lab-fig2-{tag}.png")
+        df = df.assign(variant=refactorization_variant(df).str.replace("/keep", ""))
+        _table(analysis.results_table(df, "variant", ["data.partition", "topology.name"],
+                                      "test_accuracy", caption="Synthetic lab, Fig. 2: test "
+                                      "accuracy (%) at round 400, mean ± std over 5 seeds."),
+               HERE / "lab-fig2.md")
+    if "lab-fig3-synthetic" in frames:
+        df = frames["lab-fig3-synthetic"]
+        for tag, split in SPLITS.items():
+            analysis.figure("fig3", _with_decaf(df, split), HERE / f"lab-fig3-{tag}.png")
+        ten = df[df["agents"] == 10]
+        analysis.figure("theory", ten.assign(algorithm=refactorization_variant(ten)
+                                             .str.replace("/keep", "")),
+                        HERE / "lab-theory.png")
+        df = df.assign(variant=refactorization_variant(df).str.replace("/keep", ""))
+        _table(analysis.results_table(df, "variant", ["lora.rank", "agents"], "test_accuracy",
+                                      caption="Synthetic lab, Fig. 3: test accuracy (%) at "
+                                      "round 400 by rank (10 agents) and agent count (rank 2), "
+                                      "IID, complete graph, mean ± std over 5 seeds."),
+               HERE / "lab-fig3.md")
+    if "lab-tsvd-synthetic" in frames:
+        df = frames["lab-tsvd-synthetic"]
+        analysis.figure("tsvd", df, HERE / "lab-tsvd.png")
+        pts = analysis.tsvd_points(df)
+        head = "| split | rank | \\|N_b(i)\\| | TSVD error | ± std | bound | error / bound | runs |"
+        lines = [head, "|:---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['consensus.split']} | {int(r['lora.rank'])} | {int(r['m'])} | "
+                  f"{r['error']:.4g} | {r['error_std']:.2g} | {r['bound']:.4g} | "
+                  f"{r['ratio']:.3f} | {int(r['n'])} |" for _, r in pts.iterrows()]
+        (HERE / "lab-tsvd.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run run-clip test bench docs clean
+.PHONY: install run run-clip test bench docs reproduce-cpu clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: $(STAMP)
 # docs/config.md from the config dataclasses' docstrings (tests/test_config_reference.py checks it).
 docs: $(STAMP)
 	$(PY) -m decaf_ray.config_reference --write
+
+# Every CPU sweep of docs/results in order, resumed where it stopped, then every file there
+# (docs/results/reproduce.py; hours on 2 cores: `--list` shows the last times).
+reproduce-cpu: $(STAMP)
+	$(PY) docs/results/reproduce.py runs/sweeps
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -58,7 +58,9 @@ CHECKPOINT_BYTES = {2: 4, 4: 7}
 """Per layer x token x hidden with gradient checkpointing (measured 3 in bf16; +20%)."""
 EAGER_SCORE_BYTES = {2: 5, 4: 10}
 """Per attention score (heads x length^2 per sequence and layer) with eager attention."""
-OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2, "adam_tracked": 3}
+"""Tensors of a factor's size each optimizer keeps: adam_tracked's M, V and tracker (and
+AMSGrad's moving average besides its running max)."""
 CLIP_CLASSES = {"digits": 10, "fashion_mnist": 10, "flowers102": 102, "food101": 101, "ucf101": 101}
 ASSUMED_CLASSES = 100
 
@@ -173,7 +175,7 @@ def _adapters(cfg: ExperimentConfig, per: int, task: Any) -> Part:
     shapes = _lora_shapes(cfg, task)
     full = param_count(shapes, cfg.lora.rank, True)
     trained = param_count(shapes, cfg.lora.rank, ALGORITHMS[cfg.algorithm].train_A)
-    states = OPTIMIZER_STATES[cfg.optim.name]
+    states = OPTIMIZER_STATES[cfg.optim.name] + (cfg.optim.h == "amsgrad")
     return Part("adapters", per * (full + trained * (states + 1)) * 4.0,
                 f"{per} agents x ({full:,} factor params + {trained:,} trained x ({states} "
                 f"{cfg.optim.name} states + 1 gradient)) x 4 B")

@@ -81,11 +81,13 @@ def test_describe_of_a_paper_sweep_works_offline_and_prints_the_memory_lines(tmp
     assert code == 0, err
     assert "(the file's '# cluster:' line): 3 distinct shape(s)" in out
     block = out.split("## 1 trial(s): agents,local_steps: [40, 4]")[1].splitlines()
-    assert block[1:5] == ["hosts: 4 (AgentHost actors); 10 agent(s) per host, 5 per forward pass",
+    assert block[1:7] == ["model: CLIP ViT-B-16 (openai)",
+                          "trainable params per agent: 184,320",  # the paper's, rank 2
+                          "hosts: 4 (AgentHost actors); 10 agent(s) per host, 5 per forward pass",
                           "per host: 3 CPUs, 0.5 GPU",
                           "per trial: 12.01 CPUs, 2 GPUs (incl. the driver's 0.01 CPU)",
                           "base-model copies: 4"]
-    assert block[5].startswith("memory per host (GPU, estimate): ")
+    assert block[7].startswith("memory per host (GPU, estimate): ")
     for part in ("weights: 0.60 GB = 149,620,737 params x 4 B", "activations:", "adapters:",
                  "cuda context: 0.50 GB"):
         assert any(line.startswith(f"  {part}") for line in block), part

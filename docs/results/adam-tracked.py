@@ -1,7 +1,9 @@
-"""The tables of docs/results/adam-tracked.md from the adam-tracked-cpu sweep.
+"""The tables of docs/results/adam-tracked.md from the adam-tracked-cpu sweep (synthetic) and
+the adam-tracked-standin-cpu sweep (the CLIP stand-in).
 
     decaf-ray sweep sweeps/adam-tracked-cpu.yaml --storage runs/sweeps --max-concurrent 2
-    python docs/results/adam-tracked.py runs/sweeps      # writes adam-tracked-cpu.csv, prints
+    decaf-ray sweep sweeps/adam-tracked-standin-cpu.yaml --storage runs/sweeps --max-concurrent 2
+    python docs/results/adam-tracked.py runs/sweeps      # writes the sweeps' CSVs, prints
                                                          # (several storage folders: one CSV)
     python docs/results/adam-tracked.py --from-csv       # the tables from the committed CSV
 
@@ -18,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
-CSV = HERE / "adam-tracked-cpu.csv"
+SWEEPS = ("adam-tracked-cpu", "adam-tracked-standin-cpu")
+"""Each sweep's tidy CSV is ``<sweep>.csv`` beside this file."""
 KEEP = ["run", "status", "algorithm", "consensus.split", "optim.name", "optim.eps", "optim.lr",
         "seed", "rounds"]
 METRICS = ["test_loss", "test_accuracy", "consensus_distance", "floats_sent"]
@@ -29,11 +32,11 @@ OPTIMIZERS = [("adam", 1e-8, "local Adam"), ("adam", 1e-2, "local Adam, eps 1e-2
               ("adam_tracked", 1e-4, "Algorithm 4, eps 1e-4")]
 
 
-def tidy(storage: Path) -> pd.DataFrame:
+def tidy(storage: Path, sweep: str) -> pd.DataFrame:
     import analysis
 
     root = storage.resolve()
-    df = analysis.load(root / "adam-tracked-cpu")
+    df = analysis.load(root / sweep)
     out = df[(df["agent"] == -1) & df["metric"].isin(METRICS)]
     out = out[KEEP + ["round", "step", "agent", "metric", "value"]].copy()
     # Tune's trial folder names repeat the config; its trial id is enough to tell runs apart.
@@ -61,11 +64,12 @@ def _cell(group: pd.DataFrame, metric: str) -> str:
 
 def tables(df: pd.DataFrame) -> str:
     f = finals(df)
+    seeds = f["seed"].nunique()
     lines = []
     for metric, title in [("test_loss", "Final test loss"),
                           ("test_accuracy", "Final test accuracy")]:
         lines += [f"{title}, best step size per cell (lowest mean test loss over the seeds, all "
-                  "completed), mean ± std over 5 seeds:", "",
+                  f"completed), mean ± std over {seeds} seeds:", "",
                   "| variant | " + " | ".join(o[2] for o in OPTIMIZERS) + " |",
                   "|:---|" + ":---:|" * len(OPTIMIZERS)]
         for alg, split, label in VARIANTS:
@@ -107,13 +111,19 @@ def main() -> None:
     args = p.parse_args()
     if bool(args.storage) == args.from_csv:
         p.error("give the sweep's storage folder or --from-csv (one of them)")
-    if args.from_csv:
-        df = pd.read_csv(CSV)
-    else:
-        df = pd.concat([tidy(s) for s in args.storage]).sort_values(["run", "round", "metric"])
-        df.to_csv(CSV, index=False, float_format="%.6g")
-    print(tables(df))
-
+    for sweep in SWEEPS:
+        csv = HERE / f"{sweep}.csv"
+        if args.from_csv:
+            if not csv.is_file():
+                continue
+            df = pd.read_csv(csv)
+        else:
+            found = [s for s in args.storage if (s / sweep).is_dir()]
+            if not found:
+                continue
+            df = pd.concat([tidy(s, sweep) for s in found]).sort_values(["run", "round", "metric"])
+            df.to_csv(csv, index=False, float_format="%.6g")
+        print(f"## {sweep}\n\n{tables(df)}\n")
 
 if __name__ == "__main__":
     main()

@@ -157,8 +157,18 @@ def test_final_evaluation_answers_every_benchmark_turn_and_counts_refusals():
     assert any(len(g["turns"]) == 2 for g in gens)  # MT-Bench's second turn was answered
     adv = [g for g in gens if g["benchmark"] == "advbench"]
     assert out["advbench_refusal_rate"] == np.mean([g["refused"] for g in adv])
-    again = task.evaluate_final(factors, agent=0)["generations"]
-    assert again == gens  # greedy, seeded: the same answers
+    import decaf_ray.tasks.instruct as instruct_module
+
+    calls = []
+    real = instruct_module.greedy
+    instruct_module.greedy = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        again = task.evaluate_final(factors, agent=1)["generations"]
+        other = task.evaluate_final(adapter(task, seed=1), agent=2)["generations"]
+    finally:
+        instruct_module.greedy = real
+    assert again == gens  # an equal adapter (another agent's copy): the same answers, not redone
+    assert len(calls) == 2 and other != gens  # another adapter: its own two turns
     assert "generations" not in make(generate_agents=[1]).evaluate_final(factors, agent=0)
 
 

@@ -17,6 +17,8 @@ step's seed (``step_rng``).
 Vicuna-bench questions, returned as ``generations`` (saved to ``generations.jsonl``), and
 ``advbench_refusal_rate``, the fraction of AdvBench answers containing a refusal prefix
 (llm-attacks' test). MT-Bench and Vicuna-bench are scored afterwards by ``decaf_ray.judge``.
+Agents holding equal adapters (FedAvg, or DLoRA on a complete graph) share one set of answers:
+greedy decoding gives an equal adapter equal answers.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from decaf_ray.factors import Factors, Grads
 from decaf_ray.tasks import instruct_data as idata
 from decaf_ray.tasks import peft_lora as pl
 from decaf_ray.tasks import text_data as td
-from decaf_ray.tasks.decoder import DecoderTask
+from decaf_ray.tasks.decoder import DecoderTask, digest
 from decaf_ray.tasks.generate import greedy
 from decaf_ray.tasks.instruct_config import InstructConfig
 from decaf_ray.tasks.step_rng import seeded_step
@@ -58,6 +60,7 @@ class InstructTask(DecoderTask):
         super().__init__(cfg, lora_cfg, seed, td.ByteCodec() if bytes_codec else None)
         self.template: idata.Template | None = None
         self._examples: dict[tuple[int, int], tuple[list[int], int]] = {}
+        self._answers: dict[bytes, list[dict[str, Any]]] = {}  # the last adapter's answers
 
     def _loaded(self) -> None:
         self.template = idata.Template(self.cfg.template, self.codec)
@@ -136,9 +139,12 @@ class InstructTask(DecoderTask):
         wanted = self.cfg.generate_agents
         if not self.bench or (wanted is not None and agent not in wanted):
             return out
-        self.materialize()
-        pl.set_factors(self.layers, factors)
-        records = self._answer(self.bench, agent)
+        key = digest(factors)  # greedy answers of an equal adapter are equal: made once
+        if key not in self._answers:
+            self.materialize()
+            pl.set_factors(self.layers, factors)
+            self._answers = {key: self._answer(self.bench, agent)}
+        records = [dict(r) for r in self._answers[key]]
         adv = [r["refused"] for r in records if r["benchmark"] == "advbench"]
         if adv:
             out["advbench_refusal_rate"] = float(np.mean(adv))

@@ -72,6 +72,8 @@ def main() -> None:
             root = args.storage.resolve()
             frames[sweep] = analysis.load(root / sweep)
             tidy(frames[sweep], root).to_csv(csv_path(sweep), index=False,
+                                             compression={"method": "infer", "mtime": 0}
+                                             if sweep in LAB else "infer",
                                              float_format="%.6g")
     if "refactorization-cpu" in frames:
         df = frames["refactorization-cpu"]

@@ -177,7 +177,8 @@ def test_describe_config_ends_with_its_resources_on_a_cluster(config):
     assert out.index("trainable_params: 24") < out.index(
         "# resources on 1 node(s) x 4 L4 GPUs of 24 GB, 32 CPUs each")
     tail = out.split("# resources on")[1].splitlines()[1:]
-    assert tail[:4] == ["hosts: 1 (the trial's own process (runtime.kind inprocess)); 4 agent(s) "
+    assert tail[:6] == ["model: synthetic 4 x 8", "trainable params per agent: 24",
+                        "hosts: 1 (the trial's own process (runtime.kind inprocess)); 4 agent(s) "
                         "per host, 1 per forward pass", "per host: 1 CPUs, 0 GPU",
                         "per trial: 1 CPUs, 0 GPUs", "base-model copies: 1"]
     assert "  weights: 128 B = 4 x 8 x 4 B (float32, CPU)" in tail  # synthetic W0 (d, k)

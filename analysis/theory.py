@@ -249,10 +249,11 @@ def neighbourhood_size(runs: pd.DataFrame) -> pd.Series:
 def tsvd_points(results, *, where: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Proposition 1 measured: per DeCAF split, rank r and neighbourhood size m, the TSVD error
     and the bound sqrt((m - 1) r) c^2, each the mean over agents and communication rounds of a
-    run, then over seeds. Columns ``consensus.split, lora.rank, m, error, error_std, bound,
+    completed run (diverged ones are left out; ``n`` counts the rest), then over seeds. Columns ``consensus.split, lora.rank, m, error, error_std, bound,
     ratio, n`` (ratio: error / bound, per run then averaged)."""
     df = as_frame(results)
     runs = select(run_table(df, "tsvd_error"), where)
+    runs = runs[runs["status"] == "completed"]  # a diverged run's norms end non-finite
     cols = ["consensus.split", "lora.rank", "m", "error", "error_std", "bound", "ratio", "n"]
     if runs.empty:
         return pd.DataFrame(columns=cols)

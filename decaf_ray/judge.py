@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from decaf_ray import metrics
 from decaf_ray.config import ConfigError
 from decaf_ray.experiment_config import ExperimentConfig
 from decaf_ray.plan import Row, RunResult
@@ -139,22 +140,23 @@ def _score_rows(result: RunResult, records: list[dict[str, Any]]) -> list[Row]:
     """Per-agent mean score and unscored count of each judged benchmark, then their means."""
     last = max((r for r in result.rows), key=lambda r: r["round"])
     rnd, step = last["round"], last["step"]
+    scores: dict[tuple[int, str], list[float | None]] = {}
+    for r in records:
+        scores.setdefault((r["agent"], r["benchmark"]), []).extend(
+            j["score"] for j in r["judgments"])
     per_agent: dict[int, dict[str, float]] = {}
-    for bench, metric in JUDGED.items():
-        for agent in sorted({r["agent"] for r in records if r["benchmark"] == bench}):
-            scores = [j["score"] for r in records if r["benchmark"] == bench and r["agent"] == agent
-                      for j in r["judgments"]]
-            valid = [s for s in scores if s is not None]
-            m = per_agent.setdefault(agent, {})
-            m[metric] = float(np.mean(valid)) if valid else float("nan")
-            m[metric.replace("_score", "_unscored")] = float(len(scores) - len(valid))
+    for (agent, bench), got in sorted(scores.items()):
+        valid = [s for s in got if s is not None]
+        m, metric = per_agent.setdefault(agent, {}), JUDGED[bench]
+        m[metric] = float(np.mean(valid)) if valid else float("nan")
+        m[metric.replace("_score", "_unscored")] = float(len(got) - len(valid))
     rows = [{"round": rnd, "step": step, "agent": a, "metric": k, "value": v}
             for a, m in sorted(per_agent.items()) for k, v in sorted(m.items())]
-    keys = sorted({k for m in per_agent.values() for k in m})
-    for k in keys:
-        values = [m[k] for m in per_agent.values() if k in m and not np.isnan(m[k])]
+    scored = {a: {k: v for k, v in m.items() if not np.isnan(v)} for a, m in per_agent.items()}
+    net = metrics.means(scored)  # over the agents that have a score
+    for k in sorted({k for m in per_agent.values() for k in m}):
         rows.append({"round": rnd, "step": step, "agent": -1, "metric": k,
-                     "value": float(np.mean(values)) if values else float("nan")})
+                     "value": net.get(k, float("nan"))})
     return rows
 
 

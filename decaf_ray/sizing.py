@@ -112,6 +112,7 @@ def size_trial(cfg: ExperimentConfig, task: Any = None) -> TrialSize:
     """Size one trial of ``cfg``. ``task``, a built task (optional), gives exact class counts
     and vocabularies where the config alone cannot (``describe CONFIG`` has one)."""
     from decaf_ray.algorithms import ALGORITHMS
+    from decaf_ray.factors import param_count
 
     rt, central = cfg.runtime, ALGORITHMS[cfg.algorithm].centralized
     agents = 1 if central else cfg.agents
@@ -131,13 +132,11 @@ def size_trial(cfg: ExperimentConfig, task: Any = None) -> TrialSize:
     device = cfg.task.device if hasattr(cfg.task, "device") else "cpu"
     cuda = host[1] > 0 and not device.startswith(("cpu", "mps"))
     n_pass = min(rt.batch_agents, per) if cfg.task.kind == "clip" else 1
-    parts = _task_parts(cfg, task, cuda, batch, n_pass) + [_adapters(cfg, per, task)]
+    shapes = _lora_shapes(cfg, task)
+    trainable = param_count(shapes, cfg.lora.rank, ALGORITHMS[cfg.algorithm].train_A)
+    parts = _task_parts(cfg, task, cuda, batch, n_pass) + [_adapters(cfg, per, shapes, trainable)]
     if cuda:
         parts.append(Part("cuda context", CUDA_CONTEXT, "one CUDA context per host process"))
-    from decaf_ray.factors import param_count
-
-    trainable = param_count(_lora_shapes(cfg, task), cfg.lora.rank,
-                            ALGORITHMS[cfg.algorithm].train_A)
     return TrialSize(placement, hosts, per, n_pass, host, driver, "cuda" if cuda else "cpu",
                      tuple(parts), cfg.rounds, cfg.local_steps, agents, _model(cfg.task),
                      trainable)
@@ -168,13 +167,12 @@ def _task_parts(cfg, task, cuda: bool, batch: int, n_pass: int) -> list[Part]:
                                    "clip, causal_lm, instruct and synthetic")
 
 
-def _adapters(cfg: ExperimentConfig, per: int, task: Any) -> Part:
-    from decaf_ray.algorithms import ALGORITHMS
+def _adapters(cfg: ExperimentConfig, per: int, shapes: dict[str, tuple[int, int]],
+              trained: int) -> Part:
+    """The agents' factors, and for the ``trained`` of them optimizer states and a gradient."""
     from decaf_ray.factors import param_count
 
-    shapes = _lora_shapes(cfg, task)
     full = param_count(shapes, cfg.lora.rank, True)
-    trained = param_count(shapes, cfg.lora.rank, ALGORITHMS[cfg.algorithm].train_A)
     states = OPTIMIZER_STATES[cfg.optim.name] + (cfg.optim.h == "amsgrad")
     return Part("adapters", per * (full + trained * (states + 1)) * 4.0,
                 f"{per} agents x ({full:,} factor params + {trained:,} trained x ({states} "

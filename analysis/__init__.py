@@ -3,7 +3,8 @@
 ``load(path)`` gives one tidy DataFrame of every run under ``path`` (a run directory or any folder
 of them): the metric rows plus flattened config columns (``algorithm``, ``topology.name``,
 ``lora.rank``, ...) and the run's ``status`` and ``run`` (its directory). Failed, empty and
-unreadable runs are skipped with a one-line notice on stderr.
+unreadable runs are skipped with a one-line notice on stderr. It also reads the tidy CSVs that
+``docs/results/regenerate.py`` writes (``load_tidy``), or a list of paths of either kind.
 
 On top of it (each takes that frame or a results directory):
 
@@ -45,7 +46,7 @@ from analysis.figures import (
 )
 from analysis.overview import runs_figure
 from analysis.results_table import results_table
-from analysis.runs import load, run_dirs, summaries
+from analysis.runs import load, load_tidy, run_dirs, summaries
 from analysis.table import Table
 from analysis.tables import refactorization_table, table2, table3, table5, table6, table7
 from analysis.theory import (fit_slope, rate_check, rate_points, theory_curves,
@@ -64,10 +65,10 @@ def plot_runs(path: str | Path, metric: str, out: str | Path) -> Path:
 
 
 __all__ = ["FIGURES", "NAMES", "TABLES", "Table", "accuracy_gap", "bytes_vs_accuracy", "fig2",
-           "fig3", "figure", "fit_slope", "label_distribution", "load", "plot_runs", "rate_check",
-           "rate_points", "refactorization", "refactorization_table", "results_table", "run_dirs",
-           "runs_figure", "summaries", "table2", "table3", "table5", "table6", "table7",
-           "theory_curves", "tsvd_neighbourhood", "tsvd_points"]
+           "fig3", "figure", "fit_slope", "label_distribution", "load", "load_tidy", "plot_runs",
+           "rate_check", "rate_points", "refactorization", "refactorization_table",
+           "results_table", "run_dirs", "runs_figure", "summaries", "table2", "table3", "table5",
+           "table6", "table7", "theory_curves", "tsvd_neighbourhood", "tsvd_points"]
 
 FIGURES = {"fig2": fig2, "fig3": fig3, "theory": theory_curves, "bytes": bytes_vs_accuracy,
            "labels": label_distribution, "rate": rate_check, "refactor": refactorization,

@@ -109,12 +109,39 @@ def notice(d: str | Path, why: str) -> None:
     print(f"decaf-ray: skipped {d}: {_one_line(why) or 'unusable'}", file=sys.stderr)
 
 
-def load(path: str | Path) -> pd.DataFrame:
+TIDY_SUFFIXES = (".csv", ".csv.gz")
+"""A results path ending so is a tidy CSV (``docs/results/regenerate.py`` writes them)."""
+
+
+def load_tidy(path: str | Path) -> pd.DataFrame:
+    """A tidy CSV written from ``load``'s frame (``run, status, <config columns>, round, step,
+    agent, metric, value``), as that frame. It holds no config.json or summary.json, so views
+    that read those (summary tables, the label distribution, the epoch axis) need run folders.
+
+    Raises ``FileNotFoundError`` for a missing file, ``ValueError`` when a column is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such results file")
+    df = pd.read_csv(path)
+    missing = [c for c in ("run", "status", *COLUMNS) if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: not a tidy results CSV (no column {', '.join(missing)})")
+    return df
+
+
+def load(path: str | Path | list[str | Path]) -> pd.DataFrame:
     """Tidy rows ``run, status, <config columns>, round, step, agent, metric, value`` of every
     usable run under ``path`` (see the module docstring for what is skipped, with a notice).
+    ``path`` may also be a tidy CSV (``load_tidy``), or a list of paths, read and concatenated.
 
     Raises ``FileNotFoundError`` when ``path`` holds no run directory and ``ValueError`` when
     every run in it was skipped."""
+    if isinstance(path, (list, tuple)):
+        if not path:
+            raise FileNotFoundError("no results path given")
+        return pd.concat([load(p) for p in path], ignore_index=True)
+    if str(path).endswith(TIDY_SUFFIXES):
+        return load_tidy(path)
     dirs = run_dirs(path)
     if not dirs:
         raise FileNotFoundError(f"{path}: holds no run (no metrics.csv below it)")
@@ -133,7 +160,7 @@ def load(path: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def as_frame(results: str | Path | pd.DataFrame) -> pd.DataFrame:
+def as_frame(results: str | Path | list[str | Path] | pd.DataFrame) -> pd.DataFrame:
     """``results`` itself when it is a DataFrame, else ``load(results)``."""
     if isinstance(results, pd.DataFrame):
         return results

@@ -110,11 +110,13 @@ class AgentGroup:
     """Agents hosted together; see the module docstring for the call order."""
 
     def __init__(self, task, algorithm: Algorithm, optimizer: Optimizer, agents: list[Agent],
-                 seed: int, mix_options: MixOptions, batches: list[list[int]] | None = None):
+                 seed: int, mix_options: MixOptions, batches: list[list[int]] | None = None,
+                 local_steps: int = 1):
         self.task, self.algorithm, self.optimizer = task, algorithm, optimizer
         self.agents = {a.id: a for a in agents}
         self.seed, self.mix_options = seed, mix_options
         self.batches = batches or [[a.id] for a in agents]
+        self.local_steps = local_steps  # tau: step t belongs to round ceil(t / tau)
 
     @classmethod
     def build(cls, cfg, task, algorithm: Algorithm, optimizer: Optimizer,
@@ -130,26 +132,35 @@ class AgentGroup:
         rt = cfg.runtime
         return cls(task, algorithm, optimizer, agents, cfg.seed,
                    MixOptions(split=cfg.consensus.split, state=cfg.consensus.state),
-                   agent_batches(list(shards), rt.agents_per_host, rt.batch_agents))
+                   agent_batches(list(shards), rt.agents_per_host, rt.batch_agents),
+                   cfg.local_steps)
 
     # ------------------------------------------------------------------ training steps
 
+    def round_of(self, t: int) -> int:
+        """The round (1-based) step t belongs to: rounds are ``local_steps`` steps each."""
+        return (t - 1) // self.local_steps + 1
+
     def _grads(self, t: int) -> Iterator[tuple[Agent, Grads]]:
-        """Each agent's minibatch gradient at its w_t, in agent order, a batch at a time."""
+        """Each agent's minibatch gradient at its w_t, in agent order, a batch at a time; the
+        factors the round does not train (``Algorithm.trains_in``) get None."""
+        trains = self.algorithm.trains_in(self.round_of(t))
         for ids in self.batches:
             agents = [self.agents[i] for i in ids]
             indices = [a.sampler.next() for a in agents]
             seeds = [derive_seed(self.seed, 3, a.id, t) for a in agents]
             if len(agents) == 1:
                 results = [self.task.loss_and_grads(agents[0].factors, indices[0],
-                                                    self.algorithm.train_A, seeds[0])]
+                                                    "A" in trains, seeds[0])]
             else:
                 results = self.task.loss_and_grads_many([a.factors for a in agents], indices,
-                                                        self.algorithm.train_A, seeds)
+                                                        "A" in trains, seeds)
             for agent, (loss, grads) in zip(agents, results):
                 if not math.isfinite(loss):
                     raise Diverged(t, agent.id, loss)
                 agent.losses.append(loss)
+                if "B" not in trains:  # a task always returns B's gradient: frozen here
+                    grads = {n: (ga, None) for n, (ga, _) in grads.items()}
                 yield agent, grads
 
     def _step(self, agent: Agent, grads: Grads, point: Factors, t: int) -> None:
@@ -163,17 +174,17 @@ class AgentGroup:
 
     def grads_and_payloads(self, t: int) -> dict[int, Factors]:
         """Take each agent's gradient at w_t, hold it, and return what each agent publishes:
-        its factors (B only for the FA variants), and with a tracking optimizer
-        (``adam_tracked``) its tracker U-hat_t as well, the same factors of it."""
-        out, key = {}, self.optimizer.tracker
+        the factors that travel in this round (``Algorithm.payload``), and with a tracking
+        optimizer (``adam_tracked``) its tracker U-hat_t as well, the same factors of it."""
+        out, key, rnd = {}, self.optimizer.tracker, self.round_of(t)
         for agent, grads in self._grads(t):
             agent.pending = grads
-            out[agent.id] = self.algorithm.payload(agent.factors)
+            out[agent.id] = self.algorithm.payload(agent.factors, rnd)
             if key is not None:
                 tracker = agent.opt_state[key]
                 if not _finite(tracker):  # e.g. g^2 overflowed; a TSVD of it would raise
                     raise Diverged(t, agent.id, math.nan, "tracker")
-                out[agent.id] = with_tracker(out[agent.id], self.algorithm.payload(tracker))
+                out[agent.id] = with_tracker(out[agent.id], self.algorithm.payload(tracker, rnd))
         return out
 
     def mix_and_apply(self, t: int, inbox: Inbox, diagnose: bool = False
@@ -182,7 +193,8 @@ class AgentGroup:
 
         Agents with the same neighbours and weights (e.g. all of them under FedAvg) share one
         mix, which is exact because a mix reads only the payloads (and the shared frozen A),
-        unless the split is ``aligned`` or ``conserved``, which read the agent's own factors.
+        unless the split is ``aligned`` or ``conserved``, which read the agent's own factors,
+        or the algorithm hands back a trained factor it did not mix (``keeps_own``: FedSA's B).
         Returns consensus diagnostics per agent when ``diagnose``.
 
         A tracking optimizer's tracker (Algorithm 4) is mixed by the same mix as the factors,
@@ -221,7 +233,8 @@ class AgentGroup:
         to mixing alone, so how agents are spread over hosts does not change the numbers."""
         def key(aid: int) -> tuple:
             ids, weights, _ = inbox[aid]
-            return ids, weights, aid if self.mix_options.per_agent else None
+            own = self.mix_options.per_agent or self.algorithm.keeps_own
+            return ids, weights, aid if own else None
 
         first: dict[tuple, int] = {}
         for aid in inbox:

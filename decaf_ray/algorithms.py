@@ -1,19 +1,49 @@
-"""The algorithms of the paper, one registry entry each: what is trained, what travels, how it
-is mixed, and which mixing matrix is used.
+"""The algorithms of the paper and the best-known LoRA aggregation rules beside them, one
+registry entry each: what is trained, what travels, how it is mixed, and which mixing matrix.
 
-| name        | trains | travels | mix                          | Pi                 |
-|-------------|--------|---------|------------------------------|--------------------|
-| decaf       | A, B   | A, B    | TSVD of sum pi_ij B_j A_j    | the graph's        |
-| dlora       | A, B   | A, B    | sum pi_ij A_j, sum pi_ij B_j | the graph's        |
-| dlora_fa    | B      | B       | sum pi_ij B_j                | the graph's        |
-| fedavg      | A, B   | A, B    | as dlora                     | (1/N) 1 1^T        |
-| fedavg_fa   | B      | B       | as dlora_fa                  | (1/N) 1 1^T        |
-| local       | A, B   | nothing | none                         | I                  |
-| local_fa    | B      | nothing | none                         | I                  |
-| centralized | A, B   | nothing | none                         | one agent, all data|
+| name        | trains          | travels     | mix                            | Pi               |
+|-------------|-----------------|-------------|--------------------------------|------------------|
+| decaf       | A, B            | A, B        | TSVD of sum pi_ij B_j A_j      | the graph's      |
+| dlora       | A, B            | A, B        | sum pi_ij A_j, sum pi_ij B_j   | the graph's      |
+| dlora_fa    | B               | B           | sum pi_ij B_j                  | the graph's      |
+| fedsa       | A, B            | A           | sum pi_ij A_j; B stays local   | the graph's      |
+| alternating | B (odd rounds), | the round's | sum pi_ij X_j of the round's   | the graph's      |
+|             | A (even rounds) | factor X    | factor X; the other stays      |                  |
+| fedavg      | A, B            | A, B        | as dlora                       | (1/N) 1 1^T      |
+| fedavg_fa   | B               | B           | as dlora_fa                    | (1/N) 1 1^T      |
+| local       | A, B            | nothing     | none                           | I                |
+| local_fa    | B               | nothing     | none                           | I                |
+| centralized | A, B            | nothing     | none                           | one agent, all   |
+|             |                 |             |                                | the data         |
+
+Where the rules of other papers sit here:
+
+* FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024,
+  arXiv 2403.12313) freezes the random A and trains and averages only the zero-initialised B:
+  that is ``fedavg_fa``, and its gossip form ``dlora_fa``. ConLoRA, decentralized LoRA with the
+  shared A frozen, is ``dlora_fa`` as well; neither has an entry of its own.
+* FedSA-LoRA (Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated
+  Learning", ICLR 2025, arXiv 2410.01463) trains both factors and shares only A (A learns what
+  is general, B what is client-specific): ``fedsa``, gossiped over the graph's Pi. Its mix is
+  not exact on the product: agent i ends with B_i (sum_j pi_ij A_j), its own B on the mixed A.
+* RoLoRA (Chen et al., "Robust Federated Finetuning of LLMs via Alternating Optimization of
+  LoRA", NeurIPS 2025, arXiv 2502.01755) alternates: clients train B with A frozen and B is
+  averaged, then train A with B frozen and A is averaged. ``alternating`` is its gossip form
+  with one factor per round, the phase taken from the round number k (1-based, as
+  ``runtime.loop`` counts rounds): odd rounds train and mix B, even rounds A. B goes first
+  because B_0 = 0 makes A's gradient s B^T dL/dW zero. A round's mix is exact on the product
+  for agent i, sum_j pi_ij B_j A_j = B_i' A_i' (B_i' = sum_j pi_ij B_j in a B round, with its
+  own A_i' = A_i), whenever the frozen factor is equal over i's neighbourhood: always in
+  round 1 (the shared A_0), and in every round when each mix makes the factor it mixes equal
+  everywhere (a complete graph with uniform Pi, i.e. RoLoRA's server average). On a sparse
+  graph the frozen factor differs between neighbours after its first mix and the mix misses
+  by sum_j pi_ij B_j (A_j - A_i) (B rounds) or sum_j pi_ij (B_j - B_i) A_j (A rounds).
+  Decentralized cousins (related work, not implemented): ADF-LoRA (arXiv 2511.18291), which
+  updates one factor per round but mixes both, and TAD-LoRA.
 
 A mix function is pure: ``mix(own, payloads, weights, options) -> Factors``, where ``payloads``
-are the neighbours' published adapters (self included) in the order of ``weights``. Modules of
+are the neighbours' published adapters (self included) in the order of ``weights``; a factor
+that does not travel is None in a payload and the agent's own in the result. Modules of
 equal shape are mixed in one batched call. An algorithm may also give ``mix_many``, the same mix
 for n agents with equally many neighbours at once (DeCAF does: its per-agent QRs and SVDs are
 small, so one batched call saves their fixed cost n times over). Adding an algorithm is one
@@ -37,7 +67,7 @@ from scipy import sparse
 from torch import Tensor
 
 from decaf_ray import consensus
-from decaf_ray.factors import Factors, param_count, shape_groups, stack
+from decaf_ray.factors import Factors, shape_groups, stack
 
 MixFn = Callable[[Factors, list[Factors], Tensor, "MixOptions"], Factors]
 MixManyFn = Callable[[list[Factors], list[list[Factors]], Tensor, "MixOptions"], list[Factors]]
@@ -59,10 +89,14 @@ class MixOptions:
 
 @dataclass(frozen=True)
 class Algorithm:
-    """One algorithm of the paper (see the module table)."""
+    """One algorithm (see the module table). Factor sets are strings of ``"A"`` and ``"B"``."""
 
     name: str
-    train_A: bool
+    trains: str
+    """The factors that take gradient steps: ``"AB"``, or ``"B"`` (A frozen at the shared A_0)."""
+    travels: str
+    """The factors a message holds and the mix averages: ``"AB"``, ``"A"`` (FedSA), ``"B"``
+    (the FA variants) or ``""`` (no mix)."""
     mix: MixFn | None
     pi: Literal["graph", "server", "identity"]
     centralized: bool = False
@@ -74,10 +108,38 @@ class Algorithm:
     tracked: bool = False
     """Algorithm 4 (``optim.name: adam_tracked``): each message also carries the sender's
     second-moment tracker, as many floats again as its factors (see ``tracking``)."""
+    phases: tuple[str, ...] = ()
+    """Rounds that take turns: round k (1-based) trains and sends only the factors
+    ``phases[(k - 1) % len(phases)]`` (``alternating``); empty: every round trains ``trains``
+    and sends ``travels``."""
 
     @property
     def communicates(self) -> bool:
         return self.mix is not None
+
+    @property
+    def train_A(self) -> bool:
+        """A takes gradient steps, in some round: the adapter's trainable count is (d + k) r."""
+        return "A" in self.trains
+
+    @property
+    def keeps_own(self) -> bool:
+        """The mix hands an agent back a factor it trains but did not mix (FedSA's B, the
+        factor a round of ``alternating`` leaves alone): agents with the same neighbours and
+        weights still end with different adapters."""
+        return bool(self.phases) or not set(self.trains) <= set(self.travels)
+
+    def trains_in(self, rnd: int) -> str:
+        """The factors that take gradient steps in round ``rnd`` (1-based)."""
+        return self.phases[(rnd - 1) % len(self.phases)] if self.phases else self.trains
+
+    def travels_in(self, rnd: int | None) -> str:
+        """The factors sent in round ``rnd`` (1-based); ``rnd`` may be None without phases."""
+        if not self.phases:
+            return self.travels
+        if rnd is None:
+            raise ValueError(f"{self.name} sends a different factor each round: give the round")
+        return self.phases[(rnd - 1) % len(self.phases)]
 
     def mix_agents(self, owns: list[Factors], payloads: list[list[Factors]], weights: Tensor,
                    options: "MixOptions") -> list[Factors]:
@@ -86,11 +148,15 @@ class Algorithm:
             return self.mix_many(owns, payloads, weights, options)
         return [self.mix(o, p, w, options) for o, p, w in zip(owns, payloads, weights)]
 
-    def payload(self, factors: Factors) -> Factors:
-        """What an agent publishes: its factors, or only B (A as None) for the FA variants."""
-        if self.train_A:
+    def payload(self, factors: Factors, rnd: int | None = None) -> Factors:
+        """What an agent publishes in round ``rnd``: its factors, with those that do not travel
+        as None (A for the FA variants, B for FedSA, the other factor than the round's for
+        ``alternating``, which needs ``rnd``)."""
+        sent = self.travels_in(rnd)
+        if sent == "AB":
             return factors
-        return {n: (None, b) for n, (_, b) in factors.items()}  # type: ignore[misc]
+        return {n: (a if "A" in sent else None, b if "B" in sent else None)  # type: ignore[misc]
+                for n, (a, b) in factors.items()}
 
     def mixing(self, graph_pi: sparse.csr_array) -> sparse.csr_array:
         """The Pi this algorithm uses given the graph's (N, N) CSR Pi, as CSR storing its
@@ -104,33 +170,43 @@ class Algorithm:
             return sparse.eye_array(n, format="csr")
         return graph_pi
 
-    def floats_per_message(self, shapes: dict[str, tuple[int, int]], rank: int) -> int:
-        """Floats in one published adapter: sum (d + k) r, or d r for the FA variants; twice
-        that when ``tracked`` (the tracker of each factor that travels goes with it)."""
+    def floats_per_message(self, shapes: dict[str, tuple[int, int]], rank: int,
+                           rnd: int | None = None) -> float:
+        """Floats in one published adapter in round ``rnd``: sum (d + k) r, d r for the FA
+        variants, k r for FedSA, the round's factor for ``alternating`` (rnd None: its mean
+        message over a cycle of phases); twice that when ``tracked`` (the tracker of each
+        factor that travels goes with it)."""
         if not self.communicates:
             return 0
-        return param_count(shapes, rank, self.train_A) * (2 if self.tracked else 1)
+        if self.phases and rnd is None:
+            cycle = range(1, len(self.phases) + 1)
+            return sum(self.floats_per_message(shapes, rank, k) for k in cycle) / len(cycle)
+        sent = self.travels_in(rnd)
+        floats = sum((("A" in sent) * k + ("B" in sent) * d) * rank for d, k in shapes.values())
+        return floats * (2 if self.tracked else 1)
 
     def floats_sent_per_round(self, shapes: dict[str, tuple[int, int]], rank: int,
-                              degree: int) -> int:
-        """Floats one agent sends per communication round: one message to each of its
-        ``degree`` graph neighbours, or one upload to the server for FedAvg."""
+                              degree: int, rnd: int | None = None) -> float:
+        """Floats one agent sends in communication round ``rnd`` (None as in
+        ``floats_per_message``): one message to each of its ``degree`` graph neighbours, or one
+        upload to the server for FedAvg."""
         recipients = 1 if self.pi == "server" else degree
-        return self.floats_per_message(shapes, rank) * recipients
+        return self.floats_per_message(shapes, rank, rnd) * recipients
 
-    def floats_broadcast_per_round(self, shapes: dict[str, tuple[int, int]], rank: int) -> int:
+    def floats_broadcast_per_round(self, shapes: dict[str, tuple[int, int]], rank: int,
+                                   rnd: int | None = None) -> float:
         """Floats the server sends per communication round: FedAvg's one broadcast of the
         averaged adapter (one message, as the paper's Table 1 counts it); 0 without a server."""
-        return self.floats_per_message(shapes, rank) if self.pi == "server" else 0
+        return self.floats_per_message(shapes, rank, rnd) if self.pi == "server" else 0
 
     def network_floats_per_round(self, shapes: dict[str, tuple[int, int]], rank: int,
-                                 degrees: Sequence[int]) -> int:
-        """Floats the whole network sends per communication round, counted as the paper's
+                                 degrees: Sequence[int], rnd: int | None = None) -> float:
+        """Floats the whole network sends in communication round ``rnd``, counted as the paper's
         Table 1 does: every agent's messages (``degrees[i]`` neighbours, or one upload) plus
         the server's broadcast, so FedAvg with N agents all taking part (p = 1) sends
         pN + 1 = N + 1 messages. ``floats_sent_per_round_per_agent`` is this over N."""
-        return (sum(self.floats_sent_per_round(shapes, rank, d) for d in degrees)
-                + self.floats_broadcast_per_round(shapes, rank))
+        return (sum(self.floats_sent_per_round(shapes, rank, d, rnd) for d in degrees)
+                + self.floats_broadcast_per_round(shapes, rank, rnd))
 
 
 TRACKER = "tracker:"
@@ -140,12 +216,14 @@ TRACKER = "tracker:"
 def tracking(algorithm: Algorithm) -> Algorithm:
     """``algorithm`` as Algorithm 4 runs it: its messages carry the tracker too (``tracked``).
 
-    Algorithm 4 covers the gossip algorithms (DLoRA, DLoRA-FA, DeCAF); ValueError for the
-    others (FedAvg, Local, Centralized), where the paper defines no mixed tracker."""
-    if algorithm.pi != "graph":
+    Algorithm 4 covers the gossip algorithms whose every message carries every trained factor
+    (DLoRA, DLoRA-FA, DeCAF); ValueError for the others (FedAvg, Local, Centralized, and FedSA
+    and alternating, which keep a trained factor out of a message), where the paper defines no
+    mixed tracker."""
+    if algorithm.pi != "graph" or algorithm.keeps_own:
         raise ValueError(f"adam_tracked (Algorithm 4) mixes a second-moment tracker over the "
-                         f"graph; {algorithm.name} does not gossip (use it with decaf, dlora or "
-                         f"dlora_fa, or use adam)")
+                         f"graph; {algorithm.name} does not gossip every factor it trains (use "
+                         f"it with decaf, dlora or dlora_fa, or use adam)")
     return replace(algorithm, tracked=True)
 
 
@@ -163,12 +241,18 @@ def tracker_of(payload: Factors) -> Factors:
 
 ALGORITHMS: dict[str, Algorithm] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_FACTORS = re.compile(r"^(A|B|AB)?$")
 
 
 def register(algorithm: Algorithm) -> Algorithm:
-    """Add an algorithm; duplicate or malformed names are refused loudly."""
+    """Add an algorithm; duplicate or malformed names and factor sets are refused loudly."""
     if not _NAME.match(algorithm.name):
         raise ValueError(f"algorithm name {algorithm.name!r} must be lower_snake_case")
+    sets = (algorithm.trains, algorithm.travels, *algorithm.phases)
+    sends = bool(algorithm.travels)
+    if not all(_FACTORS.match(f) for f in sets) or algorithm.communicates != sends:
+        raise ValueError(f"algorithm {algorithm.name!r}: factor sets are 'A', 'B' or 'AB' (got "
+                         f"{sets}), and an algorithm sends something exactly when it mixes")
     if algorithm.name in ALGORITHMS:
         raise ValueError(f"algorithm {algorithm.name!r} is already registered")
     ALGORITHMS[algorithm.name] = algorithm
@@ -176,15 +260,18 @@ def register(algorithm: Algorithm) -> Algorithm:
 
 
 def _by_group(own: Factors, payloads: list[Factors], fn) -> Factors:
-    """Apply ``fn(names, As (m, L, r, k) | None, Bs (m, L, d, r)) -> (A (L, ., k) | None, B)``
-    to each group of equally shaped modules and reassemble the adapter."""
+    """Apply ``fn(names, As (m, L, r, k) | None, Bs (m, L, d, r) | None) -> (A (L, r, k) | None,
+    B | None)`` to each group of equally shaped modules and reassemble the adapter: a factor
+    that did not travel reaches ``fn`` as None, and a None from ``fn`` keeps the agent's own."""
     out: Factors = {}
     for names in shape_groups(own).values():
-        Bs = torch.stack([torch.stack([p[n][1] for n in names]) for p in payloads])
-        As = None if payloads[0][names[0]][0] is None else stack(payloads, names)[0]
+        sent = payloads[0][names[0]]
+        As, Bs = (None if sent[f] is None else
+                  torch.stack([torch.stack([p[n][f] for n in names]) for p in payloads])
+                  for f in (0, 1))
         A, B = fn(names, As, Bs)
         for i, n in enumerate(names):
-            out[n] = (own[n][0] if A is None else A[i], B[i])
+            out[n] = (own[n][0] if A is None else A[i], own[n][1] if B is None else B[i])
     return out
 
 
@@ -227,15 +314,25 @@ def mix_fa(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOptio
     return _by_group(own, payloads, lambda _, As, Bs: (None, consensus.fa_mix(Bs, weights)))
 
 
+def mix_factors(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOptions
+                ) -> Factors:
+    """Each factor that travels on its own, X_i <- sum_j pi_ij X_j; the others stay the
+    agent's: FedSA-LoRA's A (B local), or the factor of a round of ``alternating``."""
+    def mix(_, As, Bs):
+        return tuple(None if Xs is None else consensus.factor_mix(Xs, weights) for Xs in (As, Bs))
+
+    return _by_group(own, payloads, mix)
+
+
 def diagnostics(own: Factors, payloads: list[Factors], weights: Tensor, mixed: Factors
                 ) -> dict[str, float]:
     """Consensus diagnostics of one agent's mix, as Frobenius norms over all its modules.
 
     ``interference``: ||sum pi B_j A_j - (sum pi B_j)(sum pi A_j)||_F (Definition 1, Theorem 2);
     ``tsvd_error``: ||sum pi B_j A_j - B_i A_i||_F of the mixed factors (Proposition 1), and
-    ``prop1_bound``: its bound sqrt((|Nb(i)| - 1) r) c^2. Empty when A does not travel.
+    ``prop1_bound``: its bound sqrt((|Nb(i)| - 1) r) c^2. Empty unless both factors travel.
     """
-    if payloads[0][next(iter(own))][0] is None:
+    if None in payloads[0][next(iter(own))]:
         return {}
     sq = {"interference": 0.0, "tsvd_error": 0.0, "prop1_bound": 0.0}
     for names in shape_groups(own).values():
@@ -247,11 +344,14 @@ def diagnostics(own: Factors, payloads: list[Factors], weights: Tensor, mixed: F
     return {k: v ** 0.5 for k, v in sq.items()}
 
 
-register(Algorithm("decaf", True, mix_decaf, "graph", refactorizes=True, mix_many=mix_decaf_many))
-register(Algorithm("dlora", True, mix_dlora, "graph"))
-register(Algorithm("dlora_fa", False, mix_fa, "graph"))
-register(Algorithm("fedavg", True, mix_dlora, "server"))
-register(Algorithm("fedavg_fa", False, mix_fa, "server"))
-register(Algorithm("local", True, None, "identity"))
-register(Algorithm("local_fa", False, None, "identity"))
-register(Algorithm("centralized", True, None, "identity", centralized=True))
+register(Algorithm("decaf", "AB", "AB", mix_decaf, "graph", refactorizes=True,
+                   mix_many=mix_decaf_many))
+register(Algorithm("dlora", "AB", "AB", mix_dlora, "graph"))
+register(Algorithm("dlora_fa", "B", "B", mix_fa, "graph"))
+register(Algorithm("fedsa", "AB", "A", mix_factors, "graph"))
+register(Algorithm("alternating", "AB", "AB", mix_factors, "graph", phases=("B", "A")))
+register(Algorithm("fedavg", "AB", "AB", mix_dlora, "server"))
+register(Algorithm("fedavg_fa", "B", "B", mix_fa, "server"))
+register(Algorithm("local", "AB", "", None, "identity"))
+register(Algorithm("local_fa", "B", "", None, "identity"))
+register(Algorithm("centralized", "AB", "", None, "identity", centralized=True))

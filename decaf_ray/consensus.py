@@ -1,4 +1,4 @@
-"""Consensus steps of DLoRA, DLoRA-FA and DeCAF, and the paper's error quantities.
+"""Consensus steps of DLoRA, DLoRA-FA, DeCAF and the one-factor mixes; the paper's errors.
 
 Agent i mixes the LoRA factors of its neighbours j in Nb(i) with the weights pi_ij of its row of
 the mixing matrix Pi. Throughout, the first dim of ``As`` (m, *b, r, k) and ``Bs`` (m, *b, d, r)
@@ -8,7 +8,8 @@ row per entry of leading batch dims wb (many agents' mixes in one call).
 
 * DLoRA (Algorithm 1, lines 6-8) mixes each factor on its own:
   A = sum_j pi_ij A_j,  B = sum_j pi_ij B_j.
-* DLoRA-FA (Algorithm 2) freezes a shared A and mixes only B.
+* DLoRA-FA (Algorithm 2) freezes a shared A and mixes only B; FedSA-LoRA mixes only A and
+  keeps B local; ``alternating`` mixes one factor a round (``factor_mix``).
 * DeCAF (Algorithm 1, lines 10-11) mixes the product M = sum_j pi_ij B_j A_j and re-factorizes
   its rank-r truncated SVD T(M) = U_r S_r V_r^T.
 
@@ -174,20 +175,35 @@ def dlora_mix(As: Tensor, Bs: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
             _weighted_sum(Bs, weights, ct).to(Bs.dtype))
 
 
-def fa_mix(Bs: Tensor, weights: Tensor) -> Tensor:
-    """DLoRA-FA's consensus (Algorithm 2): A is frozen and shared, so B = sum_j w_j B_j.
+def factor_mix(Xs: Tensor, weights: Tensor) -> Tensor:
+    """One factor's consensus on its own, X = sum_j w_j X_j, the other factor left as it is:
+    DLoRA-FA's B (Algorithm 2), FedSA-LoRA's A, the factor a round of ``alternating`` mixes.
 
-    It is exact on the product, (sum_j w_j B_j) A = sum_j w_j B_j A (no interference, Theorem 6).
+    It is exact on the product when the factor left alone is one Y equal over the
+    neighbourhood: (sum_j w_j B_j) Y = sum_j w_j B_j Y and Y (sum_j w_j A_j) = sum_j w_j Y A_j
+    (no interference; Theorem 6 for DLoRA-FA's shared A).
+
+    Args:
+        Xs: (m, *b, p, q), A's (m, *b, r, k) or B's (m, *b, d, r). weights: (m,).
+    Returns:
+        X (*b, p, q) in the input dtype (half inputs are summed in float32).
+    """
+    if Xs.ndim < 3 or Xs.shape[0] == 0 or tuple(weights.shape) != (Xs.shape[0],):
+        raise ValueError(f"factors (m, *b, p, q) and weights (m,) expected, got "
+                         f"{tuple(Xs.shape)} and {tuple(weights.shape)}")
+    return _weighted_sum(Xs, weights, _compute_dtype(Xs.dtype)).to(Xs.dtype)
+
+
+def fa_mix(Bs: Tensor, weights: Tensor) -> Tensor:
+    """DLoRA-FA's consensus (Algorithm 2): A is frozen and shared, so B = sum_j w_j B_j
+    (``factor_mix`` of B), exact on the product: (sum_j w_j B_j) A = sum_j w_j B_j A.
 
     Args:
         Bs: (m, *b, d, r). weights: (m,).
     Returns:
         B (*b, d, r) in the input dtype.
     """
-    if Bs.ndim < 3 or Bs.shape[0] == 0 or tuple(weights.shape) != (Bs.shape[0],):
-        raise ValueError(f"Bs (m, *b, d, r) and weights (m,) expected, got "
-                         f"{tuple(Bs.shape)} and {tuple(weights.shape)}")
-    return _weighted_sum(Bs, weights, _compute_dtype(Bs.dtype)).to(Bs.dtype)
+    return factor_mix(Bs, weights)
 
 
 def decaf_mix(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None,

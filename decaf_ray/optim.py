@@ -13,7 +13,8 @@ what makes one optimizer serve every algorithm: the runtime mixes, the optimizer
 - ``adam_tracked``: the paper's Algorithm 4 (DLoRA-Adam / DeCAF-Adam): a second-moment
   tracker that travels with the factors and is mixed like them (``adam_tracked``'s docstring).
 
-Gradients of frozen factors (A in the FA variants) are None and give a zero update.
+Gradients of frozen factors (A in the FA variants, the factor a round of ``alternating``
+leaves alone) are None and give a zero update; the frozen factor's state is kept as it is.
 """
 
 from __future__ import annotations
@@ -59,11 +60,8 @@ def schedule(cfg, total_steps: int) -> Callable[[int], float]:
 
 def _map(fn, grads: Grads, *trees) -> Grads:
     """Apply ``fn(g, *leaves)`` to every trained factor; frozen ones (g None) stay None."""
-    out = {}
-    for n, (ga, gb) in grads.items():
-        a = None if ga is None else fn(ga, *(t[n][0] for t in trees))
-        out[n] = (a, fn(gb, *(t[n][1] for t in trees)))
-    return out
+    return {n: tuple(None if g is None else fn(g, *(t[n][f] for t in trees))
+                     for f, g in enumerate(pair)) for n, pair in grads.items()}
 
 
 def _zeros(params: Factors) -> Grads:
@@ -72,7 +70,7 @@ def _zeros(params: Factors) -> Grads:
 
 def _keep(new: Grads, old: Grads) -> Grads:
     """``new`` with the frozen factors' entries (None) taken from ``old``."""
-    return {n: (old[n][0] if new[n][0] is None else new[n][0], new[n][1]) for n in new}
+    return {n: tuple(o if x is None else x for x, o in zip(new[n], old[n])) for n in new}
 
 
 def sgd(cfg, total_steps: int) -> Optimizer:
@@ -116,8 +114,8 @@ def adam(cfg, total_steps: int, decoupled: bool = False) -> Optimizer:
             d = -step * (m_ / c1) / ((v_ / c2).sqrt() + cfg.eps)
             return d - step * cfg.weight_decay * p if decoupled else d
 
-        updates = {n: (None if m[n][0] is None else delta(m[n][0], v[n][0], params[n][0]),
-                       delta(m[n][1], v[n][1], params[n][1])) for n in m}
+        updates = {n: tuple(None if m[n][f] is None else delta(m[n][f], v[n][f], params[n][f])
+                            for f in (0, 1)) for n in m}
         return updates, {"m": _keep(m, state["m"]), "v": _keep(v, state["v"]), "count": count}
 
     return Optimizer(lambda p: {"m": _zeros(p), "v": _zeros(p), "count": 0}, update)
@@ -189,8 +187,8 @@ def build_optimizer(cfg, total_steps: int) -> Optimizer:
 
 def apply_updates(params: Factors, updates: Grads) -> Factors:
     """w + updates, leaving frozen factors (update None) as they are; never in place."""
-    return {n: (a if updates[n][0] is None else a + updates[n][0], b + updates[n][1])
-            for n, (a, b) in params.items()}
+    return {n: tuple(x if u is None else x + u for x, u in zip(params[n], updates[n]))
+            for n in params}
 
 
 

@@ -6,47 +6,59 @@ import torch
 
 from decaf_ray import consensus
 from decaf_ray.agents import Agent, AgentGroup, Sampler
-from decaf_ray.algorithms import ALGORITHMS, Algorithm, MixOptions, register
+from decaf_ray.algorithms import (ALGORITHMS, Algorithm, MixOptions, mix_dlora, register,
+                                  tracking)
 from decaf_ray.config import OptimConfig
 from decaf_ray.factors import init_factors
 from decaf_ray.optim import build_optimizer
 
 SHAPES = {"q": (6, 5), "v": (6, 5), "o": (4, 7)}
 COMMUNICATING = [a for a in ALGORITHMS.values() if a.communicates]
+# (algorithm, round): each round of an algorithm whose rounds take turns (``phases``) is a case
+ROUNDS = [pytest.param(a, k, id=f"{a.name}-{k}" if a.phases else a.name) for a in COMMUNICATING
+          for k in (range(1, len(a.phases) + 1) if a.phases else [1])]
+rounds = pytest.mark.parametrize("alg, rnd", ROUNDS)
 
 
-def _adapters(m, rank=2, seed=0, share_A=False):
+def _adapters(m, rank=2, seed=0, share=""):
+    """m random adapters (float64); the factors named in ``share`` are equal in all of them."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(m):
         f = init_factors(SHAPES, rank, g, std=1.0)
         out.append({n: (a.double(), torch.randn(b.shape, generator=g).double())
                     for n, (a, b) in f.items()})
-    if share_A:
-        out = [{n: (out[0][n][0], b) for n, (_, b) in f.items()} for f in out]
-    return out
+    return [{n: tuple(out[0][n][i] if "AB"[i] in share else x for i, x in enumerate(pair))
+             for n, pair in f.items()} for f in out]
 
 
-def _mix(alg, adapters, pi, i, opt=MixOptions()):
+def _frozen(alg, rnd):
+    """The factors round ``rnd`` does not train: the shared A_0 of the FA variants, the factor
+    an alternating round leaves alone (equal over the neighbourhood in the exact case)."""
+    return "".join(f for f in "AB" if f not in alg.trains_in(rnd))
+
+
+def _mix(alg, adapters, pi, i, opt=MixOptions(), rnd=1):
     ids = np.flatnonzero(pi[i])
     w = torch.tensor(pi[i, ids], dtype=torch.float64)
-    return alg.mix(adapters[i], [alg.payload(adapters[j]) for j in ids], w, opt)
+    return alg.mix(adapters[i], [alg.payload(adapters[j], rnd) for j in ids], w, opt)
 
 
-@pytest.mark.parametrize("alg", COMMUNICATING, ids=lambda a: a.name)
-def test_shapes_are_stable(alg):
-    ads = _adapters(4, share_A=not alg.train_A)
+@rounds
+def test_shapes_are_stable(alg, rnd):
+    ads = _adapters(4, share=_frozen(alg, rnd))
     pi = np.full((4, 4), 0.25)
-    out = _mix(alg, ads, pi, 0)
+    out = _mix(alg, ads, pi, 0, rnd=rnd)
     for n in SHAPES:
         assert out[n][0].shape == ads[0][n][0].shape and out[n][1].shape == ads[0][n][1].shape
 
 
-@pytest.mark.parametrize("alg", COMMUNICATING, ids=lambda a: a.name)
-def test_complete_graph_gives_the_exact_average(alg):
-    ads = _adapters(5, share_A=not alg.train_A)
+@rounds
+def test_complete_graph_gives_the_exact_average(alg, rnd):
+    ads = _adapters(5, share=_frozen(alg, rnd))
     pi = np.full((5, 5), 0.2)
-    out = _mix(alg, ads, pi, 3)
+    out = _mix(alg, ads, pi, 3, rnd=rnd)
+    sent = alg.travels_in(rnd)
     for n in SHAPES:
         mean_prod = sum(b @ a for a, b in (ad[n] for ad in ads)) / 5
         if alg.name == "decaf":
@@ -54,21 +66,22 @@ def test_complete_graph_gives_the_exact_average(alg):
             u, s, vh = torch.linalg.svd(mean_prod)
             best = u[:, :2] @ torch.diag(s[:2]) @ vh[:2]
             assert torch.allclose(out[n][1] @ out[n][0], best, atol=1e-10)
-        else:
-            assert torch.allclose(out[n][1], sum(ad[n][1] for ad in ads) / 5, atol=1e-12)
-            assert torch.allclose(out[n][0], sum(ad[n][0] for ad in ads) / 5, atol=1e-12)
-            if not alg.train_A:  # FA: the product average is exact too
-                assert torch.allclose(out[n][1] @ out[n][0], mean_prod, atol=1e-12)
+            continue
+        for f, factor in enumerate("AB"):  # what travels is averaged, the rest is the agent's
+            want = sum(ad[n][f] for ad in ads) / 5 if factor in sent else ads[3][n][f]
+            assert torch.allclose(out[n][f], want, atol=1e-12)
+        if sent == alg.trains_in(rnd) != "AB":  # one factor mixed, the other frozen and shared
+            assert torch.allclose(out[n][1] @ out[n][0], mean_prod, atol=1e-12)
 
 
-@pytest.mark.parametrize("alg", [a for a in COMMUNICATING if a.name != "decaf"], ids=lambda a: a.name)
-def test_doubly_stochastic_pi_preserves_the_network_mean(alg):
+@pytest.mark.parametrize("alg, rnd", [p for p in ROUNDS if p.values[0].name != "decaf"])
+def test_doubly_stochastic_pi_preserves_the_network_mean(alg, rnd):
     n = 6
     pi = np.zeros((n, n))
     for i in range(n):
         pi[i, [i, (i + 1) % n, (i - 1) % n]] = 1 / 3
-    ads = _adapters(n, share_A=not alg.train_A)
-    mixed = [_mix(alg, ads, pi, i) for i in range(n)]
+    ads = _adapters(n, share=_frozen(alg, rnd))
+    mixed = [_mix(alg, ads, pi, i, rnd=rnd) for i in range(n)]
     for name in SHAPES:
         for part in (0, 1):
             before = sum(a[name][part] for a in ads) / n
@@ -96,11 +109,11 @@ def test_decaf_preserves_the_product_mean_on_a_ring_with_full_rank():
         assert torch.allclose(before, sum(mixed) / n, atol=1e-10)
 
 
-@pytest.mark.parametrize("alg", COMMUNICATING, ids=lambda a: a.name)
-def test_same_inputs_same_numbers(alg):
-    ads = _adapters(3, share_A=not alg.train_A)
+@rounds
+def test_same_inputs_same_numbers(alg, rnd):
+    ads = _adapters(3, share=_frozen(alg, rnd))
     pi = np.full((3, 3), 1 / 3)
-    a, b = _mix(alg, ads, pi, 1), _mix(alg, ads, pi, 1)
+    a, b = _mix(alg, ads, pi, 1, rnd=rnd), _mix(alg, ads, pi, 1, rnd=rnd)
     for n in SHAPES:
         assert torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1])
 
@@ -131,11 +144,98 @@ def test_network_floats_count_the_servers_broadcast():
     assert ALGORITHMS["local"].network_floats_per_round(shapes, 1, [2, 2]) == 0
 
 
+# name: (trains in rounds 1 and 2, travels in rounds 1 and 2); a new algorithm adds its row
+CONTRACT = {
+    "decaf": ("AB", "AB", "AB", "AB"), "dlora": ("AB", "AB", "AB", "AB"),
+    "dlora_fa": ("B", "B", "B", "B"), "fedsa": ("AB", "AB", "A", "A"),
+    "alternating": ("B", "A", "B", "A"),
+    "fedavg": ("AB", "AB", "AB", "AB"), "fedavg_fa": ("B", "B", "B", "B"),
+    "local": ("AB", "AB", "", ""), "local_fa": ("B", "B", "", ""),
+    "centralized": ("AB", "AB", "", ""),
+}
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_what_trains_and_what_travels(name):
+    alg, (t1, t2, s1, s2) = ALGORITHMS[name], CONTRACT[name]
+    assert (alg.trains_in(1), alg.trains_in(2), alg.trains_in(3)) == (t1, t2, t1)
+    if not alg.communicates:
+        assert s1 == s2 == ""
+        return
+    assert (alg.travels_in(1), alg.travels_in(2), alg.travels_in(3)) == (s1, s2, s1)
+    ad = _adapters(1)[0]
+    for rnd, sent in ((1, s1), (2, s2)):
+        payload = alg.payload(ad, rnd)
+        assert all((x is not None) == (f in sent) for pair in payload.values()
+                   for f, x in zip("AB", pair))
+        # what is counted is what travels: the floats of the payload's tensors
+        floats = sum(x.numel() for pair in payload.values() for x in pair if x is not None)
+        assert alg.floats_per_message(SHAPES, 2, rnd) == floats
+
+
+def test_floats_of_the_one_factor_messages():
+    shapes = {"q": (768, 768), "v": (768, 512)}
+    fedsa, alt = ALGORITHMS["fedsa"], ALGORITHMS["alternating"]
+    assert fedsa.floats_per_message(shapes, 2) == 2 * 768 + 2 * 512  # A: k r per module
+    assert alt.floats_per_message(shapes, 2, rnd=1) == 2 * 768 + 2 * 768  # B: d r
+    assert alt.floats_per_message(shapes, 2, rnd=2) == 2 * 768 + 2 * 512  # A: k r
+    assert alt.floats_per_message(shapes, 2) == (2 * 768 * 3 + 2 * 512) / 2  # a cycle's mean
+    assert alt.network_floats_per_round(shapes, 1, [2, 2, 2], rnd=1) == 6 * (768 + 768)
+    with pytest.raises(ValueError, match="give the round"):
+        alt.payload(_adapters(1)[0])
+
+
+@pytest.mark.parametrize("name", ["fedsa", "alternating"])
+def test_adam_tracked_is_refused_where_a_trained_factor_stays_home(name):
+    with pytest.raises(ValueError, match="every factor it trains"):
+        tracking(ALGORITHMS[name])
+
+
+def _ring(n):
+    pi = np.zeros((n, n))
+    for i in range(n):
+        pi[i, [i, (i + 1) % n, (i - 1) % n]] = 1 / 3
+    return pi
+
+
+@pytest.mark.parametrize("graph", ["complete", "ring"])
+def test_alternating_mixes_are_exact_while_the_frozen_factor_is_shared(graph):
+    """Rounds of ``alternating``, local training stood in for by a random change of the round's
+    factor: a round's mix is exact on the product for agent i when the frozen factor is equal
+    over i's neighbourhood. A uniform complete graph makes the mixed factor equal, so
+    every round is exact; on a ring only round 1 (the shared A_0) is, and round 2 misses by
+    sum_j pi_ij (B_j - B_i) A_j."""
+    alg, n, g = ALGORITHMS["alternating"], 5, torch.Generator().manual_seed(3)
+    pi = np.full((n, n), 1 / n) if graph == "complete" else _ring(n)
+    ads = _adapters(n, share="A")
+    for rnd in range(1, 5):
+        f = "AB".index(alg.trains_in(rnd))
+        ads = [{m: tuple(x + torch.randn(x.shape, generator=g).double() if i == f else x
+                         for i, x in enumerate(pair)) for m, pair in ad.items()} for ad in ads]
+        mixed = [_mix(alg, ads, pi, i, rnd=rnd) for i in range(n)]
+        for i in range(n):
+            ids = np.flatnonzero(pi[i])
+            for m in SHAPES:
+                want = sum(pi[i, j] * ads[j][m][1] @ ads[j][m][0] for j in ids)
+                miss = want - mixed[i][m][1] @ mixed[i][m][0]
+                if graph == "complete" or rnd == 1:
+                    assert torch.allclose(miss, torch.zeros_like(miss), atol=1e-12)
+                elif rnd == 2:
+                    own_B = ads[i][m][1]
+                    gap = sum(pi[i, j] * (ads[j][m][1] - own_B) @ ads[j][m][0] for j in ids)
+                    assert torch.allclose(miss, gap, atol=1e-12) and float(gap.norm()) > 1e-3
+        ads = mixed
+
+
 def test_registry_refuses_duplicates_and_bad_names():
     with pytest.raises(ValueError, match="already registered"):
-        register(Algorithm("decaf", True, None, "identity"))
+        register(Algorithm("decaf", "AB", "", None, "identity"))
     with pytest.raises(ValueError, match="lower_snake_case"):
-        register(Algorithm("DeCAF-2", True, None, "identity"))
+        register(Algorithm("DeCAF-2", "AB", "", None, "identity"))
+    with pytest.raises(ValueError, match="factor sets"):
+        register(Algorithm("sends_c", "AB", "C", mix_dlora, "graph"))
+    with pytest.raises(ValueError, match="exactly when it mixes"):
+        register(Algorithm("sends_unmixed", "AB", "A", None, "graph"))
 
 
 # ------------------------------------------------------------------ Algorithm 1 by hand
@@ -195,6 +295,76 @@ def test_two_agent_step_matches_a_hand_computation_of_algorithm_1(name):
         got_A, got_B = group.agents[i].factors["w"]
         assert torch.allclose(got_A, A_half - lr * gA if alg.train_A else A_half, atol=1e-6)
         assert torch.allclose(got_B, B_half - lr * gB, atol=1e-6)  # lines 15-16
+
+
+def _two_agents(task, name, A, B, optim="sgd", lr=0.1):
+    opt = build_optimizer(OptimConfig(name=optim, lr=lr), 10)
+    agents = [Agent(i, {"w": (A[i], B[i])}, opt.init({"w": (A[i], B[i])}),
+                    Sampler(np.array([i]), 1, 0)) for i in range(2)]
+    return AgentGroup(task, ALGORITHMS[name], opt, agents, 0, MixOptions())
+
+
+def _communicate(group, t):
+    payloads = group.grads_and_payloads(t)
+    group.mix_and_apply(t, {i: ((0, 1), (0.5, 0.5), [payloads[0], payloads[1]]) for i in range(2)})
+
+
+def test_fedsa_two_agent_step_by_hand():
+    # FedSA-LoRA: A_i <- (A_0 + A_1) / 2 - lr gA, B_i <- B_i - lr gB (B never leaves the agent)
+    g = torch.Generator().manual_seed(2)
+    d, k, r, lr = 5, 4, 2, 0.1
+    task = QuadraticTask([torch.randn(d, k, generator=g) for _ in range(2)], 0.5)
+    A = [torch.randn(r, k, generator=g) for _ in range(2)]
+    B = [torch.randn(d, r, generator=g) for _ in range(2)]
+    group = _two_agents(task, "fedsa", A, B, lr=lr)
+    _communicate(group, 1)
+    for i in range(2):
+        gA, gB = task.grad(A[i], B[i], i)
+        got_A, got_B = group.agents[i].factors["w"]
+        assert torch.allclose(got_A, (A[0] + A[1]) / 2 - lr * gA, atol=1e-6)
+        assert torch.allclose(got_B, B[i] - lr * gB, atol=1e-6)
+
+
+def test_alternating_two_rounds_by_hand():
+    # round 1 trains and mixes B (A stays the shared A_0); round 2 trains and mixes A (B stays
+    # each agent's own); one step a round
+    g = torch.Generator().manual_seed(4)
+    d, k, r, lr = 5, 4, 2, 0.1
+    task = QuadraticTask([torch.randn(d, k, generator=g) for _ in range(2)], 0.5)
+    A0 = torch.randn(r, k, generator=g)
+    B = [torch.randn(d, r, generator=g) for _ in range(2)]
+    group = _two_agents(task, "alternating", [A0, A0], B, lr=lr)
+    _communicate(group, 1)
+    B1 = [(B[0] + B[1]) / 2 - lr * task.grad(A0, B[i], i)[1] for i in range(2)]
+    after1 = group.factors()
+    for i in range(2):
+        assert torch.equal(after1[i]["w"][0], A0)
+        assert torch.allclose(after1[i]["w"][1], B1[i], atol=1e-6)
+    _communicate(group, 2)
+    for i in range(2):
+        got_A, got_B = group.agents[i].factors["w"]
+        gA = task.grad(A0, after1[i]["w"][1], i)[0]  # at w_2; A_0 mixed with A_0 is A_0
+        assert torch.allclose(got_A, A0 - lr * gA, atol=1e-6)
+        assert torch.equal(got_B, after1[i]["w"][1])
+
+
+def test_a_frozen_factor_keeps_its_adam_state_across_alternating_rounds():
+    g = torch.Generator().manual_seed(5)
+    task = QuadraticTask([torch.randn(5, 4, generator=g) for _ in range(2)], 0.5)
+    A0 = torch.randn(2, 4, generator=g)
+    group = _two_agents(task, "alternating", [A0, A0], [torch.randn(5, 2, generator=g)] * 2,
+                        optim="adam", lr=0.01)
+    group.local_steps = 2  # rounds of two steps: steps 1-2 train B, steps 3-4 train A
+    group.local_step(1)
+    _communicate(group, 2)
+    s1, B1 = group.agents[0].opt_state, group.agents[0].factors["w"][1]
+    assert float(s1["m"]["w"][0].abs().sum()) == 0 < float(s1["m"]["w"][1].abs().sum())
+    group.local_step(3)
+    _communicate(group, 4)
+    s2 = group.agents[0].opt_state
+    assert s2["m"]["w"][1].equal(s1["m"]["w"][1]) and s2["v"]["w"][1].equal(s1["v"]["w"][1])
+    assert group.agents[0].factors["w"][1].equal(B1)  # B neither trained nor mixed in round 2
+    assert float(s2["m"]["w"][0].abs().sum()) > 0 and s2["count"] == 4
 
 
 def test_decaf_two_agent_step_by_hand_with_factored_tsvd():
@@ -289,3 +459,23 @@ def test_refactor_state_policies(opt):
     key = "velocity" if opt == "momentum" else "m"
     # a permutation of directions permutes the rows of the A-moments
     assert torch.allclose(rotated[key]["q"][0], state[key]["q"][0][[1, 0]], atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["fedsa", "alternating"])
+def test_runs_from_a_config_by_name_and_counts_what_each_round_sent(name):
+    from decaf_ray.experiment import run
+    from decaf_ray.experiment_config import load_config
+
+    cfg = load_config({
+        "algorithm": name, "agents": 4, "topology": "ring", "rounds": 3, "local_steps": 2,
+        "task": {"kind": "synthetic", "d": 6, "k": 16, "samples": 200, "test_samples": 50},
+        "data": {"batch_size": 8}, "lora": {"rank": 2}, "optim": {"name": "adam", "lr": 0.05},
+        "runtime": {"kind": "inprocess", "threads": 1}, "grad_norm": False})
+    res = run(cfg, progress=False)
+    assert res.status == "completed"
+    sent = {r["round"]: r["value"] for r in res.rows
+            if r["agent"] == -1 and r["metric"] == "floats_sent"}
+    # a ring: two messages per agent a round; d = 6, k = 16, r = 2, one LoRA module
+    per_round = {1: 2 * 12, 2: 2 * 32, 3: 2 * 12} if name == "alternating" else {1: 2 * 32}
+    assert sent == {k: sum(per_round.get(j, per_round[1]) for j in range(1, k + 1))
+                    for k in range(4)}

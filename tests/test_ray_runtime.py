@@ -31,6 +31,8 @@ def _values(result):
 
 @pytest.mark.parametrize("algorithm, per_host, over", [
     ("decaf", 3, {}), ("dlora", 2, {}), ("fedavg_fa", 6, {}),
+    # one factor travels (FedSA: A), or one a round (alternating: B, then A; 2 steps a round)
+    ("fedsa", 3, {"rounds": 4}), ("alternating", 3, {"rounds": 4}),
     # a star: hub and leaves have different neighbour counts, so DeCAF's batched mixes are
     # grouped differently on each host than in-process; the aligned split mixes per agent
     ("decaf", 4, {"topology": "star", "consensus": {"split": "aligned", "state": "rotate"}}),

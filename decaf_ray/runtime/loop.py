@@ -251,7 +251,7 @@ def _eval_rows(plan: Plan, hosts: Hosts, rnd: int, t: int, diags: dict[int, dict
     if plan.config.grad_norm:
         grads = hosts.full_grads(F.mean(adapters))
         net["grad_norm_sq"] = metrics.grad_norm_sq([g for _, g in sorted(grads.items())])
-    net["floats_sent"] = rnd * _floats_per_round(plan)
+    net["floats_sent"] = _floats_sent(plan, rnd)
     out = [_row(rnd, t, i, k, v) for i, m in sorted(per_agent.items()) for k, v in sorted(m.items())]
     return out + [_row(rnd, t, -1, k, v) for k, v in sorted(net.items())], factors, generations
 
@@ -260,12 +260,21 @@ def _row(rnd: int, t: int, agent: int, metric: str, value: float) -> Row:
     return {"round": rnd, "step": t, "agent": agent, "metric": metric, "value": float(value)}
 
 
-def _floats_per_round(plan: Plan) -> float:
-    """Mean over agents of the network's floats per communication round, the server's
-    broadcast included (the paper's Table 1: FedAvg sends pN + 1 messages, not N)."""
+def _floats_per_round(plan: Plan, rnd: int | None = None) -> float:
+    """Mean over agents of the network's floats in communication round ``rnd``, the server's
+    broadcast included (the paper's Table 1: FedAvg sends pN + 1 messages, not N); rnd None:
+    the mean round of an algorithm whose messages change with the round (``alternating``)."""
     shapes, rank = plan.task.lora_shapes(), plan.config.lora.rank
     degrees = [plan.degree(i) for i in range(plan.agents)]
-    return plan.algorithm.network_floats_per_round(shapes, rank, degrees) / plan.agents
+    return plan.algorithm.network_floats_per_round(shapes, rank, degrees, rnd) / plan.agents
+
+
+def _floats_sent(plan: Plan, rnd: int) -> float:
+    """Mean over agents of the floats sent in rounds 1..rnd: rnd equal rounds, or, where the
+    rounds take turns sending A and B (``Algorithm.phases``), each round's own."""
+    if not plan.algorithm.phases:
+        return rnd * _floats_per_round(plan)
+    return sum(_floats_per_round(plan, k) for k in range(1, rnd + 1))
 
 
 def _postfix(rows: list[Row]) -> dict[str, str]:

@@ -23,19 +23,21 @@ from decaf_ray.factors import Factors, Grads
 from decaf_ray.optim import build_optimizer
 from decaf_ray.runtime import weights
 
-NumpyFactors = dict[str, tuple[Any, np.ndarray]]
+NumpyFactors = dict[str, tuple[Any, Any]]
 
 
 def to_numpy(factors: Factors) -> NumpyFactors:
-    return {n: (None if a is None else a.numpy(), b.numpy()) for n, (a, b) in factors.items()}
+    """Tensors to numpy views; a factor that did not travel (None in a payload) stays None."""
+    return {n: tuple(None if x is None else x.numpy() for x in pair)
+            for n, pair in factors.items()}
 
 
 def from_numpy(factors: NumpyFactors) -> Factors:
     # Arrays read from the object store are read-only views; the mix only reads them.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return {n: (None if a is None else torch.from_numpy(a), torch.from_numpy(b))
-                for n, (a, b) in factors.items()}
+        return {n: tuple(None if x is None else torch.from_numpy(x) for x in pair)
+                for n, pair in factors.items()}
 
 
 

@@ -39,8 +39,10 @@ class ExperimentConfig:
     task: Any = field(metadata={"section": _task_class})
     """What is trained, on what data: the section of its ``kind`` (the model, data, loss)."""
     algorithm: str = "decaf"
-    """``decaf``, ``dlora``, ``dlora_fa``, ``fedavg``, ``fedavg_fa``, ``local``, ``local_fa`` or
-    ``centralized`` (``decaf_ray.algorithms.ALGORITHMS``); the FA variants keep A frozen."""
+    """``decaf``, ``dlora``, ``dlora_fa``, ``fedsa``, ``alternating``, ``fedavg``, ``fedavg_fa``,
+    ``local``, ``local_fa`` or ``centralized`` (``decaf_ray.algorithms.ALGORITHMS``); the FA
+    variants keep A frozen, ``fedsa`` sends only A, ``alternating`` trains and sends B in odd
+    rounds and A in even ones."""
     agents: int = 10
     """N, the number of agents."""
     topology: TopologyConfig = field(default_factory=TopologyConfig)

@@ -24,6 +24,7 @@ weights pi_ij are applied to the small R factor of P rather than to P itself.) `
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,10 +82,26 @@ def _thin_factors(As: Tensor, Bs: Tensor, weights: Tensor,
     # LAPACK's QR works in, which saves it a transposing copy.
     Pt = torch.movedim(Bs.to(dtype).mT, 0, -3).reshape(*Bs.shape[1:-2], m * r, d)
     Qt = torch.movedim(As.to(dtype), 0, -3).reshape(*As.shape[1:-2], m * r, k)
-    c = torch.movedim(weights.to(Bs.device, dtype), 0, -1).repeat_interleave(r, dim=-1)
-    if weights.ndim > 1:  # (*wb, mr) -> (*wb, 1 per remaining batch dim, 1 for the row, mr)
-        c = c.reshape(*c.shape[:-1], *[1] * (Bs.ndim - 1 - c.ndim), m * r)
-    return Pt.mT, Qt.mT, c
+    return Pt.mT, Qt.mT, _column_weights(weights, r, Bs.ndim - 1, Bs.device, dtype)
+
+
+def _column_weights(weights: Tensor, repeats: int | Tensor, ndim: int, device, dtype) -> Tensor:
+    """Each neighbour's weight repeated over its r_j columns of P: (n,) for weights (m,);
+    for weights (m, *wb), (*wb, 1, ..., 1, n), broadcasting over (*b, ., n) of ``ndim`` dims."""
+    c = torch.movedim(weights.to(device, dtype), 0, -1).repeat_interleave(repeats, dim=-1)
+    if weights.ndim > 1:  # (*wb, n) -> (*wb, 1 per remaining batch dim, 1 for the row, n)
+        c = c.reshape(*c.shape[:-1], *[1] * (ndim - c.ndim), c.shape[-1])
+    return c
+
+
+def _ragged_thin_factors(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor,
+                         dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``_thin_factors`` of neighbours of different ranks, As[j] (*b, r_j, k) and Bs[j]
+    (*b, d, r_j): P (*b, d, R), Q (*b, k, R) and c for R = sum_j r_j columns."""
+    repeats = torch.tensor([a.shape[-2] for a in As], device=Bs[0].device)
+    Pt = torch.cat([b.to(dtype).mT for b in Bs], dim=-2)
+    Qt = torch.cat([a.to(dtype) for a in As], dim=-2)
+    return Pt.mT, Qt.mT, _column_weights(weights, repeats, Bs[0].ndim, Bs[0].device, dtype)
 
 
 def _lowrank_svd(P: Tensor, Q: Tensor, c: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -161,6 +178,19 @@ def _prepare(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None, split: s
     return rank
 
 
+def _check_ranks(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor) -> None:
+    """Raise ValueError unless As[j] (*b, r_j, k), Bs[j] (*b, d, r_j) (m of each) and weights
+    (m, *wb) fit together: ``_check`` per neighbour, and *b, d, k shared by all."""
+    if not len(As) == len(Bs) == weights.shape[0] >= 1:
+        raise ValueError(f"need m >= 1 neighbours with As, Bs and weights agreeing, got "
+                         f"{len(As)}, {len(Bs)} and weights {tuple(weights.shape)}")
+    for A, B, w in zip(As, Bs, weights):
+        _check(A[None], B[None], w[None], batched_weights=True)
+    if len({(a.shape[:-2], a.shape[-1], b.shape[-2]) for a, b in zip(As, Bs)}) > 1:
+        raise ValueError(f"neighbours disagree on *b, d or k: As {[tuple(a.shape) for a in As]}, "
+                         f"Bs {[tuple(b.shape) for b in Bs]}")
+
+
 def dlora_mix(As: Tensor, Bs: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
     """DLoRA's individual consensus (Algorithm 1, lines 6-8): A = sum_j w_j A_j, B = sum_j w_j B_j.
 
@@ -232,6 +262,67 @@ def decaf_mix(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None,
     return A.to(As.dtype), B.to(Bs.dtype)
 
 
+def decaf_mix_ranks(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor, rank: int,
+                    split: str = "balanced") -> tuple[Tensor, Tensor]:
+    """``decaf_mix`` for neighbours of different ranks r_j: M = sum_j w_j B_j A_j has rank at
+    most sum_j r_j, and agent i keeps its rank-``rank`` (its own r_i) TSVD. P and Q hold each
+    neighbour's r_j columns, no zero padding, so M's factors are exact.
+
+    Args:
+        As: m tensors (*b, r_j, k). Bs: m tensors (*b, d, r_j). weights: (m,) or (m, *wb) as
+            in ``decaf_mix``. rank: the output rank. split: one of ``SPLITS``.
+    Returns:
+        A (*b, rank, k), B (*b, d, rank) in the input dtype.
+    """
+    _check_ranks(As, Bs, weights)
+    _prepare(As[0][None], Bs[0][None], weights[:1], rank, split)
+    P, Q, c = _ragged_thin_factors(As, Bs, weights, _compute_dtype(As[0].dtype))
+    A, B = _split(*_lowrank_svd(P, Q, c, rank), rank, split)
+    return A.to(As[0].dtype), B.to(Bs[0].dtype)
+
+
+def pad_rank(A: Tensor, B: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(A, B) zero-padded to ``rank`` >= r: A (*b, rank, k) with zero rows below, B (*b, d, rank)
+    with zero columns after; B A is unchanged. The same tensors when r = rank."""
+    pad = rank - A.shape[-2]
+    return (A, B) if pad == 0 else (F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad)))
+
+
+def hetlora_mix(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor, rank: int
+                ) -> tuple[Tensor, Tensor]:
+    """HetLoRA's sparsity-weighted aggregation (Cho et al., "Heterogeneous LoRA for Federated
+    Fine-tuning of On-Device Foundation Models", EMNLP 2024, arXiv 2401.06432, Fig. 2), over
+    agent i's neighbourhood instead of a server's clients:
+
+    1. zero-pad every neighbour's factors to r_max = max_j r_j (``pad_rank``; B_j A_j unchanged);
+    2. weigh neighbour j by v_j = pi_ij ||B_j A_j||_F / sum_l pi_il ||B_l A_l||_F, per module
+       (by pi_ij alone where every product is zero, as at the start, B = 0);
+    3. average the padded factors, A = sum_j v_j A_j, B = sum_j v_j B_j;
+    4. truncate to agent i's rank: the first ``rank`` rows of A and columns of B.
+
+    Args:
+        As: m tensors (*b, r_j, k). Bs: m tensors (*b, d, r_j). weights: (m,), the pi_ij.
+        rank: r_i, at most max_j r_j.
+    Returns:
+        A (*b, rank, k), B (*b, d, rank) in the input dtype (half inputs summed in float32).
+    """
+    _check_ranks(As, Bs, weights)
+    if weights.ndim != 1:
+        raise ValueError(f"weights (m,) expected, got {tuple(weights.shape)}")
+    top = max(a.shape[-2] for a in As)
+    if not 1 <= rank <= top:
+        raise ValueError(f"rank must be in [1, {top}] (the largest neighbour's), got {rank}")
+    ct = _compute_dtype(As[0].dtype)
+    padded = [pad_rank(a.to(ct), b.to(ct), top) for a, b in zip(As, Bs)]
+    norms = torch.stack([_lowrank_fro(b, a.mT, a.new_ones(top)) for a, b in padded])  # (m, *b)
+    pi = weights.to(As[0].device, ct).reshape(-1, *[1] * (norms.ndim - 1))
+    total = (pi * norms).sum(0, keepdim=True)
+    v = torch.where(total > 0, pi * norms / torch.where(total > 0, total, 1.0), pi)
+    A = sum(w[..., None, None] * a for w, (a, _) in zip(v, padded))
+    B = sum(w[..., None, None] * b for w, (_, b) in zip(v, padded))
+    return A[..., :rank, :].to(As[0].dtype), B[..., :rank].to(Bs[0].dtype)
+
+
 def decaf_mix_dense(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None,
                     split: str = "balanced") -> tuple[Tensor, Tensor]:
     """The paper's DeCAF step: form M = sum_j w_j B_j A_j (d x k) and take its dense SVD.
@@ -284,27 +375,32 @@ def tsvd_error(As: Tensor, Bs: Tensor, weights: Tensor, A: Tensor, B: Tensor) ->
                         torch.cat([c, c.new_full((B.shape[-1],), -1.0)]))
 
 
-def prop1_bound(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None) -> Tensor:
+def prop1_bound(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None,
+                ranks: Sequence[int] | None = None) -> Tensor:
     """Proposition 1's bound on the TSVD error: sqrt((m - 1) r) c^2.
 
     c = max_j max(sigma_1(A_j), sigma_1(B_j)) over the m neighbours (Assumption 2) and m = |Nb(i)|
     counts agent i itself. The proof bounds the error by sqrt(#discarded singular values) sigma_1(M),
     with sigma_1(M) <= sum_j w_j sigma_1(B_j) sigma_1(A_j) <= c^2, which needs weights >= 0 summing
     to 1. For a TSVD rank other than r the discarded count is at most mr - rank, so the factor is
-    sqrt(max(mr - rank, 0)); rank None (= r) gives the paper's sqrt((m - 1) r).
+    sqrt(max(mr - rank, 0)); rank None (= r) gives the paper's sqrt((m - 1) r). Neighbours of
+    different ranks r_j, zero-padded to r (``pad_rank``; padding changes no sigma_1), give M a
+    rank of at most sum_j r_j: ``ranks`` (their r_j) makes the factor sqrt(sum_j r_j - rank).
 
     Args:
         As: (m, *b, r, k). Bs: (m, *b, d, r). weights: (m,), only checked for shape.
+        ranks: m ints, the neighbours' ranks before padding; None: r each.
     Returns:
         (*b,), in float32 for half inputs, else the input dtype.
     """
     _check(As, Bs, weights)
     m, r = As.shape[0], As.shape[-2]
     rank = r if rank is None else int(rank)
+    total = m * r if ranks is None else sum(ranks)
     ct = _compute_dtype(As.dtype)
     sigma = torch.maximum(torch.linalg.matrix_norm(As.to(ct), ord=2),
                           torch.linalg.matrix_norm(Bs.to(ct), ord=2))
-    return math.sqrt(max(m * r - rank, 0)) * sigma.amax(0) ** 2
+    return math.sqrt(max(total - rank, 0)) * sigma.amax(0) ** 2
 
 
 def procrustes(X: Tensor, Y: Tensor) -> Tensor:

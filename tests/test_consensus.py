@@ -11,9 +11,12 @@ from decaf_ray.consensus import (
     conserve_imbalance,
     decaf_mix,
     decaf_mix_dense,
+    decaf_mix_ranks,
     dlora_mix,
     fa_mix,
+    hetlora_mix,
     interference,
+    pad_rank,
     prop1_bound,
     tsvd_error,
 )
@@ -381,3 +384,82 @@ def test_dense_and_factored_agree_on_the_factors(split):
     A, B = decaf_mix(As, Bs, w, split=split)
     Ad, Bd = decaf_mix_dense(As, Bs, w, split=split)
     assert torch.allclose(A, Ad, atol=1e-10) and torch.allclose(B, Bd, atol=1e-10)
+
+
+# ------------------------------------------------------------------ neighbours of different ranks
+
+
+def ragged(ranks, d=7, k=6, batch=(), seed=0):
+    """Random As[j] (*batch, r_j, k), Bs[j] (*batch, d, r_j) and positive weights summing to 1."""
+    g = torch.Generator().manual_seed(seed)
+    As = [torch.randn(*batch, r, k, generator=g, dtype=F64) for r in ranks]
+    Bs = [torch.randn(*batch, d, r, generator=g, dtype=F64) for r in ranks]
+    w = torch.rand(len(ranks), generator=g, dtype=F64) + 0.1
+    return As, Bs, w / w.sum()
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3, 6])
+def test_decaf_mix_ranks_keeps_the_agents_rank_and_is_exact_when_it_covers_the_product(rank):
+    # neighbours of ranks 1, 3, 2: M has rank 6 <= min(d, k); rank 6 keeps all of it
+    As, Bs, w = ragged([1, 3, 2])
+    M = sum(wj * b @ a for wj, a, b in zip(w, As, Bs))
+    A, B = decaf_mix_ranks(As, Bs, w, rank)
+    assert A.shape == (rank, 6) and B.shape == (7, rank)
+    best, S = best_rank(M, rank)
+    assert rel(B @ A, best) < 1e-12  # Eckart-Young at the agent's own rank
+    if rank == 6:
+        assert rel(B @ A, M) < 1e-12
+    # zero-padding the neighbours to a common rank leaves M, hence the TSVD, unchanged
+    padded = [pad_rank(a, b, 3) for a, b in zip(As, Bs)]
+    A2, B2 = decaf_mix(torch.stack([a for a, _ in padded]), torch.stack([b for _, b in padded]),
+                       w, rank)
+    assert rel(B2 @ A2, B @ A) < 1e-10
+
+
+def test_decaf_mix_ranks_batches_agents_bit_identically():
+    As, Bs, _ = ragged([2, 1, 3], batch=(2, 4))  # 2 agents, 4 modules each
+    W = torch.tensor([[0.5, 0.2], [0.3, 0.3], [0.2, 0.5]], dtype=F64)
+    A, B = decaf_mix_ranks(As, Bs, W, 2)
+    for a in range(2):
+        A1, B1 = decaf_mix_ranks([x[a] for x in As], [x[a] for x in Bs], W[:, a], 2)
+        assert A[a].equal(A1) and B[a].equal(B1)
+
+
+def test_hetlora_mix_by_hand():
+    # two neighbours of ranks 1 and 2 on a 2 x 2 weight, pi = (1/2, 1/2):
+    # B_1 A_1 = [[2], [0]] [[1, 0]] has norm 2; B_2 A_2 = I has norm sqrt(2)
+    A1, B1 = torch.tensor([[1.0, 0.0]], dtype=F64), torch.tensor([[2.0], [0.0]], dtype=F64)
+    A2, B2 = torch.eye(2, dtype=F64), torch.eye(2, dtype=F64)
+    w = torch.tensor([0.5, 0.5], dtype=F64)
+    v1, v2 = 2 / (2 + 2 ** 0.5), 2 ** 0.5 / (2 + 2 ** 0.5)  # pi_ij ||B_j A_j|| normalised
+    A1p = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=F64)  # A_1 zero-padded to rank 2
+    B1p = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=F64)
+    A, B = hetlora_mix([A1, A2], [B1, B2], w, rank=2)
+    assert torch.allclose(A, v1 * A1p + v2 * A2) and torch.allclose(B, v1 * B1p + v2 * B2)
+    A, B = hetlora_mix([A1, A2], [B1, B2], w, rank=1)  # truncated to the first rank
+    assert torch.allclose(A, (v1 * A1p + v2 * A2)[:1])
+    assert torch.allclose(B, (v1 * B1p + v2 * B2)[:, :1])
+    # all products zero (B = 0, the start): the weights fall back to pi
+    A, B = hetlora_mix([A1, A2], [0 * B1, 0 * B2], w, rank=2)
+    assert torch.allclose(A, 0.5 * A1p + 0.5 * A2) and B.abs().sum() == 0
+    with pytest.raises(ValueError, match="rank must be in"):
+        hetlora_mix([A1, A2], [B1, B2], w, rank=3)
+
+
+def test_hetlora_weights_each_module_by_its_own_product():
+    As, Bs, w = ragged([2, 1], batch=(3,))  # 3 modules
+    A, B = hetlora_mix(As, Bs, w, rank=1)
+    for i in range(3):
+        A1, B1 = hetlora_mix([a[i] for a in As], [b[i] for b in Bs], w, rank=1)
+        assert torch.allclose(A[i], A1) and torch.allclose(B[i], B1)
+
+
+def test_prop1_bound_counts_the_neighbours_own_ranks():
+    As, Bs, w = ragged([1, 3, 2])
+    padded = [pad_rank(a, b, 3) for a, b in zip(As, Bs)]
+    Ap, Bp = torch.stack([a for a, _ in padded]), torch.stack([b for _, b in padded])
+    plain = prop1_bound(Ap, Bp, w, rank=2)  # as if every neighbour had rank 3: sqrt(9 - 2)
+    own = prop1_bound(Ap, Bp, w, rank=2, ranks=[1, 3, 2])  # sqrt(6 - 2)
+    assert float(own) == pytest.approx(float(plain) * (4 / 7) ** 0.5)
+    A, B = decaf_mix_ranks(As, Bs, w, 2)
+    assert float(tsvd_error(Ap, Bp, w, A, B)) <= float(own)

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from decaf_ray.algorithms import Algorithm, MixOptions, diagnostics, tracker_of, with_tracker
-from decaf_ray.factors import Factors, Grads, init_factors
+from decaf_ray.factors import Factors, Grads, init_factors, rank_of, truncated
 from decaf_ray.optim import Optimizer, State, apply_updates, refactor_state
 
 Inbox = dict[int, tuple[tuple[int, ...], tuple[float, ...], list[Factors]]]
@@ -120,13 +120,20 @@ class AgentGroup:
 
     @classmethod
     def build(cls, cfg, task, algorithm: Algorithm, optimizer: Optimizer,
-              shards: dict[int, np.ndarray]) -> "AgentGroup":
+              shards: dict[int, np.ndarray], ranks: Sequence[int] | None = None
+              ) -> "AgentGroup":
         """Agents ``shards.keys()`` with the paper's shared initialisation (A Gaussian from the
-        experiment seed, B zero): every agent, on every host, starts from the same adapter."""
-        init = init_factors(task.lora_shapes(), cfg.lora.rank,
+        experiment seed, B zero): every agent, on every host, starts from the same adapter.
+        ``ranks`` (``Plan.ranks``, one per agent of the whole run; None: ``lora.rank`` each):
+        agent i takes the first r_i rows of one A drawn at the largest rank, so the agents'
+        initial adapters are nested (and all equal when the ranks are)."""
+        top = max(ranks) if ranks else cfg.lora.rank
+        init = init_factors(task.lora_shapes(), top,
                             torch.Generator().manual_seed(derive_seed(cfg.seed, 1)),
                             cfg.lora.init_std)
-        agents = [Agent(i, init, optimizer.init(init),
+        mine = {i: init if not ranks or ranks[i] == top else truncated(init, ranks[i])
+                for i in shards}
+        agents = [Agent(i, mine[i], optimizer.init(mine[i]),
                         Sampler(shard, cfg.data.batch_size, derive_seed(cfg.seed, 2, i)))
                   for i, shard in shards.items()]
         rt = cfg.runtime
@@ -231,10 +238,10 @@ class AgentGroup:
         weights), or per agent when the mix reads the agent's own; the distinct mixes with
         equally many neighbours go to the algorithm as one batch. Each result is bit-identical
         to mixing alone, so how agents are spread over hosts does not change the numbers."""
-        def key(aid: int) -> tuple:
+        def key(aid: int) -> tuple:  # the own rank: a mix returns the agent's own rank
             ids, weights, _ = inbox[aid]
             own = self.mix_options.per_agent or self.algorithm.keeps_own
-            return ids, weights, aid if own else None
+            return ids, weights, aid if own else rank_of(owns[aid])
 
         first: dict[tuple, int] = {}
         for aid in inbox:

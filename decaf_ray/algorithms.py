@@ -9,6 +9,9 @@ registry entry each: what is trained, what travels, how it is mixed, and which m
 | fedsa       | A, B            | A           | sum pi_ij A_j; B stays local   | the graph's      |
 | alternating | B (odd rounds), | the round's | sum pi_ij X_j of the round's   | the graph's      |
 |             | A (even rounds) | factor X    | factor X; the other stays      |                  |
+| hetlora     | A, B            | A, B        | zero-pad to max r_j, average   | the graph's      |
+|             |                 |             | weighted by pi_ij ||B_j A_j||, |                  |
+|             |                 |             | truncate to the agent's r_i    |                  |
 | fedavg      | A, B            | A, B        | as dlora                       | (1/N) 1 1^T      |
 | fedavg_fa   | B               | B           | as dlora_fa                    | (1/N) 1 1^T      |
 | local       | A, B            | nothing     | none                           | I                |
@@ -41,6 +44,20 @@ Where the rules of other papers sit here:
   Decentralized cousins (related work, not implemented): ADF-LoRA (arXiv 2511.18291), which
   updates one factor per round but mixes both, and TAD-LoRA.
 
+* HetLoRA (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation
+  Models", EMNLP 2024, arXiv 2401.06432) lets clients hold different ranks: the server
+  zero-pads every client's factors to the largest rank, averages them with weights
+  proportional to ||B_k A_k||_F (sparsity-weighted aggregation) and sends each client the
+  first r_k ranks back. ``hetlora`` is its gossip form over the graph's Pi
+  (``consensus.hetlora_mix``). The paper's rank self-pruning (a client shrinking its own rank
+  while it trains) is left out: every agent keeps the rank the config gives it.
+
+Agents may hold different ranks r_i (``lora.ranks``, ``lora.rank_rule``) where the mix is
+defined across ranks (``mixed_ranks``): ``hetlora``; ``decaf``, whose mixed product
+sum_j pi_ij B_j A_j has any ranks and whose TSVD returns agent i's own r_i
+(``consensus.decaf_mix_ranks``); and ``local``/``local_fa``, which mix nothing. Averaging
+factors of different shapes (DLoRA, FedAvg, the FA variants, FedSA, alternating) is undefined.
+
 A mix function is pure: ``mix(own, payloads, weights, options) -> Factors``, where ``payloads``
 are the neighbours' published adapters (self included) in the order of ``weights``; a factor
 that does not travel is None in a payload and the agent's own in the result. Modules of
@@ -67,7 +84,7 @@ from scipy import sparse
 from torch import Tensor
 
 from decaf_ray import consensus
-from decaf_ray.factors import Factors, shape_groups, stack
+from decaf_ray.factors import Factors, padded, rank_of, shape_groups, stack
 
 MixFn = Callable[[Factors, list[Factors], Tensor, "MixOptions"], Factors]
 MixManyFn = Callable[[list[Factors], list[list[Factors]], Tensor, "MixOptions"], list[Factors]]
@@ -112,6 +129,8 @@ class Algorithm:
     """Rounds that take turns: round k (1-based) trains and sends only the factors
     ``phases[(k - 1) % len(phases)]`` (``alternating``); empty: every round trains ``trains``
     and sends ``travels``."""
+    mixed_ranks: bool = False
+    """Agents may hold different ranks (its mix is defined across them, or it mixes nothing)."""
 
     @property
     def communicates(self) -> bool:
@@ -199,14 +218,18 @@ class Algorithm:
         averaged adapter (one message, as the paper's Table 1 counts it); 0 without a server."""
         return self.floats_per_message(shapes, rank, rnd) if self.pi == "server" else 0
 
-    def network_floats_per_round(self, shapes: dict[str, tuple[int, int]], rank: int,
-                                 degrees: Sequence[int], rnd: int | None = None) -> float:
+    def network_floats_per_round(self, shapes: dict[str, tuple[int, int]],
+                                 rank: int | Sequence[int], degrees: Sequence[int],
+                                 rnd: int | None = None) -> float:
         """Floats the whole network sends in communication round ``rnd``, counted as the paper's
         Table 1 does: every agent's messages (``degrees[i]`` neighbours, or one upload) plus
         the server's broadcast, so FedAvg with N agents all taking part (p = 1) sends
-        pN + 1 = N + 1 messages. ``floats_sent_per_round_per_agent`` is this over N."""
-        return (sum(self.floats_sent_per_round(shapes, rank, d, rnd) for d in degrees)
-                + self.floats_broadcast_per_round(shapes, rank, rnd))
+        pN + 1 = N + 1 messages. ``floats_sent_per_round_per_agent`` is this over N. ``rank``
+        is every agent's, or one per agent (``lora.ranks``: agent i's messages hold its r_i;
+        the server algorithms take one rank)."""
+        ranks = [rank] * len(degrees) if isinstance(rank, int) else list(rank)
+        return (sum(self.floats_sent_per_round(shapes, r, d, rnd) for r, d in zip(ranks, degrees))
+                + self.floats_broadcast_per_round(shapes, ranks[0] if ranks else 0, rnd))
 
 
 TRACKER = "tracker:"
@@ -217,13 +240,14 @@ def tracking(algorithm: Algorithm) -> Algorithm:
     """``algorithm`` as Algorithm 4 runs it: its messages carry the tracker too (``tracked``).
 
     Algorithm 4 covers the gossip algorithms whose every message carries every trained factor
-    (DLoRA, DLoRA-FA, DeCAF); ValueError for the others (FedAvg, Local, Centralized, and FedSA
-    and alternating, which keep a trained factor out of a message), where the paper defines no
-    mixed tracker."""
-    if algorithm.pi != "graph" or algorithm.keeps_own:
+    (DLoRA, DLoRA-FA, DeCAF); ValueError for the others (FedAvg, Local, Centralized, FedSA and
+    alternating, which keep a trained factor out of a message, and HetLoRA, whose norm weights
+    would weigh trackers by their own products), where the paper defines no mixed tracker."""
+    if algorithm.pi != "graph" or algorithm.mix not in (mix_decaf, mix_dlora, mix_fa):
         raise ValueError(f"adam_tracked (Algorithm 4) mixes a second-moment tracker over the "
-                         f"graph; {algorithm.name} does not gossip every factor it trains (use "
-                         f"it with decaf, dlora or dlora_fa, or use adam)")
+                         f"graph as DLoRA, DLoRA-FA and DeCAF mix factors; {algorithm.name} does "
+                         f"not gossip every factor it trains by one of those mixes (use it with "
+                         f"decaf, dlora or dlora_fa, or use adam)")
     return replace(algorithm, tracked=True)
 
 
@@ -291,13 +315,36 @@ def mix_decaf(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOp
 def mix_decaf_many(owns: list[Factors], payloads: list[list[Factors]], weights: Tensor,
                    opt: MixOptions) -> list[Factors]:
     """``mix_decaf`` of n agents with m neighbours each in one ``decaf_mix`` call per module
-    shape: agent a mixes ``payloads[a]`` with ``weights[a]`` (weights (n, m))."""
+    shape: agent a mixes ``payloads[a]`` with ``weights[a]`` (weights (n, m)). Agents of
+    different ranks (``lora.ranks``) are batched with those of the same own rank and the same
+    neighbours' ranks, and mixed by ``consensus.decaf_mix_ranks`` to their own rank."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for a, (own, sent) in enumerate(zip(owns, payloads)):
+        groups.setdefault((rank_of(own), *map(rank_of, sent)), []).append(a)
+    out: list[Factors] = [{} for _ in owns]
+    for ranks, agents in groups.items():
+        mixed = _decaf_group([owns[a] for a in agents], [payloads[a] for a in agents],
+                             weights[agents] if len(groups) > 1 else weights, ranks, opt)
+        for a, m in zip(agents, mixed):
+            out[a] = m
+    return out
+
+
+def _decaf_group(owns: list[Factors], payloads: list[list[Factors]], weights: Tensor,
+                 ranks: tuple[int, ...], opt: MixOptions) -> list[Factors]:
+    """``mix_decaf_many`` of agents of one own rank ``ranks[0]`` whose neighbours have the
+    ranks ``ranks[1:]``: one stacked ``decaf_mix`` when all are equal, else ragged."""
     out: list[Factors] = [{} for _ in owns]
     for names in shape_groups(owns[0]).values():
-        per_agent = [stack(p, names) for p in payloads]          # n x ((m, L, r, k), (m, L, d, r))
-        As = torch.stack([a for a, _ in per_agent], dim=1)       # (m, n, L, r, k)
-        Bs = torch.stack([b for _, b in per_agent], dim=1)       # (m, n, L, d, r)
-        A, B = consensus.decaf_mix(As, Bs, weights.T, split=opt.split)
+        if len(set(ranks)) == 1:
+            per_agent = [stack(p, names) for p in payloads]      # n x ((m, L, r, k), (m, L, d, r))
+            As = torch.stack([a for a, _ in per_agent], dim=1)   # (m, n, L, r, k)
+            Bs = torch.stack([b for _, b in per_agent], dim=1)   # (m, n, L, d, r)
+            A, B = consensus.decaf_mix(As, Bs, weights.T, split=opt.split)
+        else:  # neighbour j: (n, L, r_j, k), (n, L, d, r_j)
+            per_nbr = [stack([p[j] for p in payloads], names) for j in range(len(ranks) - 1)]
+            A, B = consensus.decaf_mix_ranks([a for a, _ in per_nbr], [b for _, b in per_nbr],
+                                             weights.T, ranks[0], split=opt.split)
         if opt.per_agent:  # aligned or conserved: fitted to each agent's own factors
             ref = stack(owns, names)
             A, B = consensus.align(A, B, *ref)
@@ -306,6 +353,21 @@ def mix_decaf_many(owns: list[Factors], payloads: list[list[Factors]], weights: 
         for a, mixed in enumerate(out):
             for i, n in enumerate(names):
                 mixed[n] = (A[a, i], B[a, i])
+    return out
+
+
+def mix_hetlora(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOptions
+                ) -> Factors:
+    """HetLoRA (``consensus.hetlora_mix``): the neighbours' factors zero-padded to the largest
+    rank, averaged with weights pi_ij ||B_j A_j||_F (normalised), truncated to the agent's own
+    rank. Payloads may have any ranks; all modules of one agent share its rank."""
+    out: Factors = {}
+    for names in shape_groups(own).values():
+        per_nbr = [stack([p], names) for p in payloads]          # m x ((1, L, r_j, k), ...)
+        A, B = consensus.hetlora_mix([a[0] for a, _ in per_nbr], [b[0] for _, b in per_nbr],
+                                     weights, rank_of(own))
+        for i, n in enumerate(names):
+            out[n] = (A[i], B[i])
     return out
 
 
@@ -331,27 +393,36 @@ def diagnostics(own: Factors, payloads: list[Factors], weights: Tensor, mixed: F
     ``interference``: ||sum pi B_j A_j - (sum pi B_j)(sum pi A_j)||_F (Definition 1, Theorem 2);
     ``tsvd_error``: ||sum pi B_j A_j - B_i A_i||_F of the mixed factors (Proposition 1), and
     ``prop1_bound``: its bound sqrt((|Nb(i)| - 1) r) c^2. Empty unless both factors travel.
+    Neighbours of different ranks r_j enter zero-padded to the largest (``factors.padded``:
+    the products, hence the TSVD error, are unchanged; interference is then that of the padded
+    factors' averages), and the bound is sqrt(sum_j r_j - r_i) c^2 for the agent's own r_i.
     """
     if None in payloads[0][next(iter(own))]:
         return {}
+    ranks = [rank_of(p) for p in payloads]
+    equal = len(set(ranks)) == 1
+    sent = payloads if equal else padded(payloads)
     sq = {"interference": 0.0, "tsvd_error": 0.0, "prop1_bound": 0.0}
     for names in shape_groups(own).values():
-        As, Bs = stack(payloads, names)
+        As, Bs = stack(sent, names)
         A, B = stack([mixed], names)
+        bound = (consensus.prop1_bound(As, Bs, weights) if equal else
+                 consensus.prop1_bound(As, Bs, weights, rank_of(own), ranks))
         sq["interference"] += float((consensus.interference(As, Bs, weights) ** 2).sum())
         sq["tsvd_error"] += float((consensus.tsvd_error(As, Bs, weights, A[0], B[0]) ** 2).sum())
-        sq["prop1_bound"] += float((consensus.prop1_bound(As, Bs, weights) ** 2).sum())
+        sq["prop1_bound"] += float((bound ** 2).sum())
     return {k: v ** 0.5 for k, v in sq.items()}
 
 
 register(Algorithm("decaf", "AB", "AB", mix_decaf, "graph", refactorizes=True,
-                   mix_many=mix_decaf_many))
+                   mix_many=mix_decaf_many, mixed_ranks=True))
 register(Algorithm("dlora", "AB", "AB", mix_dlora, "graph"))
 register(Algorithm("dlora_fa", "B", "B", mix_fa, "graph"))
 register(Algorithm("fedsa", "AB", "A", mix_factors, "graph"))
 register(Algorithm("alternating", "AB", "AB", mix_factors, "graph", phases=("B", "A")))
+register(Algorithm("hetlora", "AB", "AB", mix_hetlora, "graph", mixed_ranks=True))
 register(Algorithm("fedavg", "AB", "AB", mix_dlora, "server"))
 register(Algorithm("fedavg_fa", "B", "B", mix_fa, "server"))
-register(Algorithm("local", "AB", "", None, "identity"))
-register(Algorithm("local_fa", "B", "", None, "identity"))
+register(Algorithm("local", "AB", "", None, "identity", mixed_ranks=True))
+register(Algorithm("local_fa", "B", "", None, "identity", mixed_ranks=True))
 register(Algorithm("centralized", "AB", "", None, "identity", centralized=True))

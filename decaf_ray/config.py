@@ -121,12 +121,60 @@ class LoRAConfig:
     scaling: Literal["alpha/r", "alpha/sqrt(r)"] = "alpha/r"
     init_std: float | None = None
     """Std of the Gaussian A at init; null = 1/sqrt(3k), the scale of peft's default init."""
+    ranks: list[int] | None = None
+    """Per-agent ranks [r_0, ..., r_{N-1}], one per agent: agent i holds A_i (r_i, k), B_i
+    (d, r_i). null: ``rank_rule`` decides. ``rank`` still sets the scale s for every agent, so
+    s B_i A_i means the same weight change whatever r_i (products of different ranks mix)."""
+    rank_rule: Literal["uniform", "neighbourhood"] = "uniform"
+    """``uniform``: every agent has ``rank``. ``neighbourhood``: agent i's rank grows with its
+    neighbourhood, r_i = min(rank_max, max(1, floor(rank m_i / mean_j m_j + 1/2))) with
+    m_i = |N_b(i)| = its degree in the graph + 1 (itself): the agents' mean rank stays near
+    ``rank``, and an agent that mixes more products keeps more of their rank: DeCAF's TSVD
+    error is bounded by sqrt(sum_{j in N_b(i)} r_j - r_i) c^2 (Proposition 1, whose
+    sqrt((m_i - 1) r) c^2 is the case of equal ranks), which grows with m_i at a fixed r_i."""
+    rank_max: int | None = None
+    """``neighbourhood`` only: the largest rank it gives; null: min(d, k) of the smallest
+    adapted weight (the most a rank can be)."""
 
     def __post_init__(self):
         require(self.rank >= 1, "rank", f"must be >= 1 (got {self.rank})")
         require(self.alpha > 0, "alpha", "must be > 0")
         require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         require(self.init_std is None or self.init_std > 0, "init_std", "must be > 0 or null")
+        require(self.ranks is None or (len(self.ranks) >= 1 and all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in self.ranks)),
+            "ranks", f"must be a list of integers >= 1, one per agent, or null (got {self.ranks})")
+        require(self.ranks is None or self.rank_rule == "uniform", "ranks",
+                f"give per-agent ranks or rank_rule {self.rank_rule}, not both")
+        require(self.rank_max is None or self.rank_rule == "neighbourhood", "rank_max",
+                "only rank_rule neighbourhood reads it; leave it null")
+        require(self.rank_max is None or self.rank_max >= 1, "rank_max", "must be >= 1 or null")
+
+    @property
+    def per_agent(self) -> str | None:
+        """The field that gives agents their own ranks (``ranks`` or ``rank_rule``); None when
+        every agent has ``rank``."""
+        return "ranks" if self.ranks is not None else (
+            "rank_rule" if self.rank_rule != "uniform" else None)
+
+    def agent_ranks(self, sizes: list[int], cap: int) -> tuple[int, ...]:
+        """Each agent's rank, given m_i = |N_b(i)| (``sizes``, N of them) and the largest rank
+        the adapted weights allow (``cap``, min(d, k)); see ``rank_rule``.
+
+        Raises:
+            ConfigError: ``ranks`` above ``cap``.
+        """
+        n = len(sizes)
+        if self.ranks is not None:  # its length is checked with the agents' count, at the edge
+            require(max(self.ranks) <= cap, "lora.ranks", f"{max(self.ranks)} exceeds min(d, k) "
+                    f"= {cap} of the smallest adapted weight")
+            return tuple(self.ranks)
+        if self.rank_rule == "uniform":
+            return (self.rank,) * n
+        top, total = min(cap, self.rank_max or cap), sum(sizes)
+        # floor(rank m / (total / n) + 1/2) in integers, so a tie rounds up on every machine
+        return tuple(min(top, max(1, (2 * self.rank * m * n + total) // (2 * total)))
+                     for m in sizes)
 
     @property
     def scale(self) -> float:

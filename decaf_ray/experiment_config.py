@@ -39,10 +39,11 @@ class ExperimentConfig:
     task: Any = field(metadata={"section": _task_class})
     """What is trained, on what data: the section of its ``kind`` (the model, data, loss)."""
     algorithm: str = "decaf"
-    """``decaf``, ``dlora``, ``dlora_fa``, ``fedsa``, ``alternating``, ``fedavg``, ``fedavg_fa``,
-    ``local``, ``local_fa`` or ``centralized`` (``decaf_ray.algorithms.ALGORITHMS``); the FA
-    variants keep A frozen, ``fedsa`` sends only A, ``alternating`` trains and sends B in odd
-    rounds and A in even ones."""
+    """``decaf``, ``dlora``, ``dlora_fa``, ``fedsa``, ``alternating``, ``hetlora``, ``fedavg``,
+    ``fedavg_fa``, ``local``, ``local_fa`` or ``centralized``
+    (``decaf_ray.algorithms.ALGORITHMS``); the FA variants keep A frozen, ``fedsa`` sends only
+    A, ``alternating`` trains and sends B in odd rounds and A in even ones, ``hetlora`` mixes
+    agents of different ranks (``lora.ranks``)."""
     agents: int = 10
     """N, the number of agents."""
     topology: TopologyConfig = field(default_factory=TopologyConfig)
@@ -83,6 +84,24 @@ class ExperimentConfig:
         require(self.eval_every >= 1, "eval_every", "must be >= 1")
         require(0 <= self.seed < 2**63, "seed", f"must be between 0 and 2^63 - 1 (got {self.seed})")
         require_name(self.name, "name")
+        self._check_ranks()
+
+    def _check_ranks(self) -> None:
+        """Per-agent ranks (``lora.ranks``, ``lora.rank_rule``) need an algorithm whose mix is
+        defined across ranks and a task that takes any rank per call."""
+        field = self.lora.per_agent
+        if field is None:
+            return
+        algorithm, key = ALGORITHMS[self.algorithm], f"lora.{field}"
+        why = "trains one agent" if algorithm.centralized else "averages factors of one shape"
+        able = ", ".join(n for n, a in ALGORITHMS.items() if a.mixed_ranks)
+        require(algorithm.mixed_ranks, key,
+                f"{self.algorithm} {why}; agents of different ranks need one of {able}")
+        require(self.lora.ranks is None or len(self.lora.ranks) == self.agents, key,
+                f"one rank per agent: {len(self.lora.ranks or [])} given for {self.agents} agents")
+        require(getattr(self.task, "any_rank", False), key,
+                f"task kind {self.task.kind} builds one LoRA rank into its model; per-agent ranks "
+                f"need a task that takes any rank per call (synthetic)")
 
     @property
     def total_steps(self) -> int:

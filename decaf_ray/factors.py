@@ -14,6 +14,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from decaf_ray.consensus import pad_rank
+
 Factors = dict[str, tuple[Tensor, Tensor]]
 """module name -> (A (r, k), B (d, r))."""
 
@@ -63,6 +65,26 @@ def stack(adapters: list[Factors], names: list[str]) -> tuple[Tensor, Tensor]:
     As = torch.stack([torch.stack([f[n][0] for n in names]) for f in adapters])
     Bs = torch.stack([torch.stack([f[n][1] for n in names]) for f in adapters])
     return As, Bs
+
+
+def rank_of(factors: Factors) -> int:
+    """An adapter's rank r (every module of one agent has the same), read from its first A."""
+    return next(iter(factors.values()))[0].shape[0]
+
+
+def truncated(factors: Factors, rank: int) -> Factors:
+    """The first ``rank`` rows of each A and columns of each B: an agent of rank ``rank``
+    cut from a shared larger initialisation, so the agents' A_0 are nested."""
+    return {n: (a[:rank].clone(), b[:, :rank].clone()) for n, (a, b) in factors.items()}
+
+
+def padded(adapters: list[Factors]) -> list[Factors]:
+    """Adapters of different ranks zero-padded to the largest (each B A unchanged), so they can
+    be stacked and averaged as HetLoRA does; the same list when all ranks are equal."""
+    top = max(rank_of(f) for f in adapters)
+    if all(rank_of(f) == top for f in adapters):
+        return adapters
+    return [{n: pad_rank(a, b, top) for n, (a, b) in f.items()} for f in adapters]
 
 
 def param_count(shapes: Mapping[str, tuple[int, int]], rank: int, train_A: bool = True) -> int:

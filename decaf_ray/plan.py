@@ -55,6 +55,10 @@ class Plan:
     """Per agent: neighbours j with pi_ij > 0 (self included) and their weights, read from Pi
     once so the runtimes' per-round loops do not."""
 
+    ranks: tuple[int, ...] = field(default=(), compare=False)
+    """Each agent's LoRA rank r_i (``lora.ranks``, ``lora.rank_rule``; all ``lora.rank`` by
+    default)."""
+
     def neighbours(self, i: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
         """Agent i's neighbours j with pi_ij > 0 (self included) and their weights."""
         return self.neighbourhoods[i]
@@ -110,6 +114,8 @@ def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
                           "sees no GPU), or device: auto")
     task = task if task is not None else build_task(cfg.task, cfg.lora, cfg.seed)
     _check_rank(cfg.lora.rank, task.lora_shapes())
+    cap = min(min(dk) for dk in task.lora_shapes().values())
+    ranks = cfg.lora.agent_ranks([int(graph.degree(i)) + 1 for i in range(n)], cap)
     if cfg.runtime.batch_agents > 1 and not hasattr(task, "loss_and_grads_many"):
         raise ConfigError("runtime.batch_agents", f"task kind {cfg.task.kind} has no batched "
                           "step (clip has); use 1")
@@ -119,7 +125,7 @@ def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
                           "micro_batch: null")
     pi = algorithm.mixing(graph_pi)
     return Plan(cfg, algorithm, graph, pi, make_shards(cfg, task, n), task,
-                topology.neighbourhoods(pi))
+                topology.neighbourhoods(pi), ranks)
 
 
 # What a plan holds, in bytes, measured with tracemalloc (CPython 3.11, networkx 3, scipy 1.17)

@@ -133,7 +133,8 @@ def size_trial(cfg: ExperimentConfig, task: Any = None) -> TrialSize:
     cuda = host[1] > 0 and not device.startswith(("cpu", "mps"))
     n_pass = min(rt.batch_agents, per) if cfg.task.kind == "clip" else 1
     shapes = _lora_shapes(cfg, task)
-    trainable = param_count(shapes, cfg.lora.rank, ALGORITHMS[cfg.algorithm].train_A)
+    trainable = param_count(shapes, _largest_rank(cfg, shapes),
+                            ALGORITHMS[cfg.algorithm].train_A)
     parts = _task_parts(cfg, task, cuda, batch, n_pass) + [_adapters(cfg, per, shapes, trainable)]
     if cuda:
         parts.append(Part("cuda context", CUDA_CONTEXT, "one CUDA context per host process"))
@@ -172,11 +173,23 @@ def _adapters(cfg: ExperimentConfig, per: int, shapes: dict[str, tuple[int, int]
     """The agents' factors, and for the ``trained`` of them optimizer states and a gradient."""
     from decaf_ray.factors import param_count
 
-    full = param_count(shapes, cfg.lora.rank, True)
+    full = param_count(shapes, _largest_rank(cfg, shapes), True)
     states = OPTIMIZER_STATES[cfg.optim.name] + (cfg.optim.h == "amsgrad")
     return Part("adapters", per * (full + trained * (states + 1)) * 4.0,
                 f"{per} agents x ({full:,} factor params + {trained:,} trained x ({states} "
                 f"{cfg.optim.name} states + 1 gradient)) x 4 B")
+
+
+def _largest_rank(cfg: ExperimentConfig, shapes: dict[str, tuple[int, int]]) -> int:
+    """The largest rank an agent may hold, for an upper bound on memory (and the trainable
+    count reported: the largest agent's): ``lora.rank``, the largest of ``lora.ranks``, or
+    ``neighbourhood``'s cap (``rank_max``, else min(d, k))."""
+    lora = cfg.lora
+    if lora.ranks is not None:
+        return max(lora.ranks)
+    if lora.rank_rule == "uniform":
+        return lora.rank
+    return lora.rank_max or min(min(dk) for dk in shapes.values())
 
 
 def _lora_shapes(cfg: ExperimentConfig, task: Any) -> dict[str, tuple[int, int]]:

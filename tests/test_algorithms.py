@@ -61,6 +61,13 @@ def test_complete_graph_gives_the_exact_average(alg, rnd):
     sent = alg.travels_in(rnd)
     for n in SHAPES:
         mean_prod = sum(b @ a for a, b in (ad[n] for ad in ads)) / 5
+        if alg.name == "hetlora":  # the average weighted by ||B_j A_j||_F, not the plain one
+            norms = torch.stack([torch.linalg.norm(ad[n][1] @ ad[n][0]) for ad in ads])
+            v = norms / norms.sum()
+            for f in (0, 1):
+                assert torch.allclose(out[n][f], sum(vj * ad[n][f] for vj, ad in zip(v, ads)),
+                                      atol=1e-12)
+            continue
         if alg.name == "decaf":
             # the exact TSVD of the average product: the best rank-r approximation
             u, s, vh = torch.linalg.svd(mean_prod)
@@ -74,7 +81,10 @@ def test_complete_graph_gives_the_exact_average(alg, rnd):
             assert torch.allclose(out[n][1] @ out[n][0], mean_prod, atol=1e-12)
 
 
-@pytest.mark.parametrize("alg, rnd", [p for p in ROUNDS if p.values[0].name != "decaf"])
+# DeCAF's TSVD is not linear; HetLoRA's norm weights make each row of its mix sum to 1 but
+# not each column, so neither keeps the network mean of the factors
+@pytest.mark.parametrize("alg, rnd", [p for p in ROUNDS
+                                      if p.values[0].name not in ("decaf", "hetlora")])
 def test_doubly_stochastic_pi_preserves_the_network_mean(alg, rnd):
     n = 6
     pi = np.zeros((n, n))
@@ -148,7 +158,7 @@ def test_network_floats_count_the_servers_broadcast():
 CONTRACT = {
     "decaf": ("AB", "AB", "AB", "AB"), "dlora": ("AB", "AB", "AB", "AB"),
     "dlora_fa": ("B", "B", "B", "B"), "fedsa": ("AB", "AB", "A", "A"),
-    "alternating": ("B", "A", "B", "A"),
+    "alternating": ("B", "A", "B", "A"), "hetlora": ("AB", "AB", "AB", "AB"),
     "fedavg": ("AB", "AB", "AB", "AB"), "fedavg_fa": ("B", "B", "B", "B"),
     "local": ("AB", "AB", "", ""), "local_fa": ("B", "B", "", ""),
     "centralized": ("AB", "AB", "", ""),
@@ -185,7 +195,7 @@ def test_floats_of_the_one_factor_messages():
         alt.payload(_adapters(1)[0])
 
 
-@pytest.mark.parametrize("name", ["fedsa", "alternating"])
+@pytest.mark.parametrize("name", ["fedsa", "alternating", "hetlora"])
 def test_adam_tracked_is_refused_where_a_trained_factor_stays_home(name):
     with pytest.raises(ValueError, match="every factor it trains"):
         tracking(ALGORITHMS[name])
@@ -422,22 +432,26 @@ def test_conserved_mix_keeps_each_agents_imbalance_and_the_product():
 
 @pytest.mark.parametrize("split", ["balanced", "aligned", "conserved"])
 def test_decaf_mixes_of_many_agents_equal_their_mixes_alone(split):
-    from decaf_ray.algorithms import mix_decaf_many
-
-    ads = _adapters(5)
     pi = np.array([[.5, .25, 0, 0, .25], [.25, .5, .25, 0, 0], [0, .25, .5, .25, 0],
                    [0, 0, .25, .5, .25], [.25, 0, 0, .25, .5]])
-    opt = MixOptions(split=split)
+    _many_equal_alone(_adapters(5), pi, MixOptions(split=split))
+
+
+def _many_equal_alone(ads, pi, opt):
+    """``mix_decaf_many`` of every agent at once, each bit-identical to its mix alone."""
+    from decaf_ray.algorithms import mix_decaf_many
+
     owns, payloads, rows = [], [], []
-    for i in range(5):
+    for i in range(len(ads)):
         ids = np.flatnonzero(pi[i])
         owns.append(ads[i]), payloads.append([ads[j] for j in ids]), rows.append(pi[i, ids])
     many = mix_decaf_many(owns, payloads, torch.tensor(np.array(rows)), opt)
-    for i in range(5):
+    for i in range(len(ads)):
         alone = _mix(ALGORITHMS["decaf"], ads, pi, i, opt)
         assert list(many[i]) == list(alone)
         for n in SHAPES:
             assert many[i][n][0].equal(alone[n][0]) and many[i][n][1].equal(alone[n][1])
+    return many
 
 
 @pytest.mark.parametrize("opt", ["momentum", "adam"])
@@ -479,3 +493,100 @@ def test_runs_from_a_config_by_name_and_counts_what_each_round_sent(name):
     per_round = {1: 2 * 12, 2: 2 * 32, 3: 2 * 12} if name == "alternating" else {1: 2 * 32}
     assert sent == {k: sum(per_round.get(j, per_round[1]) for j in range(1, k + 1))
                     for k in range(4)}
+
+
+# ------------------------------------------------------------------ agents of different ranks
+
+
+def _ranked(ranks, seed=0):
+    """Random adapters (float64) of SHAPES, agent i of rank ranks[i]."""
+    g = torch.Generator().manual_seed(seed)
+    return [{n: (torch.randn(r, k, generator=g).double(), torch.randn(d, r, generator=g).double())
+             for n, (d, k) in SHAPES.items()} for r in ranks]
+
+
+@pytest.mark.parametrize("name", ["decaf", "hetlora"])
+def test_mixes_of_different_ranks_keep_each_agents_rank(name):
+    ranks, pi = [1, 3, 2, 2], _ring(4)
+    ads, alg = _ranked(ranks), ALGORITHMS[name]
+    for i in range(4):
+        out = _mix(alg, ads, pi, i)
+        for n, (d, k) in SHAPES.items():
+            assert out[n][0].shape == (ranks[i], k) and out[n][1].shape == (d, ranks[i])
+        if name == "decaf":  # the TSVD at r_i of the mixed product: Eckart-Young's error
+            ids = np.flatnonzero(pi[i])
+            for n in SHAPES:
+                M = sum(pi[i, j] * ads[j][n][1] @ ads[j][n][0] for j in ids)
+                miss = torch.linalg.norm(M - out[n][1] @ out[n][0])
+                best = torch.linalg.svdvals(M)[ranks[i]:].norm()
+                assert float(miss) == pytest.approx(float(best), abs=1e-10)
+
+
+def test_decaf_is_exact_for_an_agent_whose_rank_covers_the_mixed_product():
+    # agent 0 of rank 5 mixes neighbours of ranks 1 and 2 (and itself, rank 5 but with only
+    # 2 nonzero directions): M has rank <= 5, so its TSVD at rank 5 is M itself
+    ads = _ranked([5, 1, 2])
+    ads[0] = {n: (a, torch.cat([b[:, :2], torch.zeros_like(b[:, 2:])], 1))
+              for n, (a, b) in ads[0].items()}
+    pi = np.full((3, 3), 1 / 3)
+    out = _mix(ALGORITHMS["decaf"], ads, pi, 0)
+    for n in SHAPES:
+        M = sum(ad[n][1] @ ad[n][0] for ad in ads) / 3
+        assert out[n][0].shape[0] == 5
+        assert torch.allclose(out[n][1] @ out[n][0], M, atol=1e-10)
+
+
+@pytest.mark.parametrize("split", ["balanced", "conserved"])
+def test_decaf_mixes_of_many_agents_of_different_ranks_equal_their_mixes_alone(split):
+    ranks = [2, 1, 2, 3, 2]
+    many = _many_equal_alone(_ranked(ranks), _ring(5), MixOptions(split=split))
+    assert [m["q"][0].shape[0] for m in many] == ranks
+
+
+def test_diagnostics_of_different_ranks_use_the_agents_own_rank():
+    from decaf_ray.algorithms import diagnostics
+
+    ranks, pi, i = [1, 3, 2, 2], _ring(4), 1
+    ads = _ranked(ranks)
+    ids = np.flatnonzero(pi[i])
+    w = torch.tensor(pi[i, ids])
+    payloads = [ads[j] for j in ids]
+    mixed = ALGORITHMS["decaf"].mix(ads[i], payloads, w, MixOptions(split="balanced"))
+    diag = diagnostics(ads[i], payloads, w, mixed)
+    sq = 0.0
+    for n in SHAPES:  # the TSVD error is what the r_i = 3 truncation drops
+        M = sum(wj * ads[j][n][1] @ ads[j][n][0] for wj, j in zip(w, ids))
+        sq += float(torch.linalg.svdvals(M)[3:].square().sum())
+    assert diag["tsvd_error"] == pytest.approx(sq ** 0.5, rel=1e-8)
+    assert 0 < diag["tsvd_error"] <= diag["prop1_bound"]  # sqrt(1 + 3 + 2 - 3) c^2
+
+
+def _hetero(algorithm, **over):
+    from decaf_ray.experiment_config import load_config
+
+    return load_config({
+        "algorithm": algorithm, "agents": 5, "topology": "star", "rounds": 3, "eval_every": 3,
+        "task": {"kind": "synthetic", "d": 6, "k": 16, "samples": 200, "test_samples": 50},
+        "data": {"batch_size": 8}, "lora": {"rank": 2, "rank_rule": "neighbourhood"},
+        "optim": {"name": "adam", "lr": 0.05}, "runtime": {"kind": "inprocess", "threads": 1},
+        **over})
+
+
+@pytest.mark.parametrize("name", ["decaf", "hetlora"])
+def test_a_star_with_the_neighbourhood_rank_rule_runs_and_counts_each_agents_payload(name):
+    from decaf_ray.experiment import run
+    from decaf_ray.plan import prepare
+
+    plan = prepare(_hetero(name))
+    # the hub mixes 5 adapters, each leaf 2: mean m = 13/5, r = floor(2 m / (13/5) + 1/2)
+    assert plan.ranks == (4, 2, 2, 2, 2)
+    res = run(plan.config, progress=False, plan=plan)
+    assert res.status == "completed"
+    assert [f["linear"][0].shape[0] for _, f in sorted(res.factors.items())] == list(plan.ranks)
+    # floats counted from what each agent's payload holds, sent to each of its neighbours
+    alg = plan.algorithm
+    sent = sum(plan.degree(i) * sum(x.numel() for pair in alg.payload(f).values() for x in pair)
+               for i, f in res.factors.items())
+    assert res.summary["floats_sent_per_round_per_agent"] == sent / 5
+    assert res.summary["trainable_params_per_agent"] == (4 + 2 * 4) * 22 / 5
+    assert res.summary["final"]["tsvd_error"] >= 0 and "prop1_bound" in res.summary["final"]

@@ -51,6 +51,21 @@ def test_lora_scaling():
     ({"grad_norm": "yes"}, "grad_norm", "true or false"),
     ({"runtime": {"batch_agents": 4, "agents_per_host": 2}}, "runtime.batch_agents",
      "between 1 and agents_per_host (2)"),
+    # per-agent LoRA ranks
+    ({"algorithm": "dlora", "lora": {"ranks": [2] * 10}}, "lora.ranks",
+     "dlora averages factors of one shape; agents of different ranks need one of decaf, "),
+    ({"algorithm": "fedavg", "lora": {"rank_rule": "neighbourhood"}}, "lora.rank_rule",
+     "hetlora, local, local_fa"),
+    ({"algorithm": "centralized", "lora": {"rank_rule": "neighbourhood"}}, "lora.rank_rule",
+     "trains one agent"),
+    ({"algorithm": "hetlora", "agents": 3, "lora": {"ranks": [1, 2]}}, "lora.ranks",
+     "2 given for 3 agents"),
+    ({"lora": {"ranks": [1, 0]}}, "lora.ranks", "integers >= 1"),
+    ({"lora": {"ranks": [1, 2], "rank_rule": "neighbourhood"}}, "lora.ranks", "not both"),
+    ({"lora": {"rank_max": 3}}, "lora.rank_max", "only rank_rule neighbourhood"),
+    ({"lora": {"rank_rule": "degree"}}, "lora.rank_rule", "valid: uniform, neighbourhood"),
+    ({"task": {"kind": "causal_lm"}, "agents": 2, "lora": {"ranks": [1, 2]}}, "lora.ranks",
+     "task kind causal_lm builds one LoRA rank"),
 ])
 def test_bad_values_name_the_field(data, field, words):
     with pytest.raises(ConfigError) as e:
@@ -94,3 +109,27 @@ def test_yaml_loader_is_safe(tmp_path):
     evil.write_text("task: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(evil)
+
+
+def test_the_neighbourhood_rank_rule():
+    from decaf_ray.config import LoRAConfig
+
+    # m_i = |N_b(i)|, mean 13/5: r_i = floor(2 m_i / 2.6 + 1/2), capped by rank_max or min(d, k)
+    assert LoRAConfig(rank=2, rank_rule="neighbourhood").agent_ranks([5, 2, 2, 2, 2], 6) == \
+        (4, 2, 2, 2, 2)
+    assert LoRAConfig(rank=2, rank_rule="neighbourhood", rank_max=3).agent_ranks(
+        [5, 2, 2, 2, 2], 6) == (3, 2, 2, 2, 2)
+    assert LoRAConfig(rank=1, rank_rule="neighbourhood").agent_ranks([9, 2, 2, 2, 2], 8) == \
+        (3, 1, 1, 1, 1)  # never below 1
+    assert LoRAConfig(rank=3, rank_rule="neighbourhood").agent_ranks([3] * 4, 8) == (3,) * 4
+    assert LoRAConfig(rank=3).agent_ranks([5, 2], 8) == (3, 3)
+    assert LoRAConfig(ranks=[1, 4]).agent_ranks([5, 2], 8) == (1, 4)
+
+
+def test_per_agent_ranks_above_the_weights_rank_fail_when_the_plan_is_made():
+    from decaf_ray.plan import prepare
+
+    cfg = load_config({"task": {"kind": "synthetic", "d": 4, "k": 8}, "algorithm": "decaf",
+                       "agents": 2, "lora": {"ranks": [1, 5]}})
+    with pytest.raises(ConfigError, match="lora.ranks: 5 exceeds min"):
+        prepare(cfg)

@@ -36,6 +36,10 @@ def _values(result):
     # a star: hub and leaves have different neighbour counts, so DeCAF's batched mixes are
     # grouped differently on each host than in-process; the aligned split mixes per agent
     ("decaf", 4, {"topology": "star", "consensus": {"split": "aligned", "state": "rotate"}}),
+    # HetLoRA with ranks from the star's neighbourhoods (hub 5, leaves 2): each host builds
+    # its agents at their own ranks from the plan's
+    ("hetlora", 4, {"topology": "star", "rounds": 4, "lora": {
+        "rank": 2, "alpha": 2.0, "dropout": 0.1, "rank_rule": "neighbourhood"}}),
 ])
 def test_ray_gives_the_inprocess_numbers_exactly(ray_session, algorithm, per_host, over):
     ref = run(_cfg("inprocess", algorithm=algorithm, **over), progress=False)

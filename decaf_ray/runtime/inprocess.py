@@ -30,7 +30,7 @@ class InProcessHosts:
             load()
         self.group = AgentGroup.build(cfg, plan.task, plan.algorithm,
                                       build_optimizer(cfg.optim, cfg.total_steps),
-                                      dict(enumerate(plan.shards)))
+                                      dict(enumerate(plan.shards)), plan.ranks)
         self.load_s, self.mix_s = time.perf_counter() - start, 0.0
 
     def local_steps(self, t: int, count: int) -> None:

@@ -235,7 +235,10 @@ def _eval_rows(plan: Plan, hosts: Hosts, rnd: int, t: int, diags: dict[int, dict
                ) -> tuple[list[Row], dict[int, Factors], list[dict[str, Any]]]:
     """Per-agent test metrics and diagnostics, then network rows (agent -1): their means,
     consensus distance, parameter distance, ||grad f(v-bar)||^2 and floats sent so far; the
-    factors they were measured at (no copy needed: factors are never updated in place); and,
+    factors they were measured at (no copy needed: factors are never updated in place;
+    agents of different ranks are measured zero-padded to the largest, ``factors.padded``, so
+    the consensus distance is exact and the parameter distance and v-bar are the padded
+    factors'); and,
     at the ``final`` evaluation, the generations the task's ``evaluate_final`` made, each
     record tagged with its agent."""
     per_agent = hosts.evaluate(final)
@@ -244,7 +247,7 @@ def _eval_rows(plan: Plan, hosts: Hosts, rnd: int, t: int, diags: dict[int, dict
     for i, d in diags.items():
         per_agent[i].update(d)
     factors = hosts.factors()
-    adapters = [a for _, a in sorted(factors.items())]
+    adapters = F.padded([a for _, a in sorted(factors.items())])  # ranks may differ
     net = metrics.means(per_agent)
     net["consensus_distance"] = metrics.consensus_distance(adapters, plan.config.lora.scale)
     net["param_distance"] = metrics.param_distance(adapters)
@@ -264,9 +267,14 @@ def _floats_per_round(plan: Plan, rnd: int | None = None) -> float:
     """Mean over agents of the network's floats in communication round ``rnd``, the server's
     broadcast included (the paper's Table 1: FedAvg sends pN + 1 messages, not N); rnd None:
     the mean round of an algorithm whose messages change with the round (``alternating``)."""
-    shapes, rank = plan.task.lora_shapes(), plan.config.lora.rank
-    degrees = [plan.degree(i) for i in range(plan.agents)]
-    return plan.algorithm.network_floats_per_round(shapes, rank, degrees, rnd) / plan.agents
+    shapes, degrees = plan.task.lora_shapes(), [plan.degree(i) for i in range(plan.agents)]
+    net = plan.algorithm.network_floats_per_round(shapes, _ranks(plan), degrees, rnd)
+    return net / plan.agents
+
+
+def _ranks(plan: Plan) -> int | tuple[int, ...]:
+    """Every agent's rank: one int when they share it (``lora.rank``), else per agent."""
+    return plan.ranks if len(set(plan.ranks)) > 1 else plan.config.lora.rank
 
 
 def _floats_sent(plan: Plan, rnd: int) -> float:
@@ -291,7 +299,14 @@ def _summary(plan: Plan, status: str, rounds: int, steps: int, diverged: Any,
         "rounds_completed": rounds, "steps_completed": steps, "diverged_at": diverged,
         "final": final, "wall_time_s": wall,
         "floats_sent_per_round_per_agent": _floats_per_round(plan),
-        "trainable_params_per_agent": F.param_count(plan.task.lora_shapes(), cfg.lora.rank,
-                                                     plan.algorithm.train_A),
+        "trainable_params_per_agent": _trainable_per_agent(plan),
         "versions": versions(),
     }
+
+
+def _trainable_per_agent(plan: Plan) -> float:
+    """Trainable parameters of one agent's adapter, the mean over agents of different ranks."""
+    ranks, shapes, train_A = _ranks(plan), plan.task.lora_shapes(), plan.algorithm.train_A
+    if isinstance(ranks, int):
+        return F.param_count(shapes, ranks, train_A)
+    return sum(F.param_count(shapes, r, train_A) for r in ranks) / len(ranks)

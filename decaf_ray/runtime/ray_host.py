@@ -46,10 +46,10 @@ class AgentHost:
     """Agents that share one frozen base model; methods mirror ``AgentGroup``'s."""
 
     def __init__(self, config: dict, shards: dict[int, np.ndarray],
-                 shipped: weights.Shipped | None = None):
+                 shipped: weights.Shipped | None = None, ranks: tuple[int, ...] = ()):
         devices.hide_unassigned_gpus()  # before anything can touch CUDA
         self.config, self.shards, self.group = config, shards, None
-        self.shipped = shipped
+        self.shipped, self.ranks = shipped, ranks  # ranks: every agent's (Plan.ranks)
 
     def setup(self) -> float:
         """Build the task and the agents, load the base model; returns the seconds it took."""
@@ -64,7 +64,8 @@ class AgentHost:
         if load is not None:  # the one-off model load, timed apart from the rounds
             load()
         self.group = AgentGroup.build(cfg, task, ALGORITHMS[cfg.algorithm],
-                                      build_optimizer(cfg.optim, cfg.total_steps), self.shards)
+                                      build_optimizer(cfg.optim, cfg.total_steps), self.shards,
+                                      self.ranks)
         return time.perf_counter() - start
 
     @ray.method(concurrency_group="ping")

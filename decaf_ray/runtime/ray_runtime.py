@@ -126,7 +126,7 @@ class RayHosts:
         return AgentHost.options(
             name=name, num_cpus=self.cpus, num_gpus=cfg.runtime.gpus_per_host,
             scheduling_strategy=strategy,
-        ).remote(cfg.to_dict(), shards, self.shipped)
+        ).remote(cfg.to_dict(), shards, self.shipped, self.plan.ranks)
 
     # ------------------------------------------------------------ recovery
 

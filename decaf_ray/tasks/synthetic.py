@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -71,6 +71,9 @@ class SyntheticConfig:
     """Regression only: norm of the cluster means."""
     shift_scale: float = 1.0
     """||Delta*||_F / sqrt(d), before the classification temperature."""
+    any_rank: ClassVar[bool] = True
+    """Its step reads the rank from the factors it is given, so agents may differ in rank
+    (``lora.ranks``); tasks that build one rank into a peft model do not say this."""
 
     def __post_init__(self):
         cls = self.form == "classification"

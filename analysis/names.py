@@ -17,13 +17,13 @@ import pandas as pd
 from analysis.runs import NO_SUMMARY
 
 ALGORITHM_ORDER = ("centralized", "local", "local_fa", "fedavg", "fedavg_fa", "dlora",
-                   "dlora_fa", "fedsa", "alternating", "decaf")
-"""Table 2's row order, with the algorithms the paper does not run (FedSA-LoRA, alternating)
-among the other gossip baselines, before DeCAF."""
+                   "dlora_fa", "fedsa", "alternating", "hetlora", "decaf")
+"""Table 2's row order, with the algorithms the paper does not run (FedSA-LoRA, alternating,
+HetLoRA) among the other gossip baselines, before DeCAF."""
 ALGORITHM_NAMES = {"centralized": "Centralized", "local": "Local", "local_fa": "Local-FA",
                    "fedavg": "FedAvg", "fedavg_fa": "FedAvg-FA", "dlora": "DLoRA",
                    "dlora_fa": "DLoRA-FA", "fedsa": "FedSA-LoRA", "alternating": "Alternating",
-                   "decaf": "DeCAF"}
+                   "hetlora": "HetLoRA", "decaf": "DeCAF"}
 DECENTRALIZED = ("decaf", "dlora", "dlora_fa")
 """The algorithms that mix over the graph (Fig. 2c)."""
 PARTITION_NAMES = {"iid": "IID", "classes_per_agent": "Non-IID", "dirichlet": "Dirichlet",
@@ -47,7 +47,7 @@ without a summary is still running or was killed)."""
 # Colours that stay with an algorithm across figures.
 _ALGO_COLOURS = {"decaf": "C3", "dlora": "C0", "dlora_fa": "C2", "fedavg": "C1",
                  "fedavg_fa": "C4", "local": "C7", "local_fa": "C5", "centralized": "k",
-                 "fedsa": "C6", "alternating": "C8"}
+                 "fedsa": "C6", "alternating": "C8", "hetlora": "C9"}
 
 
 def resolve(column: str) -> str:

@@ -121,7 +121,8 @@ def results_table(results, rows: str | Sequence[str] = "algorithm",
     rvals = [r for r in rvals if r in wide["mean"].index] if row_values is None else rvals
     order = _column_order(wide["mean"].columns, colkey, metrics)
     out = {k: _labelled(w, rows_[0], rvals, colkey, order) for k, w in wide.items()}
-    excl = [pretty(rows_[0], a) for a in exclude_from_ranking] if rows_[0] == "algorithm" else []
+    # rows of other columns may name algorithms too (a study's variants: "Centralized")
+    excl = [pretty("algorithm", a) for a in exclude_from_ranking]
     if "algorithm" in colkey and highlight == "row":
         excl_cols = [c for c in out["mean"].columns
                      if (c[colkey.index("algorithm")] if isinstance(c, tuple) else c)

@@ -295,3 +295,62 @@ def tsvd_neighbourhood(results, *, where: Mapping[str, Any] | None = None) -> Fi
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return fig
+
+
+def gap_points(results, *, metric: str = "consensus_distance",
+               where: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """The consensus distance against the graph's spectral gap: per algorithm, rank and graph,
+    the gap 1 - max(|lambda_2|, |lambda_N|) of the graph's Metropolis Pi (rebuilt from the
+    run's topology columns by ``decaf_ray.topology``) and ``metric``'s network value averaged
+    over rounds t >= 1 of each completed run, then mean and std over seeds. Columns
+    ``algorithm, lora.rank, topology, gap, value, value_std, n``."""
+    from decaf_ray import topology
+
+    df = as_frame(results)
+    runs = select(run_table(df, metric), where)
+    runs = runs[runs["status"] == "completed"]  # a diverged run's distances end non-finite
+    cols = ["algorithm", "lora.rank", "topology", "gap", "value", "value_std", "n"]
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+
+    cache: dict[tuple, tuple[str, float]] = {}
+
+    def graph(name: str, degree: float, agents: int) -> tuple[str, float]:
+        params = {} if pd.isna(degree) else {"degree": int(degree)}
+        key = (name, *params.values(), int(agents))
+        if key not in cache:
+            g = topology.build_topology(name, int(agents), **params)
+            cache[key] = (" ".join(map(str, key[:-1])),
+                          topology.spectral_gap(topology.mixing_matrix(g, "metropolis")))
+        return cache[key]
+
+    degree = runs.get("topology.degree", pd.Series(np.nan, index=runs.index))
+    facts = [graph(*k) for k in zip(runs["topology.name"], degree, runs["agents"])]
+    runs = runs.assign(topology=[f[0] for f in facts], gap=[f[1] for f in facts])
+    rows = df[df["run"].isin(runs["run"]) & (df["agent"] == -1) & (df["round"] > 0)
+              & (df["metric"] == metric)]
+    runs = runs.join(rows.groupby("run")["value"].mean(), on="run")
+    g = runs.groupby(["algorithm", "lora.rank", "topology", "gap"], sort=True)["value"]
+    out = pd.DataFrame({"value": g.mean(), "value_std": g.std(ddof=1), "n": g.size()})
+    return out.reset_index().sort_values(["algorithm", "lora.rank", "gap"]).reindex(columns=cols)
+
+
+def consensus_gap(results, *, metric: str = "consensus_distance",
+                  where: Mapping[str, Any] | None = None) -> Figure:
+    """``gap_points`` drawn: ``metric`` (mean over rounds, ± std over seeds) against the
+    spectral gap, one line per algorithm and rank; log scale."""
+    pts = gap_points(results, metric=metric, where=where)
+    fig, axes = new_figure(1, size=(5.2, 3.8))
+    ax = axes[0]
+    if pts.empty:
+        no_data(ax)
+        return fig
+    for (alg, rank), g in pts.groupby(["algorithm", "lora.rank"], sort=True):
+        ax.errorbar(g["gap"], g["value"], yerr=g["value_std"].fillna(0), marker="o", capsize=3,
+                    label=f"{ALGORITHM_NAMES.get(alg, alg)}, r = {int(rank)}")
+    ax.set_yscale("log")
+    ax.set_xlabel(r"spectral gap $1 - \max(|\lambda_2|, |\lambda_N|)$ of $\Pi$")
+    ax.set_ylabel(f"{metric.replace('_', ' ')} (mean over rounds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig

@@ -28,7 +28,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from decaf_ray.algorithms import Algorithm, MixOptions, diagnostics, tracker_of, with_tracker
+from decaf_ray.algorithms import Algorithm, MixOptions, diagnostics
+from decaf_ray.tracking import tracker_of, with_tracker
 from decaf_ray.factors import Factors, Grads, init_factors, rank_of, truncated
 from decaf_ray.optim import Optimizer, State, apply_updates, refactor_state
 

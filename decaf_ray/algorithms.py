@@ -67,15 +67,16 @@ small, so one batched call saves their fixed cost n times over). Adding an algor
 ``register`` call here.
 
 With ``optim.name: adam_tracked`` (the paper's Algorithm 4) DLoRA, DLoRA-FA and DeCAF also send
-each agent's second-moment tracker in the same message (``with_tracker``), mixed by the same mix
-as the factors (``agents.AgentGroup.mix_and_apply``) and counted in the floats (``tracking``).
+each agent's second-moment tracker in the same message (``tracking.with_tracker``), mixed by the
+same mix as the factors (``agents.AgentGroup.mix_and_apply``) and counted in the floats
+(``tracking.tracking``).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Literal
 
 import numpy as np
@@ -83,7 +84,7 @@ import torch
 from scipy import sparse
 from torch import Tensor
 
-from decaf_ray import consensus
+from decaf_ray import alignment, consensus
 from decaf_ray.factors import Factors, padded, rank_of, shape_groups, stack
 
 MixFn = Callable[[Factors, list[Factors], Tensor, "MixOptions"], Factors]
@@ -232,37 +233,6 @@ class Algorithm:
                 + self.floats_broadcast_per_round(shapes, ranks[0] if ranks else 0, rnd))
 
 
-TRACKER = "tracker:"
-"""Prefix of the tracker's entries in a tracked payload (no module name holds a colon)."""
-
-
-def tracking(algorithm: Algorithm) -> Algorithm:
-    """``algorithm`` as Algorithm 4 runs it: its messages carry the tracker too (``tracked``).
-
-    Algorithm 4 covers the gossip algorithms whose every message carries every trained factor
-    (DLoRA, DLoRA-FA, DeCAF); ValueError for the others (FedAvg, Local, Centralized, FedSA and
-    alternating, which keep a trained factor out of a message, and HetLoRA, whose norm weights
-    would weigh trackers by their own products), where the paper defines no mixed tracker."""
-    if algorithm.pi != "graph" or algorithm.mix not in (mix_decaf, mix_dlora, mix_fa):
-        raise ValueError(f"adam_tracked (Algorithm 4) mixes a second-moment tracker over the "
-                         f"graph as DLoRA, DLoRA-FA and DeCAF mix factors; {algorithm.name} does "
-                         f"not gossip every factor it trains by one of those mixes (use it with "
-                         f"decaf, dlora or dlora_fa, or use adam)")
-    return replace(algorithm, tracked=True)
-
-
-def with_tracker(payload: Factors, tracker: Factors) -> Factors:
-    """One message holding a payload and the tracker's payload (its entries prefixed); a mix
-    reads only the module names of the agent's own factors, so it never sees the tracker."""
-    return {**payload, **{TRACKER + n: pair for n, pair in tracker.items()}}
-
-
-def tracker_of(payload: Factors) -> Factors:
-    """The tracker's payload in a message built by ``with_tracker``."""
-    k = len(TRACKER)
-    return {n[k:]: pair for n, pair in payload.items() if n.startswith(TRACKER)}
-
-
 ALGORITHMS: dict[str, Algorithm] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _FACTORS = re.compile(r"^(A|B|AB)?$")
@@ -347,9 +317,9 @@ def _decaf_group(owns: list[Factors], payloads: list[list[Factors]], weights: Te
                                              weights.T, ranks[0], split=opt.split)
         if opt.per_agent:  # aligned or conserved: fitted to each agent's own factors
             ref = stack(owns, names)
-            A, B = consensus.align(A, B, *ref)
+            A, B = alignment.align(A, B, *ref)
             if opt.split == "conserved":
-                A, B = consensus.conserve_imbalance(A, B, *ref)
+                A, B = alignment.conserve_imbalance(A, B, *ref)
         for a, mixed in enumerate(out):
             for i, n in enumerate(names):
                 mixed[n] = (A[a, i], B[a, i])

@@ -40,7 +40,8 @@ positive; decaf-ray's convention, the paper does not say), so their factors do n
 the SVD routine's sign choice."""
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a mix computes in: float32 for half precision, else ``dtype``."""
     # LAPACK has no half-precision QR/SVD, and half precision would drown the small singular values.
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -200,7 +201,7 @@ def dlora_mix(As: Tensor, Bs: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
         A (*b, r, k), B (*b, d, r) in the input dtypes (half inputs are summed in float32).
     """
     _check(As, Bs, weights)
-    ct = _compute_dtype(As.dtype)
+    ct = compute_dtype(As.dtype)
     return (_weighted_sum(As, weights, ct).to(As.dtype),
             _weighted_sum(Bs, weights, ct).to(Bs.dtype))
 
@@ -221,7 +222,7 @@ def factor_mix(Xs: Tensor, weights: Tensor) -> Tensor:
     if Xs.ndim < 3 or Xs.shape[0] == 0 or tuple(weights.shape) != (Xs.shape[0],):
         raise ValueError(f"factors (m, *b, p, q) and weights (m,) expected, got "
                          f"{tuple(Xs.shape)} and {tuple(weights.shape)}")
-    return _weighted_sum(Xs, weights, _compute_dtype(Xs.dtype)).to(Xs.dtype)
+    return _weighted_sum(Xs, weights, compute_dtype(Xs.dtype)).to(Xs.dtype)
 
 
 def fa_mix(Bs: Tensor, weights: Tensor) -> Tensor:
@@ -257,7 +258,7 @@ def decaf_mix(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None,
         ValueError: mismatched shapes, rank < 1 or an unknown split.
     """
     rank = _prepare(As, Bs, weights, rank, split)
-    P, Q, c = _thin_factors(As, Bs, weights, _compute_dtype(As.dtype))
+    P, Q, c = _thin_factors(As, Bs, weights, compute_dtype(As.dtype))
     A, B = _split(*_lowrank_svd(P, Q, c, rank), rank, split)
     return A.to(As.dtype), B.to(Bs.dtype)
 
@@ -276,7 +277,7 @@ def decaf_mix_ranks(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor,
     """
     _check_ranks(As, Bs, weights)
     _prepare(As[0][None], Bs[0][None], weights[:1], rank, split)
-    P, Q, c = _ragged_thin_factors(As, Bs, weights, _compute_dtype(As[0].dtype))
+    P, Q, c = _ragged_thin_factors(As, Bs, weights, compute_dtype(As[0].dtype))
     A, B = _split(*_lowrank_svd(P, Q, c, rank), rank, split)
     return A.to(As[0].dtype), B.to(Bs[0].dtype)
 
@@ -312,7 +313,7 @@ def hetlora_mix(As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Tensor, ran
     top = max(a.shape[-2] for a in As)
     if not 1 <= rank <= top:
         raise ValueError(f"rank must be in [1, {top}] (the largest neighbour's), got {rank}")
-    ct = _compute_dtype(As[0].dtype)
+    ct = compute_dtype(As[0].dtype)
     padded = [pad_rank(a.to(ct), b.to(ct), top) for a, b in zip(As, Bs)]
     norms = torch.stack([_lowrank_fro(b, a.mT, a.new_ones(top)) for a, b in padded])  # (m, *b)
     pi = weights.to(As[0].device, ct).reshape(-1, *[1] * (norms.ndim - 1))
@@ -331,7 +332,7 @@ def decaf_mix_dense(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = 
     time and O(dk) memory.
     """
     rank = _prepare(As, Bs, weights, rank, split)
-    P, Q, c = _thin_factors(As, Bs, weights, _compute_dtype(As.dtype))
+    P, Q, c = _thin_factors(As, Bs, weights, compute_dtype(As.dtype))
     U, S, Vh = torch.linalg.svd((P * c) @ Q.mT, full_matrices=False)
     A, B = _split(U, S, Vh, rank, split)
     return A.to(As.dtype), B.to(Bs.dtype)
@@ -349,7 +350,7 @@ def interference(As: Tensor, Bs: Tensor, weights: Tensor) -> Tensor:
         (*b,), in float32 for half inputs, else the input dtype.
     """
     _check(As, Bs, weights)
-    ct = _compute_dtype(As.dtype)
+    ct = compute_dtype(As.dtype)
     P, Q, c = _thin_factors(As, Bs, weights, ct)
     Abar, Bbar = _weighted_sum(As, weights, ct), _weighted_sum(Bs, weights, ct)
     return _lowrank_fro(torch.cat([P, Bbar], -1), torch.cat([Q, Abar.mT], -1),
@@ -369,7 +370,7 @@ def tsvd_error(As: Tensor, Bs: Tensor, weights: Tensor, A: Tensor, B: Tensor) ->
     if (A.shape[:-2] != As.shape[1:-2] or A.shape[-1] != As.shape[-1]
             or B.shape[:-1] != Bs.shape[1:-1] or B.shape[-1] != A.shape[-2]):
         raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not match As {tuple(As.shape)}")
-    ct = _compute_dtype(As.dtype)
+    ct = compute_dtype(As.dtype)
     P, Q, c = _thin_factors(As, Bs, weights, ct)
     return _lowrank_fro(torch.cat([P, B.to(ct)], -1), torch.cat([Q, A.to(ct).mT], -1),
                         torch.cat([c, c.new_full((B.shape[-1],), -1.0)]))
@@ -397,63 +398,7 @@ def prop1_bound(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None
     m, r = As.shape[0], As.shape[-2]
     rank = r if rank is None else int(rank)
     total = m * r if ranks is None else sum(ranks)
-    ct = _compute_dtype(As.dtype)
+    ct = compute_dtype(As.dtype)
     sigma = torch.maximum(torch.linalg.matrix_norm(As.to(ct), ord=2),
                           torch.linalg.matrix_norm(Bs.to(ct), ord=2))
     return math.sqrt(max(total - rank, 0)) * sigma.amax(0) ** 2
-
-
-def procrustes(X: Tensor, Y: Tensor) -> Tensor:
-    """The orthogonal R (*b, r, r) minimising ||X R - Y||_F for X, Y (*b, n, r).
-
-    R = U V^T from the SVD U S V^T of X^T Y (Schonemann, 1966).
-    """
-    dtype = _compute_dtype(X.dtype)
-    U, _, Vh = torch.linalg.svd(X.mT.to(dtype) @ Y.to(dtype))
-    return (U @ Vh).to(X.dtype)
-
-
-def stacked(A: Tensor, B: Tensor) -> Tensor:
-    """[B; A^T] (*b, d + k, r): both factors move together under B -> B R, A -> R^T A."""
-    return torch.cat([B, A.mT], dim=-2)
-
-
-def align(A: Tensor, B: Tensor, A_ref: Tensor, B_ref: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate a factorization onto a reference without changing its product.
-
-    With R = procrustes([B; A^T], [B_ref; A_ref^T]), returns (R^T A, B R): B A is unchanged
-    (R R^T = I), and the factors are as close as an orthogonal change of basis allows to the
-    reference, so per-coordinate optimizer state (Adam's moments) keeps its meaning across a
-    re-factorization. Both factors enter the fit so it stays defined while B is still near zero.
-    Shapes: A, A_ref (*b, r, k); B, B_ref (*b, d, r).
-    """
-    R = procrustes(stacked(A, B), stacked(A_ref, B_ref))
-    return R.mT @ A, B @ R
-
-
-def conserve_imbalance(A: Tensor, B: Tensor, A_ref: Tensor, B_ref: Tensor
-                       ) -> tuple[Tensor, Tensor]:
-    """Rescale a balanced factorization to the reference's imbalance, same product.
-
-    Gradient flow on a loss of B A conserves B^T B - A A^T, so a LoRA adapter trained from B = 0
-    keeps ||B||^2 - ||A||^2 near -||A_0||^2: its product moves at a rate set by ||A||^2, not by
-    the product's own size. A balanced split sets that difference to 0 at every mix. Here a
-    scalar c per module gives (A / c, c B) with ||c B||^2 - ||A / c||^2 equal to the reference's
-    ||B_ref||^2 - ||A_ref||^2 = delta: with s = ||B||^2 = ||A||^2 (balanced),
-    c^2 = (t + sqrt(t^2 + 4)) / 2 = 2 / (sqrt(t^2 + 4) - t) with t = delta / s; c = 1 where s = 0.
-    Shapes: A, A_ref (*b, r, k); B, B_ref (*b, d, r).
-    """
-    dtype = _compute_dtype(A.dtype)
-
-    def sq(X: Tensor) -> Tensor:  # squared Frobenius norm per module, (*b)
-        return X.to(dtype).square().sum(dim=(-2, -1))
-
-    delta = sq(B_ref) - sq(A_ref)
-    s = 0.5 * (sq(A) + sq(B))
-    # In t = delta / s, free of s^2 (which under- or overflows in float32) and, with one form
-    # per sign of t, of cancellation (early on ||A||^2 >> ||B A||: t << 0).
-    t = delta / torch.where(s > 0, s, torch.ones_like(s))
-    root = torch.sqrt(t.square() + 4)
-    c2 = torch.where(t >= 0, (t + root) / 2, 2 / (root - t))
-    c = torch.where(s > 0, c2.sqrt(), torch.ones_like(s))[..., None, None]
-    return (A / c).to(A.dtype), (B * c).to(B.dtype)

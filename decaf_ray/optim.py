@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from decaf_ray.consensus import procrustes, stacked
+from decaf_ray.alignment import procrustes, stacked
 from decaf_ray.factors import Factors, Grads
 
 State = dict[str, Any]

@@ -18,7 +18,8 @@ import psutil
 from scipy import sparse
 
 from decaf_ray import partition, topology
-from decaf_ray.algorithms import ALGORITHMS, Algorithm, tracking
+from decaf_ray.algorithms import ALGORITHMS, Algorithm
+from decaf_ray.tracking import tracking
 from decaf_ray.config import ConfigError
 from decaf_ray.experiment_config import ExperimentConfig
 from decaf_ray.factors import Factors

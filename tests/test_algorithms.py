@@ -6,10 +6,10 @@ import torch
 
 from decaf_ray import consensus
 from decaf_ray.agents import Agent, AgentGroup, Sampler
-from decaf_ray.algorithms import (ALGORITHMS, Algorithm, MixOptions, mix_dlora, register,
-                                  tracking)
+from decaf_ray.algorithms import ALGORITHMS, Algorithm, MixOptions, mix_dlora, register
 from decaf_ray.config import OptimConfig
 from decaf_ray.factors import init_factors
+from decaf_ray.tracking import tracking
 from decaf_ray.optim import build_optimizer
 
 SHAPES = {"q": (6, 5), "v": (6, 5), "o": (4, 7)}

@@ -6,9 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from decaf_ray.alignment import conserve_imbalance
 from decaf_ray.consensus import (
     SPLITS,
-    conserve_imbalance,
     decaf_mix,
     decaf_mix_dense,
     decaf_mix_ranks,
@@ -280,7 +280,7 @@ def test_float32_stays_float32():
 
 
 def test_align_keeps_the_product_and_lands_near_the_reference():
-    from decaf_ray.consensus import align, procrustes
+    from decaf_ray.alignment import align, procrustes
 
     g = torch.Generator().manual_seed(3)
     A = torch.randn(3, 9, generator=g, dtype=torch.float64)

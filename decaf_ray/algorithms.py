@@ -341,15 +341,11 @@ def mix_hetlora(own: Factors, payloads: list[Factors], weights: Tensor, opt: Mix
     return out
 
 
-def mix_fa(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOptions) -> Factors:
-    """Algorithm 2, line 6: B_i <- sum_j pi_ij B_j; A stays the shared frozen A_0."""
-    return _by_group(own, payloads, lambda _, As, Bs: (None, consensus.fa_mix(Bs, weights)))
-
-
 def mix_factors(own: Factors, payloads: list[Factors], weights: Tensor, opt: MixOptions
                 ) -> Factors:
     """Each factor that travels on its own, X_i <- sum_j pi_ij X_j; the others stay the
-    agent's: FedSA-LoRA's A (B local), or the factor of a round of ``alternating``."""
+    agent's: the FA variants' B (Algorithm 2, line 6; A stays the shared frozen A_0),
+    FedSA-LoRA's A (B local), or the factor of a round of ``alternating``."""
     def mix(_, As, Bs):
         return tuple(None if Xs is None else consensus.factor_mix(Xs, weights) for Xs in (As, Bs))
 
@@ -370,14 +366,13 @@ def diagnostics(own: Factors, payloads: list[Factors], weights: Tensor, mixed: F
     if None in payloads[0][next(iter(own))]:
         return {}
     ranks = [rank_of(p) for p in payloads]
-    equal = len(set(ranks)) == 1
-    sent = payloads if equal else padded(payloads)
+    sent = padded(payloads)  # the same list when the ranks are equal
     sq = {"interference": 0.0, "tsvd_error": 0.0, "prop1_bound": 0.0}
     for names in shape_groups(own).values():
         As, Bs = stack(sent, names)
         A, B = stack([mixed], names)
-        bound = (consensus.prop1_bound(As, Bs, weights) if equal else
-                 consensus.prop1_bound(As, Bs, weights, rank_of(own), ranks))
+        # equal ranks r: sqrt(m r - r) c^2, the paper's sqrt((m - 1) r) c^2
+        bound = consensus.prop1_bound(As, Bs, weights, rank_of(own), ranks)
         sq["interference"] += float((consensus.interference(As, Bs, weights) ** 2).sum())
         sq["tsvd_error"] += float((consensus.tsvd_error(As, Bs, weights, A[0], B[0]) ** 2).sum())
         sq["prop1_bound"] += float((bound ** 2).sum())
@@ -387,12 +382,12 @@ def diagnostics(own: Factors, payloads: list[Factors], weights: Tensor, mixed: F
 register(Algorithm("decaf", "AB", "AB", mix_decaf, "graph", refactorizes=True,
                    mix_many=mix_decaf_many, mixed_ranks=True))
 register(Algorithm("dlora", "AB", "AB", mix_dlora, "graph"))
-register(Algorithm("dlora_fa", "B", "B", mix_fa, "graph"))
+register(Algorithm("dlora_fa", "B", "B", mix_factors, "graph"))
 register(Algorithm("fedsa", "AB", "A", mix_factors, "graph"))
 register(Algorithm("alternating", "AB", "AB", mix_factors, "graph", phases=("B", "A")))
 register(Algorithm("hetlora", "AB", "AB", mix_hetlora, "graph", mixed_ranks=True))
 register(Algorithm("fedavg", "AB", "AB", mix_dlora, "server"))
-register(Algorithm("fedavg_fa", "B", "B", mix_fa, "server"))
+register(Algorithm("fedavg_fa", "B", "B", mix_factors, "server"))
 register(Algorithm("local", "AB", "", None, "identity", mixed_ranks=True))
 register(Algorithm("local_fa", "B", "", None, "identity", mixed_ranks=True))
 register(Algorithm("centralized", "AB", "", None, "identity", centralized=True))

@@ -171,10 +171,20 @@ class LoRAConfig:
             return tuple(self.ranks)
         if self.rank_rule == "uniform":
             return (self.rank,) * n
-        top, total = min(cap, self.rank_max or cap), sum(sizes)
+        top, total = self.max_rank(cap), sum(sizes)
         # floor(rank m / (total / n) + 1/2) in integers, so a tie rounds up on every machine
         return tuple(min(top, max(1, (2 * self.rank * m * n + total) // (2 * total)))
                      for m in sizes)
+
+    def max_rank(self, cap: int) -> int:
+        """The largest rank any agent may hold, given min(d, k) of the smallest adapted weight
+        (``cap``): ``rank``, the largest of ``ranks`` (``agent_ranks`` refuses one above
+        ``cap``), or ``neighbourhood``'s ``rank_max``, else ``cap``."""
+        if self.ranks is not None:
+            return max(self.ranks)
+        if self.rank_rule == "uniform":
+            return self.rank
+        return min(cap, self.rank_max or cap)
 
     @property
     def scale(self) -> float:

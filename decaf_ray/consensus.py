@@ -225,18 +225,6 @@ def factor_mix(Xs: Tensor, weights: Tensor) -> Tensor:
     return _weighted_sum(Xs, weights, compute_dtype(Xs.dtype)).to(Xs.dtype)
 
 
-def fa_mix(Bs: Tensor, weights: Tensor) -> Tensor:
-    """DLoRA-FA's consensus (Algorithm 2): A is frozen and shared, so B = sum_j w_j B_j
-    (``factor_mix`` of B), exact on the product: (sum_j w_j B_j) A = sum_j w_j B_j A.
-
-    Args:
-        Bs: (m, *b, d, r). weights: (m,).
-    Returns:
-        B (*b, d, r) in the input dtype.
-    """
-    return factor_mix(Bs, weights)
-
-
 def decaf_mix(As: Tensor, Bs: Tensor, weights: Tensor, rank: int | None = None,
               split: str = "balanced") -> tuple[Tensor, Tensor]:
     """DeCAF's product consensus and TSVD (Algorithm 1, lines 10-11), factored.

@@ -181,15 +181,9 @@ def _adapters(cfg: ExperimentConfig, per: int, shapes: dict[str, tuple[int, int]
 
 
 def _largest_rank(cfg: ExperimentConfig, shapes: dict[str, tuple[int, int]]) -> int:
-    """The largest rank an agent may hold, for an upper bound on memory (and the trainable
-    count reported: the largest agent's): ``lora.rank``, the largest of ``lora.ranks``, or
-    ``neighbourhood``'s cap (``rank_max``, else min(d, k))."""
-    lora = cfg.lora
-    if lora.ranks is not None:
-        return max(lora.ranks)
-    if lora.rank_rule == "uniform":
-        return lora.rank
-    return lora.rank_max or min(min(dk) for dk in shapes.values())
+    """The largest rank an agent may hold (``LoRAConfig.max_rank``), for an upper bound on
+    memory (and the trainable count reported: the largest agent's)."""
+    return cfg.lora.max_rank(min(min(dk) for dk in shapes.values()))
 
 
 def _lora_shapes(cfg: ExperimentConfig, task: Any) -> dict[str, tuple[int, int]]:

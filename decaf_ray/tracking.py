@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from decaf_ray.algorithms import Algorithm, mix_decaf, mix_dlora, mix_fa
+from decaf_ray.algorithms import Algorithm, mix_decaf, mix_dlora, mix_factors
 from decaf_ray.factors import Factors
 
 TRACKER = "tracker:"
@@ -21,7 +21,8 @@ def tracking(algorithm: Algorithm) -> Algorithm:
     (DLoRA, DLoRA-FA, DeCAF); ValueError for the others (FedAvg, Local, Centralized, FedSA and
     alternating, which keep a trained factor out of a message, and HetLoRA, whose norm weights
     would weigh trackers by their own products), where the paper defines no mixed tracker."""
-    if algorithm.pi != "graph" or algorithm.mix not in (mix_decaf, mix_dlora, mix_fa):
+    if (algorithm.pi != "graph" or algorithm.keeps_own
+            or algorithm.mix not in (mix_decaf, mix_dlora, mix_factors)):
         raise ValueError(f"adam_tracked (Algorithm 4) mixes a second-moment tracker over the "
                          f"graph as DLoRA, DLoRA-FA and DeCAF mix factors; {algorithm.name} does "
                          f"not gossip every factor it trains by one of those mixes (use it with "

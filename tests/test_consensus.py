@@ -13,7 +13,7 @@ from decaf_ray.consensus import (
     decaf_mix_dense,
     decaf_mix_ranks,
     dlora_mix,
-    fa_mix,
+    factor_mix,
     hetlora_mix,
     interference,
     pad_rank,
@@ -232,7 +232,7 @@ def test_tsvd_error_within_prop1_bound(m, d, k, r, seed, scale):
 def test_fa_mix_is_exact_on_the_product():
     As, Bs, w = make(5, 16, 12, 3, seed=7)
     A = As[0]
-    B = fa_mix(Bs, w)
+    B = factor_mix(Bs, w)
     ref = torch.einsum("m,mdr->dr", w, Bs) @ A
     assert rel(B @ A, dense_M(A.expand_as(As), Bs, w)) < 1e-12
     assert rel(B @ A, ref) < 1e-12
@@ -247,7 +247,7 @@ def test_mixing_preserves_network_mean():
     A_new, B_new = torch.stack([a for a, _ in mixed]), torch.stack([b for _, b in mixed])
     assert torch.allclose(A_new.mean(0), As.mean(0), atol=1e-13)
     assert torch.allclose(B_new.mean(0), Bs.mean(0), atol=1e-13)
-    B_fa = torch.stack([fa_mix(Bs[[(i - 1) % n, i, (i + 1) % n]], w) for i in range(n)])
+    B_fa = torch.stack([factor_mix(Bs[[(i - 1) % n, i, (i + 1) % n]], w) for i in range(n)])
     assert torch.allclose(B_fa.mean(0), Bs.mean(0), atol=1e-13)
 
 

@@ -282,7 +282,10 @@ def _floats_sent(plan: Plan, rnd: int) -> float:
     rounds take turns sending A and B (``Algorithm.phases``), each round's own."""
     if not plan.algorithm.phases:
         return rnd * _floats_per_round(plan)
-    return sum(_floats_per_round(plan, k) for k in range(1, rnd + 1))
+    # round k sends phase (k - 1) mod P: every phase rnd // P times, the first rnd mod P once more
+    period = len(plan.algorithm.phases)
+    per_phase = [_floats_per_round(plan, k) for k in range(1, period + 1)]
+    return (rnd // period) * sum(per_phase) + sum(per_phase[:rnd % period])
 
 
 def _postfix(rows: list[Row]) -> dict[str, str]:

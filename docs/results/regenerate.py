@@ -115,14 +115,12 @@ TABLE2_ROWS = ["Centralized", "Local", "Local-FA", "DLoRA", "DLoRA-FA", "DeCAF (
 
 
 def _variants(df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` with ``variant``: the algorithm's name, and for DeCAF which split (the default,
-    ``conserved``, or the paper's, ``balanced``)."""
-    from analysis.names import pretty
+    """``df`` with ``variant``: ``analysis.names.refactorization_variant`` without the state
+    (every run here keeps it), DeCAF's split named as the default or the paper's."""
+    from analysis.names import refactorization_variant
 
-    names = {f"decaf {v}": f"DeCAF ({k}: {v})" for k, v in SPLITS.items()}
-    split = df["consensus.split"].where(df["algorithm"] == "decaf", "")
-    key = (df["algorithm"] + " " + split).str.strip()
-    return df.assign(variant=key.map(lambda k: names.get(k, pretty("algorithm", k))))
+    names = {f"DeCAF {v}": f"DeCAF ({k}: {v})" for k, v in SPLITS.items()}
+    return df.assign(variant=refactorization_variant(df).str.replace("/keep", "").replace(names))
 
 
 def standin(frames: dict[str, pd.DataFrame]) -> None:
@@ -211,13 +209,11 @@ def neighbourhoods(df: pd.DataFrame, tsvd: str, gap: str, ranks: list[int]) -> N
 
 def lab(frames: dict[str, pd.DataFrame]) -> None:
     """The synthetic theory lab's figures and tables (docs/results/lab-synthetic.md)."""
-    from analysis.names import refactorization_variant
-
     if "lab-fig2-synthetic" in frames:
         df = frames["lab-fig2-synthetic"]
         for tag, split in SPLITS.items():
             analysis.figure("fig2", _with_decaf(df, split), HERE / f"lab-fig2-{tag}.png")
-        df = df.assign(variant=refactorization_variant(df).str.replace("/keep", ""))
+        df = _variants(df)
         _table(analysis.results_table(df, "variant", ["data.partition", "topology.name"],
                                       "test_accuracy", caption="Synthetic lab, Fig. 2: test "
                                       "accuracy (%) at round 400, mean ± std over 5 seeds."),
@@ -230,7 +226,7 @@ def lab(frames: dict[str, pd.DataFrame]) -> None:
         ten = df[(df["agents"] == 10) & df["lora.rank"].isin([2, 8])]
         ten = _with_decaf(ten, SPLITS["default"])
         analysis.figure("theory", ten, HERE / "lab-theory.png")
-        df = df.assign(variant=refactorization_variant(df).str.replace("/keep", ""))
+        df = _variants(df)
         _table(analysis.results_table(df, "variant", ["lora.rank", "agents"], "test_accuracy",
                                       caption="Synthetic lab, Fig. 3: test accuracy (%) at "
                                       "round 400 by rank (10 agents) and agent count (rank 2), "

@@ -17,6 +17,7 @@ from decaf_ray.algorithms import ALGORITHMS
 from decaf_ray.config import (ConfigError, ConsensusConfig, DataConfig, LoRAConfig, MixingConfig,
                               OptimConfig, RuntimeConfig, TopologyConfig, load_as, require,
                               require_name)
+from decaf_ray.network_config import NetworkConfig, check_experiment, read_trace
 from decaf_ray.tasks import TASKS, task_config_class
 
 
@@ -71,6 +72,10 @@ class ExperimentConfig:
     grad_norm: bool = True
     """Evaluate ||grad f||^2 at the network-average adapter (Theorem 1's measure); it costs a
     full-shard gradient per agent per evaluation, so turn it off for large models."""
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    """The network each round runs on: time-varying graphs, partial participation, churn, link
+    failures, stragglers, compressed messages and a simulated clock (default: the fixed graph,
+    everyone present, float32)."""
     name: str | None = None
     """The run's name: ``decaf-ray run`` without ``--out`` writes to runs/<name>-<time> (null:
     the algorithm's name)."""
@@ -85,6 +90,10 @@ class ExperimentConfig:
         require(0 <= self.seed < 2**63, "seed", f"must be between 0 and 2^63 - 1 (got {self.seed})")
         require_name(self.name, "name")
         self._check_ranks()
+        algorithm = ALGORITHMS[self.algorithm]
+        check_experiment(self.network, agents=self.agents, rounds=self.rounds, kind=algorithm.pi,
+                         centralized=algorithm.centralized, scheme=self.mixing.scheme,
+                         topology=self.topology.name)
 
     def _check_ranks(self) -> None:
         """Per-agent ranks (``lora.ranks``, ``lora.rank_rule``) need an algorithm whose mix is
@@ -124,7 +133,8 @@ def load_config(source: str | Path | Mapping[str, Any],
 
 def self_contained(cfg: ExperimentConfig) -> ExperimentConfig:
     """``cfg`` with the files it names by path read into it: a user mixing matrix
-    (``mixing.matrix``) and an edge list (``topology: {name: edges, path: ...}``), so that the
+    (``mixing.matrix``), an edge list (``topology: {name: edges, path: ...}``) and an
+    availability trace (``network.availability.trace``), so that the
     ``config.json`` a run writes re-runs anywhere, not only from the folder the path was
     relative to. Same graph, same Pi: float64 values round-trip exactly through JSON."""
     from decaf_ray import topology, topology_graphs
@@ -138,4 +148,9 @@ def self_contained(cfg: ExperimentConfig) -> ExperimentConfig:
         rest = {k: v for k, v in params.items() if k != "path"}
         cfg = dataclasses.replace(cfg, topology=dataclasses.replace(
             cfg.topology, params={**rest, "edges": [list(e) for e in edges]}))
+    available = cfg.network.availability
+    if available is not None and isinstance(available.trace, (str, os.PathLike)):
+        available = dataclasses.replace(available, trace=read_trace(available.trace))
+        cfg = dataclasses.replace(cfg, network=dataclasses.replace(cfg.network,
+                                                                   availability=available))
     return cfg

@@ -12,6 +12,12 @@ host actor. Both call the same methods in the same order, so they compute the sa
 With ``adam_tracked`` (Algorithm 4) a payload also holds the agent's second-moment tracker,
 which ``mix_and_apply`` mixes as it mixes the factors, before the step that reads it.
 
+A server algorithm that folds into the base weights (``Algorithm.fold``: FedEx-LoRA, FLoRA)
+gives every agent of the group the same payloads and weights, so the group folds once a round
+and adds the delta to its task's frozen weights once, not once per agent. The group keeps the
+sum S of the deltas (float32, on the CPU) and has the task set its weights to W0 + S, never
+adding in place, so a restored snapshot, which carries S, gives the same weights bit for bit.
+
 Every source of randomness is per agent (its batch order, its seed per step, which the task
 seeds its augmentation and dropout from), so the numbers do not depend on which agents share a
 group, and no global generator is read or written here. With ``runtime.batch_agents`` > 1 the
@@ -31,6 +37,7 @@ import torch
 from decaf_ray.algorithms import Algorithm, MixOptions, diagnostics
 from decaf_ray.tracking import tracker_of, with_tracker
 from decaf_ray.factors import Factors, Grads, init_factors, rank_of, truncated
+from decaf_ray.folding import BaseDelta
 from decaf_ray.optim import Optimizer, State, apply_updates, refactor_state
 
 Inbox = dict[int, tuple[tuple[int, ...], tuple[float, ...], list[Factors]]]
@@ -118,6 +125,7 @@ class AgentGroup:
         self.seed, self.mix_options = seed, mix_options
         self.batches = batches or [[a.id] for a in agents]
         self.local_steps = local_steps  # tau: step t belongs to round ceil(t / tau)
+        self.base_delta: BaseDelta | None = None  # S, what the folds added to the task's W0
 
     @classmethod
     def build(cls, cfg, task, algorithm: Algorithm, optimizer: Optimizer,
@@ -139,11 +147,17 @@ class AgentGroup:
                   for i, shard in shards.items()]
         rt = cfg.runtime
         return cls(task, algorithm, optimizer, agents, cfg.seed,
-                   MixOptions(split=cfg.consensus.split, state=cfg.consensus.state),
+                   MixOptions(split=cfg.consensus.split, state=cfg.consensus.state,
+                              scale=cfg.lora.scale, init_std=cfg.lora.init_std),
                    agent_batches(list(shards), rt.agents_per_host, rt.batch_agents),
                    cfg.local_steps)
 
     # ------------------------------------------------------------------ training steps
+
+    @property
+    def _fresh(self) -> bool:
+        """The algorithm's fold hands out fresh adapters (FLoRA)."""
+        return self.algorithm.fold is not None and self.algorithm.fold.fresh
 
     def round_of(self, t: int) -> int:
         """The round (1-based) step t belongs to: rounds are ``local_steps`` steps each."""
@@ -183,10 +197,14 @@ class AgentGroup:
     def grads_and_payloads(self, t: int) -> dict[int, Factors]:
         """Take each agent's gradient at w_t, hold it, and return what each agent publishes:
         the factors that travel in this round (``Algorithm.payload``), and with a tracking
-        optimizer (``adam_tracked``) its tracker U-hat_t as well, the same factors of it."""
+        optimizer (``adam_tracked``) its tracker U-hat_t as well, the same factors of it. A fold
+        that hands out fresh adapters (FLoRA) takes the step now and publishes w_{t+1}."""
         out, key, rnd = {}, self.optimizer.tracker, self.round_of(t)
         for agent, grads in self._grads(t):
-            agent.pending = grads
+            if self._fresh:
+                self._step(agent, grads, agent.factors, t)
+            else:
+                agent.pending = grads
             out[agent.id] = self.algorithm.payload(agent.factors, rnd)
             if key is not None:
                 tracker = agent.opt_state[key]
@@ -209,8 +227,14 @@ class AgentGroup:
         fitted to the agent's own tracker where the split fits to its own factors, and replaces
         the agent's before its step; a re-factorization's ``consensus.state`` policy applies to
         the rest of the state (``optim.MOMENTS``).
+
+        A fold (``Algorithm.fold``) replaces the mix: ``_fold``. A fresh adapter (FLoRA) is
+        taken as it is, with the optimizer state of a new one: its step came before publishing.
         """
-        mixes = self._mix(inbox, {aid: self.agents[aid].factors for aid in inbox})
+        if self.algorithm.fold is not None:
+            mixes = self._fold(t, inbox)
+        else:
+            mixes = self._mix(inbox, {aid: self.agents[aid].factors for aid in inbox})
         key, trackers = self.optimizer.tracker, {}
         if key is not None:
             try:
@@ -229,9 +253,41 @@ class AgentGroup:
                                                  self.mix_options.state)
             if key is not None:
                 agent.opt_state = {**agent.opt_state, key: trackers[aid]}
-            self._step(agent, agent.pending, mixed, t)
+            if self._fresh:  # stepped before publishing; a new adapter, a new optimizer state
+                agent.factors, agent.opt_state = mixed, self.optimizer.init(mixed)
+            else:
+                self._step(agent, agent.pending, mixed, t)
             agent.pending = None
         return diags
+
+    def _fold(self, t: int, inbox: Inbox) -> dict[int, Factors]:
+        """A server algorithm's fold: every agent here receives the same payloads and weights,
+        so one ``fold`` gives each its adapter (cut to the agent's own rank) and the group one
+        base delta, added to S; the task's frozen weights become W0 + S. A fresh adapter's A is
+        drawn from (experiment seed, round), the same on every host."""
+        (ids, weights, payloads), *rest = inbox.values()
+        if any((tuple(i), tuple(w)) != (tuple(ids), tuple(weights)) for i, w, _ in rest):
+            raise ValueError(f"{self.algorithm.name} folds one server average into every base; "
+                             "its agents must all receive the same payloads and weights")
+        w = torch.tensor(weights, dtype=torch.float32)
+        opt, seed = self.mix_options, derive_seed(self.seed, 5, self.round_of(t))
+        mixed, delta = self.algorithm.fold.fn(payloads, w, opt.scale, opt.init_std, seed)
+        base = self.base_delta
+        self._set_base({n: d if base is None else base[n] + d for n, d in delta.items()})
+        out = {}
+        for aid in inbox:
+            r = rank_of(self.agents[aid].factors)
+            out[aid] = mixed if r == rank_of(mixed) else truncated(mixed, r)
+        return out
+
+    def _set_base(self, delta: BaseDelta | None) -> None:
+        """S = ``delta`` (None: no fold yet), and the task's frozen weights W0 + S."""
+        setter = getattr(self.task, "set_base_delta", None)
+        if setter is None:
+            raise TypeError(f"{self.algorithm.name} folds into the base weights, which task "
+                            f"{type(self.task).__name__} cannot change (no set_base_delta)")
+        self.base_delta = delta
+        setter(delta)
 
     def _mix(self, inbox: Inbox, owns: dict[int, Factors], part=None) -> dict[int, Factors]:
         """Each agent's mix of ``part(payload)`` of its neighbours' payloads (the whole payload
@@ -285,10 +341,13 @@ class AgentGroup:
 
     def snapshot(self) -> dict[int, dict]:
         """Everything that makes each agent's future numbers: factors, optimizer state, batch
-        sampler, and the training losses not yet reported. Taken between rounds (no pending
-        gradient); ``restore`` of it replays the same numbers."""
+        sampler, and the training losses not yet reported; after a fold, also the group's base
+        delta S (``base_delta``: the same tensors in every agent's entry, so a host or a
+        checkpoint holds them once, and any part of a snapshot restores them). Taken between
+        rounds (no pending gradient); ``restore`` of it replays the same numbers."""
+        extra = {} if self.base_delta is None else {"base_delta": self.base_delta}
         return {a.id: {"factors": a.factors, "opt_state": a.opt_state,
-                       "sampler": a.sampler.state(), "losses": list(a.losses)}
+                       "sampler": a.sampler.state(), "losses": list(a.losses), **extra}
                 for a in self.agents.values()}
 
     def restore(self, snapshot: dict[int, dict]) -> None:
@@ -297,6 +356,9 @@ class AgentGroup:
             agent.factors, agent.opt_state = state["factors"], state["opt_state"]
             agent.sampler.set_state(state["sampler"])
             agent.losses, agent.pending = list(state["losses"]), None
+        base = next((s["base_delta"] for s in snapshot.values() if "base_delta" in s), None)
+        if base is not None or self.base_delta is not None:  # back to W0 + S, or to W0
+            self._set_base(base)
 
     def full_grads(self, factors: Factors) -> dict[int, Grads]:
         """Each agent's full-shard gradient of f_i at the given adapter (for grad f at v-bar)."""

@@ -14,6 +14,10 @@ registry entry each: what is trained, what travels, how it is mixed, and which m
 |             |                 |             | truncate to the agent's r_i    |                  |
 | fedavg      | A, B            | A, B        | as dlora                       | (1/N) 1 1^T      |
 | fedavg_fa   | B               | B           | as dlora_fa                    | (1/N) 1 1^T      |
+| fedex       | A, B            | A, B        | as fedavg; the base W0 gains   | (1/N) 1 1^T      |
+|             |                 |             | s (avg B_j A_j - B' A')        |                  |
+| flora       | A, B            | A, B        | W0 gains s avg B_j A_j (the    | (1/N) 1 1^T      |
+|             |                 |             | stack); fresh A (seeded), B = 0|                  |
 | local       | A, B            | nothing     | none                           | I                |
 | local_fa    | B               | nothing     | none                           | I                |
 | centralized | A, B            | nothing     | none                           | one agent, all   |
@@ -52,11 +56,15 @@ Where the rules of other papers sit here:
   (``consensus.hetlora_mix``). The paper's rank self-pruning (a client shrinking its own rank
   while it trains) is left out: every agent keeps the rank the config gives it.
 
+* FedEx-LoRA (Singhal et al., arXiv 2411.09432) and FLoRA (Wang et al., NeurIPS 2024, arXiv
+  2409.05976), ``fedex`` and ``flora``, fold into the frozen base: on a server only (``folding``).
+
 Agents may hold different ranks r_i (``lora.ranks``, ``lora.rank_rule``) where the mix is
 defined across ranks (``mixed_ranks``): ``hetlora``; ``decaf``, whose mixed product
 sum_j pi_ij B_j A_j has any ranks and whose TSVD returns agent i's own r_i
-(``consensus.decaf_mix_ranks``); and ``local``/``local_fa``, which mix nothing. Averaging
-factors of different shapes (DLoRA, FedAvg, the FA variants, FedSA, alternating) is undefined.
+(``consensus.decaf_mix_ranks``); ``flora``, whose stack takes any ranks; and ``local``/
+``local_fa``, which mix nothing. Averaging factors of different shapes (DLoRA, FedAvg,
+FedEx-LoRA, the FA variants, FedSA, alternating) is undefined.
 
 A mix function is pure: ``mix(own, payloads, weights, options) -> Factors``, where ``payloads``
 are the neighbours' published adapters (self included) in the order of ``weights``; a factor
@@ -84,7 +92,7 @@ import torch
 from scipy import sparse
 from torch import Tensor
 
-from decaf_ray import alignment, consensus
+from decaf_ray import alignment, consensus, folding
 from decaf_ray.factors import Factors, padded, rank_of, shape_groups, stack
 
 MixFn = Callable[[Factors, list[Factors], Tensor, "MixOptions"], Factors]
@@ -94,10 +102,13 @@ MixManyFn = Callable[[list[Factors], list[list[Factors]], Tensor, "MixOptions"],
 @dataclass(frozen=True)
 class MixOptions:
     """Options a mix may read: the TSVD split of DeCAF and what happens to optimizer state when
-    the factors are re-factorized (``keep``, ``rotate``, ``reset``)."""
+    the factors are re-factorized (``keep``, ``rotate``, ``reset``); a fold's LoRA scale s and
+    the std of a fresh A (``lora.scale``, ``lora.init_std``)."""
 
     split: str = "balanced"
     state: str = "keep"
+    scale: float = 1.0
+    init_std: float | None = None
 
     @property
     def per_agent(self) -> bool:
@@ -132,10 +143,13 @@ class Algorithm:
     and sends ``travels``."""
     mixed_ranks: bool = False
     """Agents may hold different ranks (its mix is defined across them, or it mixes nothing)."""
+    fold: folding.Fold | None = None
+    """A server algorithm that changes the base weights (FedEx-LoRA, FLoRA), in place of
+    ``mix``: ``agents.AgentGroup`` folds once per round and adds the delta to its task's base."""
 
     @property
     def communicates(self) -> bool:
-        return self.mix is not None
+        return self.mix is not None or self.fold is not None
 
     @property
     def train_A(self) -> bool:
@@ -213,11 +227,19 @@ class Algorithm:
         recipients = 1 if self.pi == "server" else degree
         return self.floats_per_message(shapes, rank, rnd) * recipients
 
-    def floats_broadcast_per_round(self, shapes: dict[str, tuple[int, int]], rank: int,
-                                   rnd: int | None = None) -> float:
+    def floats_broadcast_per_round(self, shapes: dict[str, tuple[int, int]],
+                                   rank: int | Sequence[int], rnd: int | None = None) -> float:
         """Floats the server sends per communication round: FedAvg's one broadcast of the
-        averaged adapter (one message, as the paper's Table 1 counts it); 0 without a server."""
-        return self.floats_per_message(shapes, rank, rnd) if self.pi == "server" else 0
+        averaged adapter (one message, as the paper's Table 1 counts it), a fold's own message
+        (FedEx-LoRA's A', B' and residual; FLoRA's stack, which needs ``rank`` per agent); 0
+        without a server."""
+        if self.pi != "server":
+            return 0
+        if self.fold is None:
+            return self.floats_per_message(shapes, rank if isinstance(rank, int) else rank[0], rnd)
+        if isinstance(rank, int):
+            raise ValueError(f"{self.name}'s broadcast depends on every agent's rank: give them")
+        return self.fold.broadcast(shapes, list(rank))
 
     def network_floats_per_round(self, shapes: dict[str, tuple[int, int]],
                                  rank: int | Sequence[int], degrees: Sequence[int],
@@ -227,10 +249,10 @@ class Algorithm:
         the server's broadcast, so FedAvg with N agents all taking part (p = 1) sends
         pN + 1 = N + 1 messages. ``floats_sent_per_round_per_agent`` is this over N. ``rank``
         is every agent's, or one per agent (``lora.ranks``: agent i's messages hold its r_i;
-        the server algorithms take one rank)."""
+        of the server algorithms only FLoRA takes several)."""
         ranks = [rank] * len(degrees) if isinstance(rank, int) else list(rank)
         return (sum(self.floats_sent_per_round(shapes, r, d, rnd) for r, d in zip(ranks, degrees))
-                + self.floats_broadcast_per_round(shapes, ranks[0] if ranks else 0, rnd))
+                + self.floats_broadcast_per_round(shapes, ranks or [0], rnd))
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
@@ -247,6 +269,9 @@ def register(algorithm: Algorithm) -> Algorithm:
     if not all(_FACTORS.match(f) for f in sets) or algorithm.communicates != sends:
         raise ValueError(f"algorithm {algorithm.name!r}: factor sets are 'A', 'B' or 'AB' (got "
                          f"{sets}), and an algorithm sends something exactly when it mixes")
+    if algorithm.fold is not None and (algorithm.pi != "server" or algorithm.mix is not None):
+        raise ValueError(f"algorithm {algorithm.name!r}: only a server algorithm (pi 'server', "
+                         "no mix) may fold into the base weights (see folding)")
     if algorithm.name in ALGORITHMS:
         raise ValueError(f"algorithm {algorithm.name!r} is already registered")
     ALGORITHMS[algorithm.name] = algorithm
@@ -388,6 +413,8 @@ register(Algorithm("alternating", "AB", "AB", mix_factors, "graph", phases=("B",
 register(Algorithm("hetlora", "AB", "AB", mix_hetlora, "graph", mixed_ranks=True))
 register(Algorithm("fedavg", "AB", "AB", mix_dlora, "server"))
 register(Algorithm("fedavg_fa", "B", "B", mix_factors, "server"))
+register(Algorithm("fedex", "AB", "AB", None, "server", fold=folding.FEDEX))
+register(Algorithm("flora", "AB", "AB", None, "server", fold=folding.FLORA, mixed_ranks=True))
 register(Algorithm("local", "AB", "", None, "identity", mixed_ranks=True))
 register(Algorithm("local_fa", "B", "", None, "identity", mixed_ranks=True))
 register(Algorithm("centralized", "AB", "", None, "identity", centralized=True))

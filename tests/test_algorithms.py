@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from decaf_ray import consensus
+from decaf_ray import consensus, folding
 from decaf_ray.agents import Agent, AgentGroup, Sampler
 from decaf_ray.algorithms import ALGORITHMS, Algorithm, MixOptions, mix_dlora, register
 from decaf_ray.config import OptimConfig
@@ -39,9 +39,18 @@ def _frozen(alg, rnd):
 
 
 def _mix(alg, adapters, pi, i, opt=MixOptions(), rnd=1):
+    """Agent i's mixed adapter (a fold's adapter: its base delta is ``_fold``'s)."""
+    if alg.fold is not None:
+        return _fold(alg, adapters, pi[i], opt)[0]
     ids = np.flatnonzero(pi[i])
     w = torch.tensor(pi[i, ids], dtype=torch.float64)
     return alg.mix(adapters[i], [alg.payload(adapters[j], rnd) for j in ids], w, opt)
+
+
+def _fold(alg, adapters, p, opt=MixOptions(), seed=0):
+    """A server algorithm's fold of every adapter with weights p: (adapter, base delta)."""
+    w = torch.tensor(p, dtype=torch.float64)
+    return alg.fold.fn([alg.payload(a) for a in adapters], w, opt.scale, opt.init_std, seed)
 
 
 @rounds
@@ -61,6 +70,8 @@ def test_complete_graph_gives_the_exact_average(alg, rnd):
     sent = alg.travels_in(rnd)
     for n in SHAPES:
         mean_prod = sum(b @ a for a, b in (ad[n] for ad in ads)) / 5
+        if alg.fold is not None:  # the weight, base delta included: test_folds_are_exact
+            continue
         if alg.name == "hetlora":  # the average weighted by ||B_j A_j||_F, not the plain one
             norms = torch.stack([torch.linalg.norm(ad[n][1] @ ad[n][0]) for ad in ads])
             v = norms / norms.sum()
@@ -82,9 +93,10 @@ def test_complete_graph_gives_the_exact_average(alg, rnd):
 
 
 # DeCAF's TSVD is not linear; HetLoRA's norm weights make each row of its mix sum to 1 but
-# not each column, so neither keeps the network mean of the factors
-@pytest.mark.parametrize("alg, rnd", [p for p in ROUNDS
-                                      if p.values[0].name not in ("decaf", "hetlora")])
+# not each column, so neither keeps the network mean of the factors; a fold is defined on a
+# server only (every agent the same mix), never over a ring
+@pytest.mark.parametrize("alg, rnd", [p for p in ROUNDS if p.values[0].fold is None
+                                      and p.values[0].name not in ("decaf", "hetlora")])
 def test_doubly_stochastic_pi_preserves_the_network_mean(alg, rnd):
     n = 6
     pi = np.zeros((n, n))
@@ -160,6 +172,7 @@ CONTRACT = {
     "dlora_fa": ("B", "B", "B", "B"), "fedsa": ("AB", "AB", "A", "A"),
     "alternating": ("B", "A", "B", "A"), "hetlora": ("AB", "AB", "AB", "AB"),
     "fedavg": ("AB", "AB", "AB", "AB"), "fedavg_fa": ("B", "B", "B", "B"),
+    "fedex": ("AB", "AB", "AB", "AB"), "flora": ("AB", "AB", "AB", "AB"),
     "local": ("AB", "AB", "", ""), "local_fa": ("B", "B", "", ""),
     "centralized": ("AB", "AB", "", ""),
 }
@@ -307,11 +320,11 @@ def test_two_agent_step_matches_a_hand_computation_of_algorithm_1(name):
         assert torch.allclose(got_B, B_half - lr * gB, atol=1e-6)  # lines 15-16
 
 
-def _two_agents(task, name, A, B, optim="sgd", lr=0.1):
+def _two_agents(task, name, A, B, optim="sgd", lr=0.1, options=MixOptions()):
     opt = build_optimizer(OptimConfig(name=optim, lr=lr), 10)
     agents = [Agent(i, {"w": (A[i], B[i])}, opt.init({"w": (A[i], B[i])}),
                     Sampler(np.array([i]), 1, 0)) for i in range(2)]
-    return AgentGroup(task, ALGORITHMS[name], opt, agents, 0, MixOptions())
+    return AgentGroup(task, ALGORITHMS[name], opt, agents, 0, options)
 
 
 def _communicate(group, t):
@@ -590,3 +603,186 @@ def test_a_star_with_the_neighbourhood_rank_rule_runs_and_counts_each_agents_pay
     assert res.summary["floats_sent_per_round_per_agent"] == sent / 5
     assert res.summary["trainable_params_per_agent"] == (4 + 2 * 4) * 22 / 5
     assert res.summary["final"]["tsvd_error"] >= 0 and "prop1_bound" in res.summary["final"]
+
+
+# ------------------------------------------------------------------ folds into the base weights
+
+FOLDS = [n for n, a in ALGORITHMS.items() if a.fold is not None]
+
+
+def test_the_folds_are_the_server_algorithms_fedex_and_flora():
+    assert FOLDS == ["fedex", "flora"]
+    assert all(ALGORITHMS[n].pi == "server" and ALGORITHMS[n].communicates for n in FOLDS)
+    with pytest.raises(ValueError, match="only a server algorithm"):
+        register(Algorithm("gossip_fold", "AB", "AB", None, "graph", fold=folding.FEDEX))
+
+
+@pytest.mark.parametrize("name, ranks", [("fedex", [2, 2, 2, 2]), ("flora", [2, 2, 2, 2]),
+                                         ("flora", [1, 3, 2, 2])])
+def test_folds_are_exact(name, ranks):
+    """Server weights p_j, scale s: FedEx-LoRA's W0 + delta + s B' A' is the exact average of
+    the clients' W0 + s B_j A_j, with FedAvg's A' and B' (bit for bit); FLoRA's base gains
+    exactly s sum_j p_j B_j A_j, whatever the ranks, and its fresh adapter (A from the seed at
+    the largest rank, B = 0) adds nothing."""
+    alg, ads, p, s = ALGORITHMS[name], _ranked(ranks, seed=7), [0.1, 0.2, 0.3, 0.4], 0.75
+    g = torch.Generator().manual_seed(1)
+    W0 = {n: torch.randn(d, k, generator=g, dtype=torch.float64) for n, (d, k) in SHAPES.items()}
+    mixed, delta = _fold(alg, ads, p, MixOptions(scale=s, init_std=0.5), seed=3)
+    for n in SHAPES:
+        want = sum(pj * (W0[n] + s * ad[n][1] @ ad[n][0]) for pj, ad in zip(p, ads))
+        got = W0[n] + delta[n] + s * mixed[n][1].double() @ mixed[n][0].double()
+        assert torch.allclose(got, want, atol=1e-12)
+    if name == "fedex":
+        avg = ALGORITHMS["fedavg"].mix(ads[0], ads, torch.tensor(p, dtype=torch.float64),
+                                       MixOptions())
+        for n in SHAPES:
+            assert mixed[n][0].equal(avg[n][0]) and mixed[n][1].equal(avg[n][1])
+            assert float(delta[n].norm()) > 1e-3  # what FedAvg's factors miss
+    else:
+        fresh = init_factors(SHAPES, max(ranks), torch.Generator().manual_seed(3), 0.5)
+        for n in SHAPES:
+            assert mixed[n][0].equal(fresh[n][0]) and not mixed[n][1].any()
+
+
+@pytest.mark.parametrize("name", FOLDS)
+def test_a_fold_gives_the_same_numbers_for_the_same_inputs(name):
+    ads, alg = _adapters(3), ALGORITHMS[name]
+    (m1, d1), (m2, d2) = (_fold(alg, ads, [1 / 3] * 3, seed=5) for _ in range(2))
+    for n in SHAPES:
+        assert d1[n].equal(d2[n]) and m1[n][0].equal(m2[n][0]) and m1[n][1].equal(m2[n][1])
+
+
+@pytest.mark.parametrize("name, ranks", [("fedex", [2, 2, 2]), ("flora", [1, 3, 2])])
+def test_what_the_server_broadcasts_is_counted(name, ranks):
+    """Uploads are the agents' payloads (A, B); the broadcast is FedEx-LoRA's A', B' and the
+    d x k residual, or FLoRA's stacked factors [p_j B_j], [A_j], counted from the tensors."""
+    alg, ads, p = ALGORITHMS[name], _ranked(ranks), [1 / 3] * 3
+    mixed, delta = _fold(alg, ads, p)
+    w = torch.tensor(p, dtype=torch.float64)
+    if name == "fedex":
+        sent = [x for pair in mixed.values() for x in pair] + list(delta.values())
+    else:
+        sent = [x for n in SHAPES
+                for x in folding.stacked([a[n][0] for a in ads], [a[n][1] for a in ads], w)]
+    broadcast = sum(x.numel() for x in sent)
+    assert alg.floats_broadcast_per_round(SHAPES, ranks) == broadcast
+    uploads = sum(x.numel() for a in ads for pair in alg.payload(a).values() for x in pair)
+    assert alg.network_floats_per_round(SHAPES, ranks, [2, 2, 2]) == uploads + broadcast
+    with pytest.raises(ValueError, match="every agent's rank"):
+        alg.floats_broadcast_per_round(SHAPES, 2)
+
+
+class BaseQuadratic(QuadraticTask):
+    """QuadraticTask on a frozen base S (``set_base_delta``): f_i = 0.5 ||S + s B A - T_i||^2."""
+
+    def __init__(self, targets, scale):
+        super().__init__(targets, scale)
+        self.S, self.sets = torch.zeros_like(targets[0]), 0
+
+    def set_base_delta(self, delta):
+        self.S, self.sets = torch.zeros_like(self.S) if delta is None else delta["w"], self.sets + 1
+
+    def grad(self, A, B, i):
+        R = self.S + self.s * B @ A - self.targets[i]
+        return self.s * B.T @ R, self.s * R @ A.T
+
+
+def test_fedex_two_rounds_by_hand():
+    # every agent gets A' = mean A, B' = mean B and takes the step of its gradient at w_t there
+    # (Algorithm 1's order, as FedAvg); the group's base gains s (mean B_i A_i - B' A') once a
+    # round, and round 2's gradients see it
+    g = torch.Generator().manual_seed(6)
+    d, k, r, s, lr = 5, 4, 2, 0.5, 0.1
+    task = BaseQuadratic([torch.randn(d, k, generator=g) for _ in range(2)], s)
+    S = torch.zeros(d, k)
+    factors = [(torch.randn(r, k, generator=g), torch.randn(d, r, generator=g)) for _ in range(2)]
+    group = _two_agents(task, "fedex", [a for a, _ in factors], [b for _, b in factors], lr=lr,
+                        options=MixOptions(scale=s))
+    for t in (1, 2):
+        _communicate(group, t)
+        A_, B_ = sum(a for a, _ in factors) / 2, sum(b for _, b in factors) / 2
+        expect = BaseQuadratic(task.targets, s)
+        expect.S = S
+        grads = [expect.grad(a, b, i) for i, (a, b) in enumerate(factors)]
+        S = S + s * (sum(b @ a for a, b in factors) / 2 - B_ @ A_)
+        factors = [(A_ - lr * gA, B_ - lr * gB) for gA, gB in grads]
+        assert task.sets == t and torch.allclose(task.S, S, atol=1e-6)
+        assert group.base_delta["w"] is task.S
+        for i in range(2):
+            got_A, got_B = group.agents[i].factors["w"]
+            assert torch.allclose(got_A, factors[i][0], atol=1e-6)
+            assert torch.allclose(got_B, factors[i][1], atol=1e-6)
+
+
+def test_flora_round_by_hand():
+    # each agent steps first and publishes w_{t+1}; the base gains s mean(B_i A_i) of what was
+    # published; both agents restart from A drawn from (seed, round), B = 0, Adam state anew
+    from decaf_ray.agents import derive_seed
+    from decaf_ray.optim import apply_updates
+
+    g = torch.Generator().manual_seed(8)
+    d, k, r, s, lr = 5, 4, 2, 0.5, 0.05
+    task = BaseQuadratic([torch.randn(d, k, generator=g) for _ in range(2)], s)
+    A = [torch.randn(r, k, generator=g) for _ in range(2)]
+    B = [torch.randn(d, r, generator=g) for _ in range(2)]
+    group = _two_agents(task, "flora", A, B, optim="adam", lr=lr,
+                        options=MixOptions(scale=s, init_std=0.3))
+    _communicate(group, 1)
+    adam = build_optimizer(OptimConfig(name="adam", lr=lr), 10)
+    before = QuadraticTask(task.targets, s)
+    sent = []
+    for i in range(2):  # the gradient at w_t, on the base before the fold (S = 0)
+        w = {"w": (A[i], B[i])}
+        updates, _ = adam.update({"w": before.grad(A[i], B[i], i)}, adam.init(w), w, 1)
+        sent.append(apply_updates(w, updates)["w"])
+    assert torch.allclose(task.S, s * sum(b @ a for a, b in sent) / 2, atol=1e-6)
+    fresh = init_factors({"w": (d, k)}, r, torch.Generator().manual_seed(derive_seed(0, 5, 1)),
+                         0.3)
+    for agent in group.agents.values():
+        assert agent.factors["w"][0].equal(fresh["w"][0]) and not agent.factors["w"][1].any()
+        assert agent.opt_state["count"] == 0 and not agent.opt_state["m"]["w"][0].any()
+
+
+def test_a_fold_refuses_agents_that_received_different_payloads():
+    g = torch.Generator().manual_seed(9)
+    task = BaseQuadratic([torch.randn(5, 4, generator=g) for _ in range(2)], 0.5)
+    group = _two_agents(task, "fedex", [torch.randn(2, 4, generator=g)] * 2,
+                        [torch.randn(5, 2, generator=g)] * 2)
+    payloads = group.grads_and_payloads(1)
+    inbox = {0: ((0, 1), (0.5, 0.5), [payloads[0], payloads[1]]),
+             1: ((0, 1), (0.25, 0.75), [payloads[0], payloads[1]])}
+    with pytest.raises(ValueError, match="same payloads and weights"):
+        group.mix_and_apply(1, inbox)
+
+
+def _fold_cfg(name, **lora):
+    from decaf_ray.experiment_config import load_config
+
+    return load_config({
+        "algorithm": name, "agents": 4, "topology": "ring", "rounds": 3, "local_steps": 2,
+        "task": {"kind": "synthetic", "d": 6, "k": 16, "samples": 200, "test_samples": 50},
+        "data": {"batch_size": 8}, "lora": {"rank": 2, **lora},
+        "optim": {"name": "adam", "lr": 0.05}, "runtime": {"kind": "inprocess", "threads": 1},
+        "grad_norm": False})
+
+
+@pytest.mark.parametrize("name, ranks", [("fedex", None), ("flora", None),
+                                         ("flora", [1, 2, 3, 2])])
+def test_folds_run_from_a_config_by_name_and_count_uploads_and_the_broadcast(name, ranks):
+    from decaf_ray.experiment import run
+
+    res = run(_fold_cfg(name, ranks=ranks), progress=False)
+    assert res.status == "completed"
+    rs = ranks or [2] * 4
+    assert [f["linear"][0].shape[0] for _, f in sorted(res.factors.items())] == rs
+    # d = 6, k = 16: every agent uploads (d + k) r_i; the server broadcasts (d + k) r + d k
+    # (FedEx-LoRA) or the stack, (d + k) sum_j r_j (FLoRA)
+    broadcast = 22 * 2 + 96 if name == "fedex" else 22 * sum(rs)
+    assert res.summary["floats_sent_per_round_per_agent"] == (22 * sum(rs) + broadcast) / 4
+
+
+def test_fedex_refuses_agents_of_different_ranks():
+    from decaf_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lora.ranks"):
+        _fold_cfg("fedex", ranks=[1, 2, 3, 2])

@@ -40,6 +40,10 @@ def _values(result):
     # its agents at their own ranks from the plan's
     ("hetlora", 4, {"topology": "star", "rounds": 4, "lora": {
         "rank": 2, "alpha": 2.0, "dropout": 0.1, "rank_rule": "neighbourhood"}}),
+    # FLoRA folds into the base: every host folds the same delta into its own task; per-agent
+    # ranks (its stack takes any), each agent cut from one fresh A (FedEx-LoRA: below)
+    ("flora", 4, {"rounds": 4, "lora": {"rank": 2, "alpha": 2.0, "dropout": 0.1,
+                                        "ranks": [2, 1, 3, 2, 1, 2]}}),
 ])
 def test_ray_gives_the_inprocess_numbers_exactly(ray_session, algorithm, per_host, over):
     ref = run(_cfg("inprocess", algorithm=algorithm, **over), progress=False)
@@ -104,6 +108,19 @@ def test_a_killed_host_is_restarted_and_the_run_ends_as_if_uninterrupted(ray_ses
     got = run(cfg, progress=False, on_rows=on_rows, run_id=run_id)
     assert done.is_set()
     assert got.summary["host_restarts"] == 1
+    assert _values(got) == _values(ref)
+
+
+def test_a_killed_host_of_a_run_that_folds_comes_back_on_the_same_base(ray_session):
+    """FedEx-LoRA on Ray gives the in-process numbers, through a host's death: the replacement
+    builds its task at W0, and restoring every host to the round-4 snapshot (which carries the
+    base delta) and replaying rounds 5-6 puts every base back where it was."""
+    over = {"algorithm": "fedex", "rounds": 8}
+    ref = run(_cfg("inprocess", **over), progress=False)
+    on_rows, done = _kill_at(6, "crash-fold", "ray.kill")
+    got = run(_cfg("ray", runtime={"agents_per_host": 3, "checkpoint_every": 4}, **over),
+              progress=False, on_rows=on_rows, run_id="crash-fold")
+    assert done.is_set() and got.summary["host_restarts"] == 1
     assert _values(got) == _values(ref)
 
 

@@ -150,3 +150,24 @@ def test_adapters_file_has_the_mode_of_the_other_files(tmp_path):
     assert cli("run", path, "--out", tmp_path / "r", "--quiet").returncode == 0
     modes = {p.name: os.stat(p).st_mode & 0o777 for p in (tmp_path / "r").iterdir()}
     assert modes["adapters.safetensors"] == modes["summary.json"], modes
+
+
+@pytest.mark.parametrize("name", ["fedex", "flora"])
+def test_a_run_that_folds_into_its_base_resumes_from_its_checkpoint_file_exactly(name, tmp_path):
+    """The base delta S is part of the state: written once in the file (every agent's entry
+    holds the same tensor), read back, and the resumed run gives the uninterrupted numbers;
+    without it (the base back at W0) they differ."""
+    from decaf_ray.runtime import checkpoint
+
+    cfg = load_config({**TINY, "algorithm": name, "rounds": 6, "eval_every": 1})
+    states = []
+    whole = run(cfg, progress=False, checkpoint_every=3, on_checkpoint=states.append)
+    checkpoint.save(states[0], tmp_path / "state.pt")
+    state = checkpoint.load(tmp_path / "state.pt")
+    deltas = [a["base_delta"]["linear"] for a in state.agents.values()]
+    assert len({d.untyped_storage().data_ptr() for d in deltas}) == 1  # stored once
+    assert deltas[0].equal(states[0].agents[0]["base_delta"]["linear"])
+    assert run(cfg, progress=False, resume=state).rows == whole.rows
+    for a in state.agents.values():
+        del a["base_delta"]
+    assert run(cfg, progress=False, resume=state).rows != whole.rows

@@ -190,3 +190,69 @@ def test_batch_agents_needs_a_task_with_a_batched_step():
 
     with pytest.raises(ConfigError, match="runtime.batch_agents.*synthetic"):
         prepare(_cfg(runtime={"kind": "inprocess", "agents_per_host": 2, "batch_agents": 2}))
+
+
+# ------------------------------------------------------------------ folds into the base weights
+
+
+def test_server_algorithms_that_fold_into_the_base_learn():
+    """FedEx-LoRA learns as FedAvg does (the graph is ignored: a server). FLoRA starts each round
+    from a fresh adapter (B = 0) whose product the base absorbs: slower per step, so ten local
+    steps a round, and still it moves the base toward the planted shift."""
+    fedex = run(_cfg(algorithm="fedex", rounds=30, eval_every=30), progress=False)
+    flora = run(_cfg(algorithm="flora", rounds=20, local_steps=10, eval_every=20), progress=False)
+    for res in (fedex, flora):
+        start = [r for r in res.rows if r["metric"] == "test_accuracy"][0]["value"]
+        assert _final(res, "test_accuracy") > start + (0.3 if res is fedex else 0.1)
+    assert _final(fedex, "shift_error") < 0.3 and _final(flora, "shift_error") < 0.8
+    # FLoRA's adapters are the round's fresh one: the agents agree, B = 0
+    assert _final(flora, "consensus_distance") == 0
+
+
+def _first_round(spec: dict, name: str):
+    return run(load_config({**spec, "algorithm": name, "rounds": 1, "local_steps": 3,
+                            "eval_every": 1}), progress=False)
+
+
+@pytest.mark.parametrize("kind", ["synthetic", "clip", "causal_lm"])
+def test_fedex_after_one_round_holds_fedavgs_adapter_on_a_base_that_absorbed_the_residual(kind):
+    """Round 1 of FedEx-LoRA: the gradients were taken on W0 and A', B' are FedAvg's, so every
+    agent's adapter is FedAvg's bit for bit; only the base differs, by the residual, which the
+    evaluation sees (every task kind: synthetic, and peft's base_layer weights)."""
+    if kind == "synthetic":
+        spec = {**NONIID_RING, "runtime": {"kind": "inprocess", "threads": 1}}
+    else:
+        import importlib
+
+        spec = importlib.import_module(f"test_{kind}").experiment("fedex")
+    fedavg, fedex = _first_round(spec, "fedavg"), _first_round(spec, "fedex")
+    for i, f in fedavg.factors.items():
+        for n, (a, b) in f.items():
+            assert fedex.factors[i][n][0].equal(a) and fedex.factors[i][n][1].equal(b)
+    assert _final(fedex, "test_loss") != _final(fedavg, "test_loss")
+
+
+@pytest.mark.parametrize("kind", ["clip", "causal_lm"])
+def test_a_peft_task_sets_its_base_weights_to_w0_plus_a_delta_and_back(kind):
+    import importlib
+
+    import torch
+
+    from decaf_ray.factors import init_factors
+
+    plan = prepare(load_config(importlib.import_module(f"test_{kind}").experiment("fedex")))
+    task = plan.task
+    task.load()
+    weights = {n: layer.get_base_layer().weight for n, layer in task.layers.items()}
+    w0 = {n: w.detach().clone() for n, w in weights.items()}
+    g = torch.Generator().manual_seed(0)
+    factors = init_factors(task.lora_shapes(), plan.config.lora.rank, g)
+    before = task.evaluate(factors)
+    delta = {n: 0.05 * torch.randn(d, k, generator=g) for n, (d, k) in task.lora_shapes().items()}
+    task.set_base_delta(delta)
+    for n, w in weights.items():
+        assert w.equal((w0[n].float() + delta[n]).to(w.dtype))
+    assert task.evaluate(factors) != before  # not a remembered evaluation of the old base
+    task.set_base_delta(None)
+    assert all(w.equal(w0[n]) for n, w in weights.items())
+    assert task.evaluate(factors) == before

@@ -53,6 +53,11 @@ class Task(Protocol):
     # Optional: ``loss_weight(indices) -> float``, what the loss on ``indices`` is a mean over
     # (the causal LM: answer tokens). Without it, the number of examples. Data-parallel
     # workers weight their chunks by it so that their sum is the batch's loss exactly.
+    # Optional: ``set_base_delta(delta)``, the frozen weights of the adapted modules become
+    # W0 + delta[name] ((d, k) float32 on the CPU; None: W0 again), set from W0 and never
+    # added in place, so equal deltas give equal weights whatever came before: what the server
+    # algorithms that fold into the base (FedEx-LoRA, FLoRA; ``decaf_ray.folding``) need.
+    # Every task kind has it; results remembered per adapter are forgotten by it.
 
 
 # kind -> "module:ConfigClass"; modules are imported only when their kind is used, so a

@@ -38,6 +38,7 @@ class DecoderTask:
         self._shapes = meta_lora_shapes(self.config, cfg.targets, lora_cfg)
         self.model = self.layers = self.device = None
         self._evals: dict[bytes, dict[str, float]] = {}
+        self._w0: dict[str, torch.Tensor] = {}  # the adapted weights as loaded, once changed
 
     def lora_shapes(self) -> dict[str, tuple[int, int]]:
         return dict(self._shapes)
@@ -105,6 +106,14 @@ class DecoderTask:
 
     def _evaluate(self, factors: Factors) -> dict[str, float]:
         raise NotImplementedError
+
+    def set_base_delta(self, delta: dict[str, torch.Tensor] | None) -> None:
+        """The adapted modules' frozen weights become W0 + ``delta[name]`` (None: W0 again;
+        ``peft_lora.set_base_delta``), and the evaluations remembered by adapter are
+        forgotten: the same adapter on another base scores otherwise."""
+        self.materialize()
+        pl.set_base_delta(self.layers, self._w0, delta)
+        self._evals.clear()
 
 
 def digest(factors: Factors) -> bytes:

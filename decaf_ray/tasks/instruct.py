@@ -67,6 +67,11 @@ class InstructTask(DecoderTask):
         if self.codec.eos_id is None:
             raise ValueError(f"{self.cfg.model}: the tokenizer has no end-of-sequence token")
 
+    def set_base_delta(self, delta: dict[str, torch.Tensor] | None) -> None:
+        """``DecoderTask.set_base_delta``, and the remembered benchmark answers forgotten."""
+        super().set_base_delta(delta)
+        self._answers = {}
+
     def example(self, split: int, i: int) -> tuple[list[int], int]:
         """``(ids, n_prompt)`` of record ``i`` of ``split`` (0 train, 1 test), cached."""
         key = (split, int(i))

@@ -140,6 +140,26 @@ def set_adapters_off(layer: nn.Module, off: bool) -> bool:
     return was
 
 
+@torch.no_grad()
+def set_base_delta(layers: dict[str, nn.Module], originals: dict[str, torch.Tensor],
+                   delta: dict[str, torch.Tensor] | None) -> None:
+    """Each adapted layer's frozen weight (peft's ``base_layer.weight``) set to W0 +
+    ``delta[name]`` ((d, k) float32; None: W0 again): summed in float32 and rounded once to the
+    weight's dtype, from W0, never added in place, so the same delta gives the same weights
+    whatever came before (a restored run). ``originals`` keeps each W0, copied on the first
+    call that changes it (so only runs that fold pay for the copy: the adapted weights once
+    more, on their device)."""
+    for name, layer in layers.items():
+        weight = layer.get_base_layer().weight
+        if name not in originals:
+            if delta is None:
+                continue
+            originals[name] = weight.detach().clone()
+        w0 = originals[name]
+        weight.copy_(w0 if delta is None else
+                     (w0.float() + delta[name].to(w0.device, torch.float32)).to(w0.dtype))
+
+
 def merged_delta(layer: nn.Module) -> torch.Tensor:
     """s B A of one layer, (d, k): what ``merge_and_unload`` adds to the frozen weight."""
     return layer.scaling[ADAPTER] * (layer.lora_B[ADAPTER].weight @ layer.lora_A[ADAPTER].weight)

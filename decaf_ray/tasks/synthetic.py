@@ -115,6 +115,8 @@ class SyntheticTask:
     """The built task. Public tensors (float32): ``w0`` (d, k), ``delta`` (d, k) = Delta*,
     ``x_train`` (n, k), ``y_train`` (n,) int64 classes or (n, d) targets, ``x_test``, ``y_test``;
     regression also ``mus`` (clusters, k), ``u_h`` (d, r*), ``v_h`` (r*, k), ``z`` (clusters, r*).
+    ``base`` is the frozen weight the model uses: ``w0``, or W0 + S once an algorithm folds S
+    into it (``set_base_delta``).
     """
 
     def __init__(self, cfg: SyntheticConfig, scale: float, dropout: float, seed: int):
@@ -125,6 +127,7 @@ class SyntheticTask:
         self.x_train, self.y_train, labels = self._sample(cfg.samples, _generator(seed, _TRAIN))
         self.x_test, self.y_test, _ = self._sample(cfg.test_samples, _generator(seed, _TEST))
         self.train_labels: np.ndarray = labels.numpy().astype(np.int64)
+        self.base, self.base_delta = self.w0, None
 
     def _plant(self, gen: torch.Generator) -> None:
         """Draw W0, Delta* and, for regression, the cluster means and per-cluster shifts."""
@@ -175,6 +178,14 @@ class SyntheticTask:
     def load(self) -> None:
         """Nothing to load: the task is made whole by ``build``."""
 
+    def set_base_delta(self, delta: dict[str, Tensor] | None) -> None:
+        """The frozen weight becomes W0 + ``delta["linear"]`` ((d, k) float32; None: W0 again),
+        computed from W0, never added in place, so the same S gives the same weights whatever
+        came before (a restored run). ``evaluate``'s ``shift_error`` then measures
+        S + s B A, the whole change to W0, against Delta*."""
+        self.base_delta = None if delta is None else delta[MODULE].float()
+        self.base = self.w0 if delta is None else self.w0 + self.base_delta
+
     def loss_and_grads(self, factors: Factors, indices: np.ndarray, train_A: bool, seed: int
                        ) -> tuple[float, Grads]:
         """Mean loss on training examples ``indices`` (m,) and its gradient.
@@ -196,7 +207,7 @@ class SyntheticTask:
                 xin = F.dropout(x, self.dropout, training=True)
         else:
             xin = x
-        loss = self._loss(x @ self.w0.T + self.scale * (xin @ a.T) @ b.T, y)
+        loss = self._loss(x @ self.base.T + self.scale * (xin @ a.T) @ b.T, y)
         if train_A:
             ga, gb = torch.autograd.grad(loss, (a, b))
         else:
@@ -209,10 +220,13 @@ class SyntheticTask:
 
         Returns:
             ``test_loss``; ``test_accuracy`` (classification); ``shift_error`` =
-            ||s B A - Delta*||_F / ||Delta*||_F (classification: of the class-centred shift).
+            ||s B A - Delta*||_F / ||Delta*||_F (classification: of the class-centred shift;
+            S + s B A after folds into the base).
         """
         a, b = factors[MODULE]
         shift = self.scale * (b.float() @ a.float())
+        if self.base_delta is not None:
+            shift = shift + self.base_delta
         out = self.x_test @ (self.w0 + shift).T
         metrics = {"test_loss": float(self._loss(out, self.y_test))}
         if self.classification:

@@ -67,6 +67,7 @@ class CLIPTask:
         self.layers: dict[str, nn.Module] = {}
         self._text_cache: Tensor | None = None
         self._test_features: Tensor | None = None
+        self._w0: dict[str, Tensor] = {}  # the adapted weights as loaded, once changed
 
     def lora_shapes(self) -> dict[str, tuple[int, int]]:
         """``<block>.attn.{q,k,v}_proj`` (and out_proj, mlp.c_fc/c_proj) -> (d, k); vision first."""
@@ -94,6 +95,13 @@ class CLIPTask:
         self.bf16 = cfg.precision == "bfloat16" or (cfg.precision == "auto" and dev.type == "cuda")
         self.model, self.layers = model, layers
         return model
+
+    def set_base_delta(self, delta: dict[str, Tensor] | None) -> None:
+        """The adapted modules' frozen weights become W0 + ``delta[name]`` (None: W0 again;
+        ``peft_lora.set_base_delta``). The cached text and test-image features stay: they
+        are cached only for an encoder without LoRA, whose weights no delta touches."""
+        self.materialize()
+        peft_lora.set_base_delta(self.layers, self._w0, delta)
 
     def _set_training(self, training: bool) -> None:
         """Train mode (LoRA dropout on) for steps, eval mode for evaluation, switched only on a

@@ -14,6 +14,11 @@ on the same base model gives the run's model with that adapter.
 ``decaf_ray.factors.mean``): the point at which a run's ``grad_norm`` is measured. It is not
 the average of the agents' products B A, and need not score like any one agent.
 
+Runs of an algorithm that folds into the base weights (``fedex``, ``flora``) are refused: their
+model is W0 + S + s B A, the base delta S being the run's too, so no adapter alone on the
+unchanged base is it (FLoRA's adapters are even fresh, B = 0, at the end of every round), and
+a run's results do not keep S.
+
 The base model to load into:
     causal_lm  the run's ``task.model`` (``base_model_name_or_path``, task_type ``CAUSAL_LM``);
                a GGUF or a random ``model_config`` has no such name: rebuild it with
@@ -32,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from decaf_ray.algorithms import ALGORITHMS
 from decaf_ray.config import ConfigError
 from decaf_ray.experiment_config import ExperimentConfig
 from decaf_ray.factors import Factors, mean
@@ -95,6 +101,10 @@ def _run_config(run: Path) -> ExperimentConfig:
     if cfg.task.kind not in ("causal_lm", "clip"):
         raise ConfigError("run", f"a {cfg.task.kind} task has no model to adapt, so no PEFT "
                                  "adapter to export (causal_lm and clip runs have one)")
+    if ALGORITHMS[cfg.algorithm].fold is not None:
+        raise ConfigError("run", f"{cfg.algorithm} folds its server averages into the base "
+                                 "weights, so no adapter on the unchanged base is the run's model: "
+                                 "nothing to export as a PEFT adapter")
     return cfg
 
 

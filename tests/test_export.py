@@ -230,6 +230,16 @@ def test_refusals_say_why_in_one_line_and_write_nothing(lm_run, tmp_path, capsys
     (edited / "adapters.safetensors").write_bytes((lm_run / "adapters.safetensors").read_bytes())
     assert "does not fit the run's model" in _refused(capsys, edited, out, "run")
 
+    for name in ("fedex", "flora"):  # the model is W0 + S + s B A: no adapter alone is it
+        folded = tmp_path / name
+        folded.mkdir()
+        cfg = json.loads((lm_run / "config.json").read_text())
+        (folded / "config.json").write_text(json.dumps({**cfg, "algorithm": name}))
+        (folded / "adapters.safetensors").write_bytes(
+            (lm_run / "adapters.safetensors").read_bytes())
+        err = _refused(capsys, folded, out, "run")
+        assert f"{name} folds its server averages into the base weights" in err
+
     synthetic = tmp_path / "synthetic"
     synthetic.mkdir()
     (synthetic / "config.json").write_text(json.dumps({"task": {"kind": "synthetic"}}))

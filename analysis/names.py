@@ -16,14 +16,16 @@ import pandas as pd
 
 from analysis.runs import NO_SUMMARY
 
-ALGORITHM_ORDER = ("centralized", "local", "local_fa", "fedavg", "fedavg_fa", "dlora",
-                   "dlora_fa", "fedsa", "alternating", "hetlora", "decaf")
-"""Table 2's row order, with the algorithms the paper does not run (FedSA-LoRA, alternating,
-HetLoRA) among the other gossip baselines, before DeCAF."""
+ALGORITHM_ORDER = ("centralized", "local", "local_fa", "fedavg", "fedavg_fa", "fedex", "flora",
+                   "dlora", "dlora_fa", "fedsa", "alternating", "hetlora", "decaf")
+"""Table 2's row order, with the algorithms the paper does not run among their kin: FedEx-LoRA
+and FLoRA after the other server baselines, FedSA-LoRA, alternating and HetLoRA among the
+gossip ones, before DeCAF."""
 ALGORITHM_NAMES = {"centralized": "Centralized", "local": "Local", "local_fa": "Local-FA",
-                   "fedavg": "FedAvg", "fedavg_fa": "FedAvg-FA", "dlora": "DLoRA",
-                   "dlora_fa": "DLoRA-FA", "fedsa": "FedSA-LoRA", "alternating": "Alternating",
-                   "hetlora": "HetLoRA", "decaf": "DeCAF"}
+                   "fedavg": "FedAvg", "fedavg_fa": "FedAvg-FA", "fedex": "FedEx-LoRA",
+                   "flora": "FLoRA", "dlora": "DLoRA", "dlora_fa": "DLoRA-FA",
+                   "fedsa": "FedSA-LoRA", "alternating": "Alternating", "hetlora": "HetLoRA",
+                   "decaf": "DeCAF"}
 DECENTRALIZED = ("decaf", "dlora", "dlora_fa")
 """The algorithms that mix over the graph (Fig. 2c)."""
 PARTITION_NAMES = {"iid": "IID", "classes_per_agent": "Non-IID", "dirichlet": "Dirichlet",
@@ -47,7 +49,8 @@ without a summary is still running or was killed)."""
 # Colours that stay with an algorithm across figures.
 _ALGO_COLOURS = {"decaf": "C3", "dlora": "C0", "dlora_fa": "C2", "fedavg": "C1",
                  "fedavg_fa": "C4", "local": "C7", "local_fa": "C5", "centralized": "k",
-                 "fedsa": "C6", "alternating": "C8", "hetlora": "C9"}
+                 "fedsa": "C6", "alternating": "C8", "hetlora": "C9", "fedex": "navy",
+                 "flora": "darkgoldenrod"}
 
 
 def resolve(column: str) -> str:

@@ -55,7 +55,7 @@ def test_lora_scaling():
     ({"algorithm": "dlora", "lora": {"ranks": [2] * 10}}, "lora.ranks",
      "dlora averages factors of one shape; agents of different ranks need one of decaf, "),
     ({"algorithm": "fedavg", "lora": {"rank_rule": "neighbourhood"}}, "lora.rank_rule",
-     "hetlora, local, local_fa"),
+     "decaf, hetlora, flora, local, local_fa"),
     ({"algorithm": "centralized", "lora": {"rank_rule": "neighbourhood"}}, "lora.rank_rule",
      "trains one agent"),
     ({"algorithm": "hetlora", "agents": 3, "lora": {"ranks": [1, 2]}}, "lora.ranks",

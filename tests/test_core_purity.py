@@ -10,7 +10,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "decaf_ray"
 CORE = ["topology", "topology_graphs", "consensus", "alignment", "algorithms", "tracking",
-        "partition", "factors", "optim", "metrics"]
+        "partition", "factors", "optim", "metrics", "folding", "compress", "simtime",
+        "network", "network_graphs"]
 # reading a user-named matrix or edge-list file is topology's one allowed input
 ALLOWED_IO = {"topology": {"load", "loadtxt", "open"}, "topology_graphs": {"read_text"}}
 IO_CALLS = {"open", "read_text", "write_text", "read_bytes", "write_bytes", "save", "load",

@@ -290,7 +290,6 @@ def run_sweep(sweep: SweepConfig, storage: str | Path, *, resume: bool = False,
     if resume:
         if not tune.Tuner.can_restore(path):
             raise ConfigError("--resume", f"no sweep to resume at {path}")
-        _same_as_recorded(sweep, path, force)
     elif sweep_storage.holds_anything(path):
         raise ConfigError("--storage", f"{path} already holds a sweep; use --resume to "
                           "finish it or choose another --storage / name")
@@ -302,13 +301,16 @@ def run_sweep(sweep: SweepConfig, storage: str | Path, *, resume: bool = False,
 
     for cfg in sweep.representatives():  # a judge without its key or server: now, not after
         check_judge(cfg)                  # hours of training
+    given = sweep
     sweep, shipped = _resolve_weights(sweep)
+    if resume:
+        _same_as_recorded(given, sweep, path, force)
     if stage_data:
         from decaf_ray.staging import stage
 
         stage(sweep)
-    if not resume:
-        sweep_storage.write_text(f"{path}/{RECORD}", json.dumps(_plain(sweep), indent=2))
+    if not resume:  # as given: a ``pretrain:`` stand-in's cache path is this machine's
+        sweep_storage.write_text(f"{path}/{RECORD}", json.dumps(_plain(given), indent=2))
     trainable = tune.with_resources(
         tune.with_parameters(trial, sweep=sweep, cluster_cpus=cluster_cpus, shipped=shipped),
         lambda params: trial_resources(trial_config(sweep, params, cluster_cpus)))
@@ -332,18 +334,21 @@ def _plain(sweep: SweepConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(sweep), default=str))
 
 
-def _same_as_recorded(sweep: SweepConfig, path: str, force: bool) -> None:
-    """Refuse to resume ``sweep`` when it differs from the one recorded at ``path``."""
+def _same_as_recorded(given: SweepConfig, resolved: SweepConfig, path: str, force: bool) -> None:
+    """Refuse to resume ``given`` when it differs from the one recorded at ``path``. The record
+    holds the sweep as given; one written by an older decaf-ray holds it with its ``pretrain:``
+    stand-in resolved to a cache path (``resolved``, ``_resolve_weights``), and matches too."""
     from decaf_ray import sweep_storage
 
     text = sweep_storage.read_text(f"{path}/{RECORD}")
     if text is None or force:
         return  # a sweep recorded before this file existed, or the user's explicit choice
-    recorded, given = json.loads(text), _plain(sweep)
-    if recorded != given:
-        raise ConfigError("--resume", f"the sweep differs from the one being resumed "
-                          f"({first_difference(recorded, given)}); resume with the same file "
-                          "and --set, or add --force to finish it with these")
+    recorded = json.loads(text)
+    if recorded not in (_plain(given), _plain(resolved)):
+        diff = first_difference(recorded, _plain(given))
+        raise ConfigError("--resume", f"the sweep differs from the one being resumed ({diff}); "
+                          "resume with the same file and --set, or add --force to finish it "
+                          "with these")
 
 
 def _resolve_weights(sweep: SweepConfig):

@@ -55,6 +55,31 @@ def test_every_grid_point_is_validated_before_anything_runs(tmp_path, grid, fiel
     assert field in str(e.value)
 
 
+def test_resume_compares_the_sweep_as_given_with_a_standin_resolved_or_not(tmp_path):
+    """A stand-in named ``pretrain:<spec>`` is resolved to this machine's cache path when the
+    sweep runs; the record keeps the sweep as given, and a record an older decaf-ray wrote with
+    the path in it still matches, so ``--resume`` of a stand-in sweep needs no ``--force``."""
+    import dataclasses
+
+    from decaf_ray.sweep import RECORD, _plain, _same_as_recorded
+
+    sweep = load_sweep(write(tmp_path, {"seed": [0, 1]}))
+
+    def named(checkpoint):
+        return dataclasses.replace(sweep, base={**sweep.base, "task": {
+            **sweep.base["task"], "checkpoint": checkpoint}})
+
+    given, resolved = named("pretrain:pretrain-fmnist"), named("/cache/x/model.safetensors")
+    for recorded in (given, resolved):
+        (tmp_path / RECORD).write_text(json.dumps(_plain(recorded)))
+        _same_as_recorded(given, resolved, str(tmp_path), force=False)
+    (tmp_path / RECORD).write_text(json.dumps(_plain(named("pretrain:other"))))
+    with pytest.raises(ConfigError) as e:
+        _same_as_recorded(given, resolved, str(tmp_path), force=False)
+    assert "base.task.checkpoint: 'pretrain:other' -> 'pretrain:pretrain-fmnist'" in str(e.value)
+    _same_as_recorded(given, resolved, str(tmp_path), force=True)
+
+
 def test_every_shipped_sweep_loads():
     files = sorted((ROOT / "sweeps").glob("*.yaml")) + sorted((ROOT / "sweeps").glob("*/*.yaml"))
     assert len(files) > 10

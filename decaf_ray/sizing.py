@@ -24,6 +24,9 @@ host needs on its device, in parts (bytes; GB below means 10^9 bytes):
                  LLaMA-shaped model (LoRA on q, k, v / q, v) and raised 20% for kernels that
                  differ on CUDA: ``ACTIVATION_BYTES``.
     cuda context 0.5 GB per process on a GPU.
+    folded base  (``fedex``, ``flora``: algorithms that fold into the frozen weights) per adapted
+                 (d, k) weight: a copy of W0 at the weights' dtype (the task sets W0 + S, never
+                 in place), S (float32, host RAM) and the round's delta (float32, transient).
 
 Omitted: the allocator's fragmentation and cached blocks, cuDNN/cuBLAS workspaces, evaluation's
 transient no-grad activations (eval_batch_size, one layer at a time), the image cache and data in
@@ -136,6 +139,8 @@ def size_trial(cfg: ExperimentConfig, task: Any = None) -> TrialSize:
     trainable = param_count(shapes, _largest_rank(cfg, shapes),
                             ALGORITHMS[cfg.algorithm].train_A)
     parts = _task_parts(cfg, task, cuda, batch, n_pass) + [_adapters(cfg, per, shapes, trainable)]
+    if ALGORITHMS[cfg.algorithm].fold is not None:
+        parts.append(_folded_base(cfg.task, shapes, cuda))
     if cuda:
         parts.append(Part("cuda context", CUDA_CONTEXT, "one CUDA context per host process"))
     return TrialSize(placement, hosts, per, n_pass, host, driver, "cuda" if cuda else "cpu",
@@ -178,6 +183,19 @@ def _adapters(cfg: ExperimentConfig, per: int, shapes: dict[str, tuple[int, int]
     return Part("adapters", per * (full + trained * (states + 1)) * 4.0,
                 f"{per} agents x ({full:,} factor params + {trained:,} trained x ({states} "
                 f"{cfg.optim.name} states + 1 gradient)) x 4 B")
+
+
+def _folded_base(t, shapes: dict[str, tuple[int, int]], cuda: bool) -> Part:
+    """What a fold adds to a host: W0's copy at the weights' dtype, S and the round's delta."""
+    weight = 2 if t.kind in DECODERS and _bf16(t, cuda) else 4  # CLIP's stay float32
+    dk = sum(d * k for d, k in shapes.values())
+    return Part("folded base", dk * (weight + 8.0), f"{dk:,} adapted weights x ({weight} B W0 "
+                "copy + 4 B S + 4 B the round's delta)")
+
+
+def _bf16(t, cuda: bool) -> bool:
+    """Whether the task computes in bfloat16: asked for, or ``auto`` on a GPU."""
+    return t.precision == "bfloat16" or (t.precision == "auto" and cuda)
 
 
 def _largest_rank(cfg: ExperimentConfig, shapes: dict[str, tuple[int, int]]) -> int:
@@ -254,7 +272,7 @@ def _clip_classes(t, task) -> tuple[int, str]:
 
 def _clip_parts(t, task, cuda: bool, batch: int, n_pass: int) -> list[Part]:
     arch, params, _, towers = _clip_meta(t)
-    bf16 = t.precision == "bfloat16" or (t.precision == "auto" and cuda)
+    bf16 = _bf16(t, cuda)
     ab = 2 if bf16 else 4
     c = ACTIVATION_BYTES["clip"][ab]
     images = min(t.micro_batch or batch, batch)
@@ -322,7 +340,7 @@ def _lm_meta(config, targets: tuple) -> tuple[int, dict[str, tuple[int, int]]]:
 def _lm_parts(t, task, cuda: bool, batch: int) -> list[Part]:
     config = _lm_config(t, task)
     params, _ = _lm_meta(config, tuple(t.targets))
-    bf16 = t.precision == "bfloat16" or (t.precision == "auto" and cuda)
+    bf16 = _bf16(t, cuda)
     ab = 2 if bf16 else 4
     layers, hidden = config.num_hidden_layers, config.hidden_size
     micro = min(t.micro_batch, batch)

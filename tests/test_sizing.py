@@ -182,6 +182,18 @@ def test_centralized_sizes_its_ray_train_workers():
     assert acts == 2 * (4 * 32) * 64 * 56  # each worker takes half the batch of 8
 
 
+def test_folding_algorithms_add_the_base_copy_s_and_the_delta():
+    """fedex and flora keep W0 beside W0 + S on the device, S in host RAM, and a round's
+    delta: (d k) x (4 + 4 + 4) B for float32 weights; every other part is FedAvg's."""
+    syn = {"kind": "synthetic", "d": 4, "k": 8}
+    base = {p.name: p.bytes for p in sizing.size_trial(load_config(
+        _config(syn).to_dict(), ["algorithm=fedavg"])).parts}
+    for name in ("fedex", "flora"):
+        got = {p.name: p.bytes for p in sizing.size_trial(load_config(
+            _config(syn).to_dict(), [f"algorithm={name}"])).parts}
+        assert got.pop("folded base") == 4 * 8 * 12 and got == base
+
+
 # ---------------------------------------------------------------------------- on a cluster
 
 

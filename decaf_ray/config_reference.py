@@ -53,30 +53,37 @@ class Section:
 
 
 def sections() -> list[Section]:
-    """Every section, in page order (imports the task config modules through the registry)."""
+    """Every section, in page order (imports the task config modules through the registry):
+    each followed by the sections nested in it (``network.availability``, ``task.judge``)."""
     from decaf_ray.experiment_config import ExperimentConfig
     from decaf_ray.sweep import SweepConfig
     from decaf_ray.tasks import TASKS, task_config_class
 
-    hints = typing.get_type_hints(ExperimentConfig)
-    nested = [f.name for f in dataclasses.fields(ExperimentConfig)
-              if dataclasses.is_dataclass(hints[f.name])]
     pretrain = importlib.import_module("decaf_ray.tasks.pretrain_config").PretrainConfig
-    return ([Section("Experiment", ExperimentConfig)]
-            + [Section(name, hints[name], name) for name in nested]
-            + [s for kind in TASKS for s in _task_sections(kind, task_config_class(kind))]
+    tasks = [Section(f"task: {kind}", task_config_class(kind), "task") for kind in TASKS]
+    return (_with_nested(Section("Experiment", ExperimentConfig))
+            + [s for t in tasks for s in _with_nested(t)]
             + [Section("Sweep file", SweepConfig), Section("Pretrain file", pretrain)])
 
 
-def _task_sections(kind: str, cls: type) -> list[Section]:
-    """A task kind's section, then one per nested section of it (``task.judge``)."""
-    hints = typing.get_type_hints(cls)
-    nested = []
-    for f in dataclasses.fields(cls):
-        inner = [a for a in (typing.get_args(hints[f.name]) or (hints[f.name],))
-                 if dataclasses.is_dataclass(a)]
-        nested += [Section(f"task: {kind}, {f.name}", inner[0], f"task.{f.name}")] if inner else []
-    return [Section(f"task: {kind}", cls, "task")] + nested
+def _with_nested(section: Section) -> list[Section]:
+    """``section``, then, depth first, a section for each field whose type is a config
+    dataclass (or one or null): titled by its key (a task's: ``task: <kind>, <field>``)."""
+    out, hints = [section], typing.get_type_hints(section.cls)
+    for f in dataclasses.fields(section.cls):
+        inner = _section_class(hints[f.name])
+        if inner is None or "section" in f.metadata:
+            continue
+        key = f"{section.prefix}.{f.name}" if section.prefix else f.name
+        title = f"{section.title}, {f.name}" if section.title.startswith("task: ") else key
+        out += _with_nested(Section(title, inner, key))
+    return out
+
+
+def _section_class(tp: Any) -> type | None:
+    """The config dataclass a field holds (alone, or in a union with null or a string)."""
+    inner = [a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
+    return inner[0] if inner else None
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -132,10 +139,12 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def _row(section: Section, f: dataclasses.Field, tp: Any, doc: str) -> str:
+def _row(section: Section, f: dataclasses.Field, tp: Any, doc: str,
+         titles: dict[tuple[str, type], str]) -> str:
     key = f"{section.prefix}.{f.name}" if section.prefix else f.name
+    inner = _section_class(tp)
     if dataclasses.is_dataclass(tp):  # a section of its own, below
-        kind, default = f"[{tp.__name__}](#{anchor(f.name)})", "the section's"
+        kind, default = f"[{tp.__name__}](#{anchor(titles[key, tp])})", "the section's"
     elif "section" in f.metadata:  # the task: its class is chosen by its kind
         from decaf_ray.tasks import TASKS
 
@@ -143,6 +152,9 @@ def _row(section: Section, f: dataclasses.Field, tp: Any, doc: str) -> str:
         kind, default = f"a section chosen by `kind`: {links}", "required"
     else:
         kind = type_text(tp)
+        if inner is not None and (key, inner) in titles:  # optional: link its section
+            link = f"[{inner.__name__}](#{anchor(titles[key, inner])})"
+            kind = kind.replace(inner.__name__, link, 1)
         if f.default is not dataclasses.MISSING:
             default = f"`{yaml_value(f.default)}`"
         elif f.default_factory is not dataclasses.MISSING:
@@ -152,8 +164,9 @@ def _row(section: Section, f: dataclasses.Field, tp: Any, doc: str) -> str:
     return "| " + " | ".join([f"`{key}`", _cell(kind), _cell(default), _cell(doc)]) + " |"
 
 
-def render_section(section: Section) -> str:
-    """A heading, where the class lives, its docstring, and one row per field."""
+def render_section(section: Section, titles: dict[tuple[str, type], str]) -> str:
+    """A heading, where the class lives, its docstring, and one row per field (``titles``:
+    (key, class) -> the title of its section, for links)."""
     cls = section.cls
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -161,14 +174,16 @@ def render_section(section: Section) -> str:
     if cls.__doc__:
         lines += [inspect.cleandoc(cls.__doc__), ""]
     lines += ["| key | type | default | description |", "|---|---|---|---|"]
-    lines += [_row(section, f, hints[f.name], docs.get(f.name, ""))
+    lines += [_row(section, f, hints[f.name], docs.get(f.name, ""), titles)
               for f in dataclasses.fields(cls)]
     return "\n".join(lines) + "\n"
 
 
 def render() -> str:
     """The whole of docs/config.md."""
-    parts = [HEADER] + [render_section(s) for s in sections()]
+    every = sections()
+    titles = {(s.prefix, s.cls): s.title for s in every if s.prefix}
+    parts = [HEADER] + [render_section(s, titles) for s in every]
     return "\n".join(parts)
 
 

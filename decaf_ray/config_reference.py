@@ -144,7 +144,7 @@ def _row(section: Section, f: dataclasses.Field, tp: Any, doc: str,
     key = f"{section.prefix}.{f.name}" if section.prefix else f.name
     inner = _section_class(tp)
     if dataclasses.is_dataclass(tp):  # a section of its own, below
-        kind, default = f"[{tp.__name__}](#{anchor(titles[key, tp])})", "the section's"
+        kind, default = f"[{tp.__name__}](#{anchor(titles.get((key, tp), key))})", "the section's"
     elif "section" in f.metadata:  # the task: its class is chosen by its kind
         from decaf_ray.tasks import TASKS
 
@@ -164,7 +164,7 @@ def _row(section: Section, f: dataclasses.Field, tp: Any, doc: str,
     return "| " + " | ".join([f"`{key}`", _cell(kind), _cell(default), _cell(doc)]) + " |"
 
 
-def render_section(section: Section, titles: dict[tuple[str, type], str]) -> str:
+def render_section(section: Section, titles: dict[tuple[str, type], str] | None = None) -> str:
     """A heading, where the class lives, its docstring, and one row per field (``titles``:
     (key, class) -> the title of its section, for links)."""
     cls = section.cls
@@ -174,7 +174,7 @@ def render_section(section: Section, titles: dict[tuple[str, type], str]) -> str
     if cls.__doc__:
         lines += [inspect.cleandoc(cls.__doc__), ""]
     lines += ["| key | type | default | description |", "|---|---|---|---|"]
-    lines += [_row(section, f, hints[f.name], docs.get(f.name, ""), titles)
+    lines += [_row(section, f, hints[f.name], docs.get(f.name, ""), titles or {})
               for f in dataclasses.fields(cls)]
     return "\n".join(lines) + "\n"
 

@@ -23,7 +23,8 @@ import analysis
 
 HERE = Path(__file__).resolve().parent
 KEEP = ["run", "status", "name", "algorithm", "seed", "agents", "topology.name", "topology.degree",
-        "mixing.scheme", "data.partition", "lora.rank", "lora.rank_rule", "optim.name", "optim.lr",
+        "mixing.scheme", "data.partition", "lora.rank", "lora.rank_rule", "lora.ranks",
+        "optim.name", "optim.lr",
         "consensus.split", "consensus.state", "rounds", "local_steps", "data.batch_size"]
 METRICS = ["test_accuracy", "test_loss", "train_loss", "consensus_distance", "interference",
            "tsvd_error", "prop1_bound", "grad_norm_sq", "floats_sent", "test_perplexity",
@@ -80,7 +81,7 @@ def main() -> None:
         p.error("give the sweeps' storage folder or --from-csv (one of them)")
     frames = {}
     for sweep in ["refactorization-cpu", "refactorization-conserved-cpu", "fig2c-conserved-cpu",
-                  *STANDIN, "table5-cpu", *LAB]:
+                  *STANDIN, "cmp-standin-cpu", "table5-cpu", *LAB]:
         if args.from_csv:
             if csv_path(sweep).is_file():
                 frames[sweep] = pd.read_csv(csv_path(sweep))
@@ -102,6 +103,7 @@ def main() -> None:
             analysis.figure("refactor", frames[sweep], HERE / f"{stem}.png")
             analysis.figure("refactor_table", frames[sweep], HERE / f"{stem}.md")
     standin(frames)
+    comparison(frames)
     if "table5-cpu" in frames:
         analysis.figure("table5", frames["table5-cpu"], HERE / "table5-cpu-table.md")
     lab(frames)
@@ -165,8 +167,90 @@ def standin(frames: dict[str, pd.DataFrame]) -> None:
                             where={"data.partition": ["iid", part]})
 
 
+def comparison(frames: dict[str, pd.DataFrame]) -> None:
+    """Issue 19's comparison of LoRA consensus rules (baselines.md): the lab's cmp-synthetic,
+    and on the stand-in cmp-standin-cpu with fig2c-cpu's and table2-cpu's Dirichlet runs of
+    DeCAF, DLoRA and DLoRA-FA (the same settings). A table of final accuracy and bytes sent
+    per agent, and accuracy against bytes sent, one figure per graph."""
+    sets = {"cmp-synthetic": [frames.get("cmp-synthetic")]}
+    if "cmp-standin-cpu" in frames:
+        sets["cmp-standin"] = [frames["cmp-standin-cpu"]] + [
+            f[(f["data.partition"] == "dirichlet") & f["algorithm"].isin(
+                ["decaf", "dlora", "dlora_fa"])]
+            for f in (frames.get("fig2c-cpu"), frames.get("table2-cpu")) if f is not None]
+    for stem, parts in sets.items():
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            continue
+        df = _method(pd.concat(parts, ignore_index=True))
+        net = df[df["agent"] == -1].pivot_table(
+            index=["method", "algorithm", "topology.name", "run", "round"], columns="metric",
+            values="value").reset_index()
+        (HERE / f"{stem}.md").write_text(_comparison_table(net))
+        for graph, g in net.groupby("topology.name"):
+            _bytes_figure(g, HERE / f"{stem}-{graph}.png",
+                          f"{stem}: {analysis.names.pretty('topology.name', graph)} graph")
+
+
+def _method(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with ``method``, its name as the tables print it (``_variants``, and
+    ``, ranks 1-3`` for per-agent ranks)."""
+    df = _variants(df)
+    ranks = df["lora.ranks"] if "lora.ranks" in df else pd.Series(None, index=df.index)
+
+    def span(r) -> str:  # a list, or its text in a CSV; None or NaN: one rank for all
+        got = [int(x) for x in re.findall(r"\d+", str(r))] if isinstance(r, (str, list)) else []
+        return f", ranks {min(got)}-{max(got)}" if got else ""
+
+    return df.assign(method=df["variant"] + ranks.map(span)).drop(columns="variant")
+
+
+def _comparison_table(net: pd.DataFrame) -> str:
+    """One row per method and graph, best first within a graph: test accuracy (%) and MB
+    sent per agent (float32) at each run's last round, over seeds."""
+    last = net[net["round"] == net.groupby("run")["round"].transform("max")]
+    rows = ["| method | graph | test accuracy (%) | MB sent per agent | seeds |",
+            "|:---|:---|---:|---:|---:|"]
+    order = {"ring": 0, "complete": 1}
+    groups = sorted(last.groupby(["method", "topology.name"]), key=lambda kv: (
+        order.get(kv[0][1], 2), -kv[1]["test_accuracy"].mean()))
+    for (method, graph), g in groups:
+        acc, mb = 100 * g["test_accuracy"], 4 * g["floats_sent"] / 1e6
+        rows.append(f"| {method} | {graph} | {acc.mean():.1f} ± {acc.std():.1f} | "
+                    f"{mb.mean():.3g} | {len(g)} |")
+    return "\n".join(rows) + "\n"
+
+
+def _bytes_figure(net: pd.DataFrame, path: Path, title: str) -> None:
+    """Test accuracy (mean over seeds, band ± std) against the bytes each agent has sent by
+    that round, log x, from the first evaluation after round 0; colour by algorithm, dashed
+    for the paper's DeCAF split, dotted for per-agent ranks."""
+    import matplotlib.pyplot as plt
+
+    from analysis.names import colour
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method, g in net[net["round"] > 0].groupby("method"):
+        c = g.groupby("round").agg(x=("floats_sent", "mean"), m=("test_accuracy", "mean"),
+                                   s=("test_accuracy", "std")).fillna(0.0)
+        style = ":" if "ranks" in method else "--" if "paper" in method else "-"
+        line, = ax.plot(4 * c["x"], 100 * c["m"], style, marker=".", label=method,
+                        color=colour(g["algorithm"].iloc[0]))
+        ax.fill_between(4 * c["x"], 100 * (c["m"] - c["s"]), 100 * (c["m"] + c["s"]),
+                        color=line.get_color(), alpha=0.12, linewidth=0)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes sent per agent (float32, cumulative)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
 LAB = ["lab-fig2-synthetic", "lab-fig3-synthetic", "lab-tsvd-synthetic", "lab-rate-synthetic",
-       "lab-rankrule-synthetic"]
+       "lab-rankrule-synthetic", "cmp-synthetic"]
 SPLITS = {"default": "conserved", "paper": "balanced"}
 """The DeCAF each lab figure shows: today's default split, or the paper's."""
 

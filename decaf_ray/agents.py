@@ -39,6 +39,7 @@ from decaf_ray.tracking import tracker_of, with_tracker
 from decaf_ray.factors import Factors, Grads, init_factors, rank_of, truncated
 from decaf_ray.folding import BaseDelta
 from decaf_ray.optim import Optimizer, State, apply_updates, refactor_state
+from decaf_ray.seeding import derive_seed
 
 Inbox = dict[int, tuple[tuple[int, ...], tuple[float, ...], list[Factors]]]
 """agent id -> (neighbour ids incl. self, their weights pi_ij, their published adapters)."""
@@ -57,12 +58,6 @@ class Diverged(RuntimeError):
 
     def __reduce__(self):  # crosses process boundaries on the Ray runtime
         return Diverged, (self.t, self.agent, self.loss, self.metric)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes and Python versions."""
-    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
 
 
 class Sampler:

@@ -35,7 +35,7 @@ from scipy import sparse
 from scipy.sparse import csgraph
 
 from decaf_ray import topology
-from decaf_ray.agents import derive_seed
+from decaf_ray.seeding import derive_seed
 from decaf_ray.network_config import NetworkConfig, read_trace
 from decaf_ray.network_graphs import (LINKS, PARTICIPATION, TAG, MarkovAvailability,
                                       canonical_edges, schedule_edges, stragglers)

@@ -15,7 +15,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from decaf_ray.agents import derive_seed
+from decaf_ray.seeding import derive_seed
 from decaf_ray.topology_graphs import build_topology
 
 TAG = 0x4E4554  # "NET": apart from the agents' derive_seed(seed, 1..4, ...) streams

@@ -321,3 +321,14 @@ def test_a_matrix_on_a_changing_network_is_refused_by_the_schedule_too():
     with pytest.raises(ValueError, match="matrix"):
         Schedule(graph, pi, 2, NetworkConfig(participation=0.5),
                  MixingConfig("matrix", pi.toarray().tolist()), "graph", 0, 1, TopologyConfig())
+
+
+def test_the_schedule_is_pure_it_imports_no_torch():
+    """network and network_graphs seed through decaf_ray.seeding, so they load without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, decaf_ray.network, decaf_ray.network_graphs, decaf_ray.seeding\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -30,7 +30,7 @@ import torch
 
 from decaf_ray import devices, placement
 from decaf_ray import factors as F
-from decaf_ray.agents import derive_seed
+from decaf_ray.seeding import derive_seed
 from decaf_ray.experiment_config import ExperimentConfig, load_config
 from decaf_ray.plan import RunFailed, RunResult, prepare
 from decaf_ray.factors import Grads

@@ -55,10 +55,12 @@ def main() -> int:
     if args.list:
         last = {}
         if TIMINGS.is_file():
-            for row in csv.DictReader(TIMINGS.open()):
-                last[row["sweep"]] = row["minutes"]
+            for row in csv.DictReader(TIMINGS.open()):  # a run, plus the resumes that finish it
+                resumed = row["resumed"] == "True" and row["sweep"] in last
+                last[row["sweep"]] = float(row["minutes"]) + (last[row["sweep"]] if resumed else 0)
         for s in SWEEPS:
-            print(f"{s:32s} {last.get(s, '?'):>8} min (last run here)")
+            took = f"{last[s]:.1f}" if s in last else "?"
+            print(f"{s:32s} {took:>8} min (last run here, its resumes included)")
         return 0
     storage = args.storage.resolve()
     if decaf_ray("pretrain", "sweeps/pretrain-fmnist.yaml") != 0:  # cached after the first time

@@ -7,8 +7,8 @@ Each sweep runs with ``decaf-ray sweep``, resumed where an earlier call stopped 
 storage already holds its state goes on with ``--resume``; a finished one is skipped in seconds),
 so the whole set can be stopped with Ctrl-C and continued across days. The CLIP stand-in is
 made first, once, and every sweep reads that one cached checkpoint. The minutes each sweep took
-on this machine are appended to ``timings.csv`` beside this file; ``regenerate.py`` then
-rewrites every CSV, figure and table here.
+on this machine are appended to ``timings.csv`` beside this file; ``regenerate.py`` and
+``adam-tracked.py`` then rewrite every CSV, figure and table here.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SWEEPS = ["lab-fig2-synthetic", "lab-fig3-synthetic", "lab-tsvd-synthetic", "lab-rate-synthetic",
-          "lab-rankrule-synthetic", "cmp-synthetic",
+          "lab-rankrule-synthetic", "cmp-synthetic", "adam-tracked-cpu",
           "pilot-rounds-cpu", "fig2c-cpu", "table2-cpu", "tsvd-standin-cpu", "fig3-cpu",
-          "table2-iid-cpu", "fig2ab-cpu", "cmp-standin-cpu",
+          "table2-iid-cpu", "fig2ab-cpu", "cmp-standin-cpu", "adam-tracked-standin-cpu",
           "refactorization-cpu", "refactorization-conserved-cpu", "fig2c-conserved-cpu",
           "table5-cpu"]
 """In order: the synthetic lab (seconds a run) first, then the stand-in's sweeps, the most
@@ -81,7 +81,9 @@ def main() -> int:
         print(f"reproduce: {s}: {minutes:.1f} min (exit {code})", file=sys.stderr)
         if code != 0:
             return code
-    return subprocess.call([sys.executable, str(HERE / "regenerate.py"), str(storage)], cwd=ROOT)
+    return (subprocess.call([sys.executable, str(HERE / "regenerate.py"), str(storage)], cwd=ROOT)
+            or subprocess.call([sys.executable, str(HERE / "adam-tracked.py"), str(storage)],
+                               cwd=ROOT))
 
 
 if __name__ == "__main__":

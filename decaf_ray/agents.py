@@ -34,6 +34,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from decaf_ray import compress
 from decaf_ray.algorithms import Algorithm, MixOptions, diagnostics
 from decaf_ray.tracking import tracker_of, with_tracker
 from decaf_ray.factors import Factors, Grads, init_factors, rank_of, truncated
@@ -107,6 +108,10 @@ class Agent:
     sampler: Sampler
     pending: Grads | None = None
     losses: list[float] = field(default_factory=list)
+    sent: Factors | None = None
+    """What the agent published this round, exactly (it mixes its own payload uncompressed)."""
+    residual: compress.Payload | None = None
+    """Error feedback: what its compressed messages lost so far (``compress.encode_with_feedback``)."""
 
 
 class AgentGroup:
@@ -114,13 +119,18 @@ class AgentGroup:
 
     def __init__(self, task, algorithm: Algorithm, optimizer: Optimizer, agents: list[Agent],
                  seed: int, mix_options: MixOptions, batches: list[list[int]] | None = None,
-                 local_steps: int = 1):
+                 local_steps: int = 1, compression: Any = None):
         self.task, self.algorithm, self.optimizer = task, algorithm, optimizer
         self.agents = {a.id: a for a in agents}
         self.seed, self.mix_options = seed, mix_options
         self.batches = batches or [[a.id] for a in agents]
         self.local_steps = local_steps  # tau: step t belongs to round ceil(t / tau)
         self.base_delta: BaseDelta | None = None  # S, what the folds added to the task's W0
+        self.compression = compression  # network.compress (a CompressConfig); None: float32
+        # Over a graph, a lossy message reaches the neighbours only: each agent mixes its own
+        # payload exactly, so agents that share neighbours and weights no longer share a mix.
+        # A server decodes every upload alike and every agent receives its one average.
+        self.exact_own = self.lossy and algorithm.pi == "graph"
 
     @classmethod
     def build(cls, cfg, task, algorithm: Algorithm, optimizer: Optimizer,
@@ -145,7 +155,7 @@ class AgentGroup:
                    MixOptions(split=cfg.consensus.split, state=cfg.consensus.state,
                               scale=cfg.lora.scale, init_std=cfg.lora.init_std),
                    agent_batches(list(shards), rt.agents_per_host, rt.batch_agents),
-                   cfg.local_steps)
+                   cfg.local_steps, cfg.network.compress)
 
     # ------------------------------------------------------------------ training steps
 
@@ -154,16 +164,25 @@ class AgentGroup:
         """The algorithm's fold hands out fresh adapters (FLoRA)."""
         return self.algorithm.fold is not None and self.algorithm.fold.fresh
 
+    @property
+    def lossy(self) -> bool:
+        """Messages travel compressed (``network.compress`` other than float32)."""
+        return self.compression is not None and self.compression.kind != "float32"
+
     def round_of(self, t: int) -> int:
         """The round (1-based) step t belongs to: rounds are ``local_steps`` steps each."""
         return (t - 1) // self.local_steps + 1
 
-    def _grads(self, t: int) -> Iterator[tuple[Agent, Grads]]:
+    def _grads(self, t: int, ids: Sequence[int] | None = None) -> Iterator[tuple[Agent, Grads]]:
         """Each agent's minibatch gradient at its w_t, in agent order, a batch at a time; the
-        factors the round does not train (``Algorithm.trains_in``) get None."""
+        factors the round does not train (``Algorithm.trains_in``) get None. ``ids``: only
+        these agents (each batch keeps its members among them); None: every agent."""
         trains = self.algorithm.trains_in(self.round_of(t))
-        for ids in self.batches:
-            agents = [self.agents[i] for i in ids]
+        chosen = None if ids is None else set(ids)
+        for batch in self.batches:
+            agents = [self.agents[i] for i in batch if chosen is None or i in chosen]
+            if not agents:
+                continue
             indices = [a.sampler.next() for a in agents]
             seeds = [derive_seed(self.seed, 3, a.id, t) for a in agents]
             if len(agents) == 1:
@@ -184,18 +203,32 @@ class AgentGroup:
         updates, agent.opt_state = self.optimizer.update(grads, agent.opt_state, point, t)
         agent.factors = apply_updates(point, updates)
 
-    def local_step(self, t: int) -> None:
-        """Steps without communication: w_{t+1} = w_t + update(g_t)."""
-        for agent, grads in self._grads(t):
+    def local_step(self, t: int, ids: Sequence[int] | None = None) -> None:
+        """Steps without communication: w_{t+1} = w_t + update(g_t); ``ids``: only these
+        agents (None: all)."""
+        for agent, grads in self._grads(t, ids):
             self._step(agent, grads, agent.factors, t)
 
-    def grads_and_payloads(self, t: int) -> dict[int, Factors]:
+    def quiet_steps(self, t: int, count: int, steps: dict[int, int] | None = None) -> None:
+        """Steps t, ..., t + count - 1 without communication. ``steps`` (``RoundNet.steps``):
+        the local steps of the round's active agents; an agent absent from it takes none, and
+        one with s steps takes the first s - 1 here when the algorithm communicates (its last
+        is the communicating step), the first s otherwise; step numbers stay the same for
+        every agent, so each step's seed does too. None: every agent takes every step."""
+        talk = int(self.algorithm.communicates)
+        for k in range(count):
+            ids = None if steps is None else [i for i in self.agents if steps.get(i, 0) - talk > k]
+            if ids is None or ids:
+                self.local_step(t + k, ids)
+
+    def grads_and_payloads(self, t: int, ids: Sequence[int] | None = None) -> dict[int, Factors]:
         """Take each agent's gradient at w_t, hold it, and return what each agent publishes:
         the factors that travel in this round (``Algorithm.payload``), and with a tracking
         optimizer (``adam_tracked``) its tracker U-hat_t as well, the same factors of it. A fold
-        that hands out fresh adapters (FLoRA) takes the step now and publishes w_{t+1}."""
+        that hands out fresh adapters (FLoRA) takes the step now and publishes w_{t+1}.
+        ``ids``: only these agents (the round's active ones); None: every agent."""
         out, key, rnd = {}, self.optimizer.tracker, self.round_of(t)
-        for agent, grads in self._grads(t):
+        for agent, grads in self._grads(t, ids):
             if self._fresh:
                 self._step(agent, grads, agent.factors, t)
             else:
@@ -206,6 +239,22 @@ class AgentGroup:
                 if not _finite(tracker):  # e.g. g^2 overflowed; a TSVD of it would raise
                     raise Diverged(t, agent.id, math.nan, "tracker")
                 out[agent.id] = with_tracker(out[agent.id], self.algorithm.payload(tracker, rnd))
+            agent.sent = out[agent.id]
+        return out
+
+    def messages(self, payloads: dict[int, Factors]) -> dict[int, compress.Message]:
+        """Each payload as it travels (``network.compress``), encoded once: float32 shares the
+        payload's memory; a lossy kind with error feedback adds the agent's residual and keeps
+        what this message lost as its next."""
+        cfg, out = self.compression, {}
+        for aid, payload in payloads.items():
+            if cfg is None or not cfg.error_feedback:
+                out[aid] = compress.encode(payload, cfg.kind if cfg else "float32",
+                                           cfg.ratio if cfg else None)
+                continue
+            agent = self.agents[aid]
+            out[aid], agent.residual = compress.encode_with_feedback(
+                payload, agent.residual, cfg.kind, cfg.ratio)
         return out
 
     def mix_and_apply(self, t: int, inbox: Inbox, diagnose: bool = False
@@ -225,7 +274,17 @@ class AgentGroup:
 
         A fold (``Algorithm.fold``) replaces the mix: ``_fold``. A fresh adapter (FLoRA) is
         taken as it is, with the optimizer state of a new one: its step came before publishing.
+
+        ``inbox`` names the agents that mix this round (the network's, ``Schedule.inboxes``);
+        the others are untouched. One without a pending gradient (an inactive agent reached by
+        a server's average) takes the mix and no step. With lossy messages over a graph
+        (``exact_own``) the inbox holds decoded payloads, and each agent's own is replaced by
+        the exact one it published.
         """
+        if self.exact_own:
+            inbox = {aid: (ids, w, [self.agents[aid].sent if j == aid else p
+                                    for j, p in zip(ids, payloads)])
+                     for aid, (ids, w, payloads) in inbox.items()}
         if self.algorithm.fold is not None:
             mixes = self._fold(t, inbox)
         else:
@@ -250,9 +309,11 @@ class AgentGroup:
                 agent.opt_state = {**agent.opt_state, key: trackers[aid]}
             if self._fresh:  # stepped before publishing; a new adapter, a new optimizer state
                 agent.factors, agent.opt_state = mixed, self.optimizer.init(mixed)
+            elif agent.pending is None:  # inactive this round: the server's average only
+                agent.factors = mixed
             else:
                 self._step(agent, agent.pending, mixed, t)
-            agent.pending = None
+            agent.pending = agent.sent = None
         return diags
 
     def _fold(self, t: int, inbox: Inbox) -> dict[int, Factors]:
@@ -292,7 +353,7 @@ class AgentGroup:
         to mixing alone, so how agents are spread over hosts does not change the numbers."""
         def key(aid: int) -> tuple:  # the own rank: a mix returns the agent's own rank
             ids, weights, _ = inbox[aid]
-            own = self.mix_options.per_agent or self.algorithm.keeps_own
+            own = self.mix_options.per_agent or self.algorithm.keeps_own or self.exact_own
             return ids, weights, aid if own else rank_of(owns[aid])
 
         first: dict[tuple, int] = {}
@@ -336,13 +397,15 @@ class AgentGroup:
 
     def snapshot(self) -> dict[int, dict]:
         """Everything that makes each agent's future numbers: factors, optimizer state, batch
-        sampler, and the training losses not yet reported; after a fold, also the group's base
+        sampler, and the training losses not yet reported; with error feedback, its residual
+        (``residual``, once it has one); after a fold, also the group's base
         delta S (``base_delta``: the same tensors in every agent's entry, so a host or a
         checkpoint holds them once, and any part of a snapshot restores them). Taken between
         rounds (no pending gradient); ``restore`` of it replays the same numbers."""
         extra = {} if self.base_delta is None else {"base_delta": self.base_delta}
         return {a.id: {"factors": a.factors, "opt_state": a.opt_state,
-                       "sampler": a.sampler.state(), "losses": list(a.losses), **extra}
+                       "sampler": a.sampler.state(), "losses": list(a.losses), **extra,
+                       **({} if a.residual is None else {"residual": a.residual})}
                 for a in self.agents.values()}
 
     def restore(self, snapshot: dict[int, dict]) -> None:
@@ -351,6 +414,7 @@ class AgentGroup:
             agent.factors, agent.opt_state = state["factors"], state["opt_state"]
             agent.sampler.set_state(state["sampler"])
             agent.losses, agent.pending = list(state["losses"]), None
+            agent.residual = state.get("residual")
         base = next((s["base_delta"] for s in snapshot.values() if "base_delta" in s), None)
         if base is not None or self.base_delta is not None:  # back to W0 + S, or to W0
             self._set_base(base)

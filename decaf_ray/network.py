@@ -98,6 +98,8 @@ class Schedule:
         seed: the experiment's seed.
         local_steps: tau, the steps an agent that does not straggle runs each round.
         topology_cfg: ``ExperimentConfig.topology`` (``resample`` draws its family).
+        neighbourhoods: the plan's own (``Plan.neighbourhoods``, read from ``pi``), which a
+            static round hands out as they are; None: read from ``pi`` when first needed.
     A round may have no active agent at all (participation, churn): its ``active``,
     ``neighbourhoods`` and ``steps`` are empty and nobody trains.
 
@@ -107,7 +109,8 @@ class Schedule:
     """
 
     def __init__(self, graph: nx.Graph, pi: Any, n: int, network_cfg: NetworkConfig,
-                 mixing_cfg: Any, kind: str, seed: int, local_steps: int, topology_cfg: Any):
+                 mixing_cfg: Any, kind: str, seed: int, local_steps: int, topology_cfg: Any,
+                 neighbourhoods: tuple[Neighbourhood, ...] | None = None):
         if kind not in ("graph", "server", "identity"):
             raise ValueError(f"kind {kind!r}; valid: graph, server, identity")
         self.n, self.cfg, self.kind, self.seed = n, network_cfg, kind, seed
@@ -121,6 +124,7 @@ class Schedule:
             raise ValueError("mixing scheme 'matrix' is one fixed Pi; it cannot follow a "
                              "changing network")
         self._graph, self._pi, self._edges = graph, pi, None
+        self._plan_nb = neighbourhoods
         s = network_cfg.stragglers
         self.stragglers: tuple[int, ...] = stragglers(n, s.fraction, seed) if s else ()
         """Sorted ids of the straggling agents (fixed for the run)."""
@@ -140,6 +144,16 @@ class Schedule:
         """The network of round ``rnd`` (1-based); the same for the same (seed, rnd) whatever
         rounds were asked before."""
         return self._round(rnd)[0]
+
+    def inboxes(self, net: RoundNet) -> dict[int, Neighbourhood]:
+        """Who mixes in round ``net`` and what: agent -> (ids it mixes, their weights). The
+        active agents' neighbourhoods; for a ``server`` algorithm the server's average of the
+        active agents reaches every agent, inactive ones included (none when no agent is
+        active). The static rounds' dict itself (no copy) where they coincide."""
+        if self.kind != "server" or len(net.active) == self.n or not net.active:
+            return net.neighbourhoods
+        average = net.neighbourhoods[net.active[0]]
+        return dict.fromkeys(range(self.n), average)
 
     def describe(self, rounds: int, window: int) -> dict[str, Any]:
         """What the schedule implies over rounds 1..``rounds``, for ``decaf-ray describe``:
@@ -205,7 +219,7 @@ class Schedule:
     def _build_static(self) -> tuple[RoundNet, np.ndarray]:
         """Every agent, the plan's own Pi (the same floats as ``Plan.neighbourhoods``)."""
         pi = sparse.csr_array(self._pi)
-        nb = topology.neighbourhoods(pi)
+        nb = self._plan_nb if self._plan_nb is not None else topology.neighbourhoods(pi)
         upper = sparse.triu(pi, k=1).tocoo()
         pairs = np.stack([upper.row, upper.col], axis=1)[upper.data > 0].astype(np.int64)
         active = np.arange(self.n)
@@ -216,7 +230,7 @@ class Schedule:
         active = np.flatnonzero(self.active_mask(rnd))
         m = len(active)
         if self.kind == "server":
-            w = (1.0 / m,) * m
+            w = (1.0 / m,) * m if m else ()  # a round with nobody: no average
             nb = {i: (tuple(active.tolist()), w) for i in active.tolist()}
             return self._net(rnd, active, nb, m * (m - 1) // 2, _Gap(self.kind, None, m)), _star(active)
         if self.kind == "identity":

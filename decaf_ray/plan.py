@@ -23,6 +23,7 @@ from decaf_ray.tracking import tracking
 from decaf_ray.config import ConfigError
 from decaf_ray.experiment_config import ExperimentConfig
 from decaf_ray.factors import Factors
+from decaf_ray.network import Schedule
 from decaf_ray.tasks import Task, build_task
 
 Row = dict[str, Any]
@@ -59,6 +60,11 @@ class Plan:
     ranks: tuple[int, ...] = field(default=(), compare=False)
     """Each agent's LoRA rank r_i (``lora.ranks``, ``lora.rank_rule``; all ``lora.rank`` by
     default)."""
+
+    schedule: Schedule | None = field(default=None, repr=False, compare=False)
+    """The network of each round (``network:``): who is active, whose links are up, the
+    round's Pi (``decaf_ray.network``). The default network's every round is this plan's own
+    graph and ``neighbourhoods``."""
 
     def neighbours(self, i: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
         """Agent i's neighbours j with pi_ij > 0 (self included) and their weights."""
@@ -125,8 +131,13 @@ def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:
                           "batch, so task.micro_batch cannot cap it; set batch_agents: 1 or "
                           "micro_batch: null")
     pi = algorithm.mixing(graph_pi)
-    return Plan(cfg, algorithm, graph, pi, make_shards(cfg, task, n), task,
-                topology.neighbourhoods(pi), ranks)
+    nb = topology.neighbourhoods(pi)
+    try:
+        schedule = Schedule(graph, pi, n, cfg.network, cfg.mixing, algorithm.pi, cfg.seed,
+                            cfg.local_steps, cfg.topology, neighbourhoods=nb)
+    except ValueError as e:  # what ExperimentConfig refuses already, for a config built alone
+        raise ConfigError("network", str(e)) from None
+    return Plan(cfg, algorithm, graph, pi, make_shards(cfg, task, n), task, nb, ranks, schedule)
 
 
 # What a plan holds, in bytes, measured with tracemalloc (CPython 3.11, networkx 3, scipy 1.17)

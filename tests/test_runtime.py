@@ -93,7 +93,8 @@ def test_fedavg_equals_dlora_on_the_complete_graph_with_uniform_pi():
     a = run(_cfg(algorithm="fedavg", **over), progress=False)
     b = run(_cfg(algorithm="dlora", **over), progress=False)
     key = lambda rows: [(r["round"], r["agent"], r["metric"], r["value"]) for r in rows
-                        if r["metric"] not in ("floats_sent",)]
+                        if r["metric"] not in ("floats_sent", "bytes_sent", "sim_time_s",
+                                               "spectral_gap")]  # the server's is 1.0 exactly
     assert key(a.rows) == key(b.rows)
 
 

@@ -31,7 +31,8 @@ def load(path: str | Path) -> RunState:
     """Read ``save``'s file back."""
     data = torch.load(str(path), weights_only=True)
     agents = {int(i): _revive(st) for i, st in data["agents"].items()}
-    return RunState(data["round"], data["step"], data["rows"], agents)
+    # A checkpoint written before the network counters existed has none: they start at zero.
+    return RunState(data["round"], data["step"], data["rows"], agents, data.get("network"))
 
 
 def _plain(state: RunState) -> dict:
@@ -45,7 +46,7 @@ def _plain(state: RunState) -> dict:
         return x
 
     return {"round": state.round, "step": state.step, "rows": state.rows,
-            "agents": conv(state.agents)}
+            "agents": conv(state.agents), "network": state.network}
 
 
 def _revive(state: dict) -> dict:
@@ -53,6 +54,8 @@ def _revive(state: dict) -> dict:
     tup = lambda tree: {n: (a, b) for n, (a, b) in tree.items()}
     out = dict(state)
     out["factors"] = tup(state["factors"])
+    if "residual" in state:  # error feedback's (A, B) residual pairs
+        out["residual"] = tup(state["residual"])
     out["opt_state"] = {k: tup(v) if isinstance(v, dict) else v
                         for k, v in state["opt_state"].items()}
     sampler = dict(state["sampler"])

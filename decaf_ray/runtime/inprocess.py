@@ -1,5 +1,6 @@
 """In-process runtime: every agent in this process, one ``AgentGroup``. The reference that other
-runtimes must match number for number."""
+runtimes must match number for number. Float32 payloads pass by reference; compressed ones are
+encoded once per sender and decoded once per message, as on a Ray host."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from typing import Any
 
 import torch
 
-from decaf_ray import devices
+from decaf_ray import compress, devices
 from decaf_ray.agents import AgentGroup, Inbox
 from decaf_ray.plan import Plan
 from decaf_ray.factors import Factors, Grads
+from decaf_ray.network import RoundNet
 from decaf_ray.optim import build_optimizer
 
 
@@ -32,17 +34,19 @@ class InProcessHosts:
                                       build_optimizer(cfg.optim, cfg.total_steps),
                                       dict(enumerate(plan.shards)), plan.ranks)
         self.load_s, self.mix_s = time.perf_counter() - start, 0.0
+        self.sent_bytes: dict[int, int] = {}
 
-    def local_steps(self, t: int, count: int) -> None:
-        for step in range(t, t + count):
-            self.group.local_step(step)
+    def local_steps(self, t: int, count: int, net: RoundNet) -> None:
+        self.group.quiet_steps(t, count, net.steps)
 
-    def communicate(self, t: int, diagnose: bool) -> dict[int, dict[str, float]]:
-        payloads = self.group.grads_and_payloads(t)
-        inbox: Inbox = {}
-        for i in payloads:
-            ids, weights = self.plan.neighbours(i)
-            inbox[i] = (ids, weights, [payloads[j] for j in ids])
+    def communicate(self, t: int, diagnose: bool, net: RoundNet) -> dict[int, dict[str, float]]:
+        payloads = self.group.grads_and_payloads(t, net.active)
+        messages = self.group.messages(payloads)
+        self.sent_bytes = {i: compress.nbytes(m) for i, m in messages.items()}
+        received = {j: compress.decode(m) for j, m in messages.items()} \
+            if self.group.lossy else payloads
+        inbox: Inbox = {i: (ids, weights, [received[j] for j in ids])
+                        for i, (ids, weights) in self.plan.schedule.inboxes(net).items()}
         start = time.perf_counter()
         diags = self.group.mix_and_apply(t, inbox, diagnose)
         self.mix_s = time.perf_counter() - start

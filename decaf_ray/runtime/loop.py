@@ -3,7 +3,9 @@
 A runtime supplies ``Hosts``: where the agents live and how payloads move. ``stream`` decides
 when to step, communicate and evaluate, and turns what the hosts report into metric rows, so
 every runtime produces the same rows in the same order; ``follow`` consumes the stream on the
-driver (callbacks, progress bar).
+driver (callbacks, progress bar). Each round runs on the network ``plan.schedule`` gives it
+(``decaf_ray.network.RoundNet``): who is active, how many steps each takes, who mixes what;
+``runtime.netstats`` counts what it carried.
 """
 
 from __future__ import annotations
@@ -19,26 +21,33 @@ from tqdm.auto import tqdm
 from decaf_ray import factors as F
 from decaf_ray import metrics
 from decaf_ray.agents import Diverged
+from decaf_ray.network import RoundNet
 from decaf_ray.plan import Plan, Row, RunResult
+from decaf_ray.runtime.netstats import NetworkStats
 from decaf_ray.versions import versions
 from decaf_ray.factors import Factors, Grads
 
 
 class Hosts(Protocol):
-    """Agents wherever they live; every call covers all agents.
+    """Agents wherever they live; every call covers all agents the round's network names.
 
     Two timings the loop reads: ``load_s``, the seconds the hosts took to build their task and
     load its model (once, before round 0; the slowest host), and ``mix_s``, the seconds the last
-    ``communicate`` spent mixing and applying (the slowest host)."""
+    ``communicate`` spent mixing and applying (the slowest host); and ``sent_bytes``, each
+    sender's message bytes in the last ``communicate`` (``compress.nbytes``)."""
 
     load_s: float
     mix_s: float
+    sent_bytes: dict[int, int]
 
-    def local_steps(self, t: int, count: int) -> None:
-        """Steps t, t+1, ..., t+count-1 without communication."""
+    def local_steps(self, t: int, count: int, net: RoundNet) -> None:
+        """Steps t, t+1, ..., t+count-1 without communication, by the agents active in
+        ``net``, each as many as its ``net.steps`` allow (``AgentGroup.quiet_steps``)."""
 
-    def communicate(self, t: int, diagnose: bool) -> dict[int, dict[str, float]]:
-        """Gradients at w_t, exchange w_t, mix, apply; diagnostics per agent if asked."""
+    def communicate(self, t: int, diagnose: bool, net: RoundNet) -> dict[int, dict[str, float]]:
+        """The active agents' gradients at w_t; they publish w_t (encoded once each, as
+        ``network.compress`` says); every agent of ``Schedule.inboxes(net)`` mixes what its
+        inbox names and applies; diagnostics per mixing agent if asked."""
 
     def evaluate(self, final: bool = False) -> dict[int, dict[str, Any]]:
         """Test metrics per agent; ``final`` (the run's last round) also the task's
@@ -67,6 +76,8 @@ class RunState:
     step: int
     rows: list[Row]
     agents: dict[int, dict]
+    network: dict[str, Any] | None = None
+    """The network's counters (``NetworkStats.state``); None: none yet (they start at 0)."""
 
 
 Item = Union[tuple[int, list[Row]], RunState, RunResult]
@@ -95,12 +106,14 @@ def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
     else:
         hosts.restore(resume.agents)
         rows, t, first = list(resume.rows), resume.step, resume.round + 1
+    stats = NetworkStats(plan, resume.network if resume is not None else None)
+    state = lambda: RunState(rnd, t, list(rows), hosts.snapshot(), stats.state())
     rnd, good = first - 1, None  # good: (round, factors) of the last all-finite evaluation
     generations: list[dict[str, Any]] = []
     try:
         if resume is None:
             with clock.phase("eval"):
-                new, adapters, _ = _eval_rows(plan, hosts, 0, 0, {})
+                new, adapters, _ = _eval_rows(plan, hosts, 0, 0, {}, stats)
                 hosts.end_round(0)
             rows += new
             yield 0, new
@@ -108,18 +121,20 @@ def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
             good = (0, adapters)
         for rnd in range(first, cfg.rounds + 1):
             evaluate = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
-            talk = plan.algorithm.communicates
-            quiet = cfg.local_steps - 1 if talk else cfg.local_steps
+            net = plan.schedule.round(rnd)
+            talk = plan.algorithm.communicates and bool(net.active)  # an empty round: nobody
+            quiet = cfg.local_steps - 1 if plan.algorithm.communicates else cfg.local_steps
             with clock.phase("train"):
-                if quiet:
-                    hosts.local_steps(t + 1, quiet)
+                if quiet and net.active:
+                    hosts.local_steps(t + 1, quiet, net)
                 t += cfg.local_steps
-                diags = hosts.communicate(t, diagnose=evaluate) if talk else {}
+                diags = hosts.communicate(t, diagnose=evaluate, net=net) if talk else {}
             mix = getattr(hosts, "mix_s", 0.0) if talk else 0.0
+            stats.record(net, hosts.sent_bytes if talk else {}, evaluate)
             new = []
             with clock.phase("eval"):
                 if evaluate:
-                    new, adapters, generations = _eval_rows(plan, hosts, rnd, t, diags,
+                    new, adapters, generations = _eval_rows(plan, hosts, rnd, t, diags, stats,
                                                             final=rnd == cfg.rounds)
                 hosts.end_round(rnd)  # Ray: the round's deferred steps run here, if any
             clock.end_round(rnd, mix)
@@ -130,10 +145,10 @@ def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
                 good = (rnd, adapters)
             saved = checkpoint_every and rnd % checkpoint_every == 0 and rnd < cfg.rounds
             if saved:
-                yield RunState(rnd, t, list(rows), hosts.snapshot())
+                yield state()
             if stop is not None and rnd < cfg.rounds and stop():
                 if not saved:
-                    yield RunState(rnd, t, list(rows), hosts.snapshot())
+                    yield state()
                 status = "interrupted"
                 break
     except Diverged as e:
@@ -148,15 +163,20 @@ def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
     final = {r["metric"]: r["value"] for r in rows if r["agent"] == -1 and r["round"] == done}
     summary = _summary(plan, status, done, t, diverged, final, time.perf_counter() - start)
     summary.update(clock.summary(getattr(hosts, "load_s", 0.0)))
+    summary["network"] = stats.summary()
     yield RunResult(cfg, status, rows, summary, factors,
                     generations if status == "completed" else [])
+
+
+MAY_BE_NAN = {"spectral_gap"}
+"""Metrics whose NaN says "not computed" (``network.GAP_MAX``), not divergence."""
 
 
 def _check_finite(rows: list[Row], t: int) -> None:
     """Raise ``Diverged`` at the first non-finite metric of an evaluation (a NaN test loss is
     divergence, even before a training loss shows it)."""
     for r in rows:
-        if not math.isfinite(r["value"]):
+        if not math.isfinite(r["value"]) and r["metric"] not in MAY_BE_NAN:
             raise Diverged(t, r["agent"], r["value"], r["metric"])
 
 
@@ -231,10 +251,11 @@ def follow(items: Iterable[Item], rounds: int, desc: str, *,
 
 
 def _eval_rows(plan: Plan, hosts: Hosts, rnd: int, t: int, diags: dict[int, dict[str, float]],
-               final: bool = False
+               stats: NetworkStats, final: bool = False
                ) -> tuple[list[Row], dict[int, Factors], list[dict[str, Any]]]:
-    """Per-agent test metrics and diagnostics, then network rows (agent -1): their means,
-    consensus distance, parameter distance, ||grad f(v-bar)||^2 and floats sent so far; the
+    """Per-agent test metrics, diagnostics and bytes sent, then network rows (agent -1): their
+    means, consensus distance, parameter distance, ||grad f(v-bar)||^2, floats sent so far and
+    the network's counters (``NetworkStats.network_values``); the
     factors they were measured at (no copy needed: factors are never updated in place;
     agents of different ranks are measured zero-padded to the largest, ``factors.padded``, so
     the consensus distance is exact and the parameter distance and v-bar are the padded
@@ -246,6 +267,8 @@ def _eval_rows(plan: Plan, hosts: Hosts, rnd: int, t: int, diags: dict[int, dict
                    for g in m.pop("generations", [])]
     for i, d in diags.items():
         per_agent[i].update(d)
+    for i, d in stats.agent_values().items():
+        per_agent[i].update(d)
     factors = hosts.factors()
     adapters = F.padded([a for _, a in sorted(factors.items())])  # ranks may differ
     net = metrics.means(per_agent)
@@ -255,6 +278,7 @@ def _eval_rows(plan: Plan, hosts: Hosts, rnd: int, t: int, diags: dict[int, dict
         grads = hosts.full_grads(F.mean(adapters))
         net["grad_norm_sq"] = metrics.grad_norm_sq([g for _, g in sorted(grads.items())])
     net["floats_sent"] = _floats_sent(plan, rnd)
+    net.update(stats.network_values())
     out = [_row(rnd, t, i, k, v) for i, m in sorted(per_agent.items()) for k, v in sorted(m.items())]
     return out + [_row(rnd, t, -1, k, v) for k, v in sorted(net.items())], factors, generations
 

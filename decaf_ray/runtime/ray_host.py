@@ -1,6 +1,8 @@
 """``AgentHost``: the Ray actor that holds ``runtime.agents_per_host`` agents over one frozen base
 model, built by the host itself (its own data and weights, loaded once); its methods mirror
-``AgentGroup``'s. Factors leave and enter it as numpy arrays, so object-store reads are zero-copy.
+``AgentGroup``'s. Factors leave and enter it as numpy arrays (a payload as its encoded
+``compress.Message``: float32 shares the factors' memory), so object-store reads are zero-copy;
+a host decodes each message it receives once, whatever number of its agents mix it.
 The coordinator that drives hosts is ``decaf_ray.runtime.ray_runtime``.
 """
 
@@ -15,7 +17,7 @@ import numpy as np
 import ray
 import torch
 
-from decaf_ray import devices, placement
+from decaf_ray import compress, devices, placement
 from decaf_ray.agents import AgentGroup
 from decaf_ray.algorithms import ALGORITHMS
 from decaf_ray.experiment_config import load_config
@@ -82,25 +84,28 @@ class AgentHost:
         (fault injection in tests)."""
         time.sleep(seconds)
 
-    def local_steps(self, t: int, count: int) -> None:
-        for step in range(t, t + count):
-            self.group.local_step(step)
+    def local_steps(self, t: int, count: int, steps: dict[int, int]) -> None:
+        """``AgentGroup.quiet_steps``: ``steps`` holds this host's active agents' steps."""
+        self.group.quiet_steps(t, count, steps)
 
-    def publish(self, t: int, steps: tuple[int, int] | None = None):
-        if steps is not None:  # the round's quiet local steps, sent along to save a round trip
+    def publish(self, t: int, ids: list[int],
+                steps: tuple[int, int, dict[int, int]] | None = None) -> tuple:
+        """Agents ``ids`` (sorted, active) take their gradients and publish: one encoded
+        message each, in ``ids``' order, then {agent: the message's bytes}. ``steps``: the
+        round's quiet local steps (``local_steps``' arguments), sent along to save a round
+        trip."""
+        if steps is not None:
             self.local_steps(*steps)
-        payloads = self.group.grads_and_payloads(t)
-        out = [to_numpy(payloads[i]) for i in sorted(payloads)]
-        return out[0] if len(out) == 1 else tuple(out)
+        messages = self.group.messages(self.group.grads_and_payloads(t, ids))
+        return (*[messages[i] for i in ids], {i: compress.nbytes(m) for i, m in messages.items()})
 
     def mix_and_apply(self, t: int, inbox: dict, diagnose: bool
                       ) -> tuple[dict[int, dict[str, float]], float]:
-        """Fetch the neighbours' factors, mix, apply; returns the diagnostics and the seconds
-        spent mixing and applying (fetching excluded)."""
+        """Fetch the neighbours' messages, decode each once, mix, apply; returns the
+        diagnostics and the seconds spent mixing and applying (fetching excluded)."""
         refs = sorted({r for _, _, rs in inbox.values() for r in rs}, key=lambda r: r.hex())
-        fetched = dict(zip(refs, ray.get(refs)))
-        local = {i: (ids, w, [from_numpy(fetched[r]) for r in rs])
-                 for i, (ids, w, rs) in inbox.items()}
+        decoded = {r: compress.decode(m) for r, m in zip(refs, ray.get(refs))}
+        local = {i: (ids, w, [decoded[r] for r in rs]) for i, (ids, w, rs) in inbox.items()}
         start = time.perf_counter()
         diags = self.group.mix_and_apply(t, local, diagnose)
         return diags, time.perf_counter() - start

@@ -5,9 +5,11 @@ object store and never through the driver.
   an ``AgentGroup`` of ``runtime.agents_per_host`` agents.
 - ``Coordinator`` makes the plan (graph, Pi, shards), starts the hosts, and runs the shared round
   loop (``runtime.loop.stream``) over ``RayHosts``. At a communication step each host returns
-  one object per agent (the agent's published factors, as numpy arrays so reads are zero-copy);
-  the coordinator hands every host the refs of its agents' neighbours and the host mixes
-  locally. Rows stream back to the driver through a Ray generator, one item per round.
+  one object per active agent (the agent's published factors, encoded as ``network.compress``
+  says: numpy arrays, so reads are zero-copy); the coordinator routes the refs by the round's
+  graph (``Schedule.inboxes``): a host receives the refs its mixing agents' neighbourhoods
+  name, and a host with no active agent publishes nothing. Rows stream back to the driver
+  through a Ray generator, one item per round.
 - Placement: a run's hosts are one placement group (a sweep trial's hosts take the trial's), so
   they start together or not at all; a request no node could hold fails before anything starts
   (``decaf_ray.placement``), and one not placed within ``runtime.placement_timeout_s`` ends with
@@ -40,6 +42,7 @@ from decaf_ray.config import ConfigError
 from decaf_ray.experiment_config import ExperimentConfig, load_config
 from decaf_ray.plan import Plan, RunFailed, RunResult, prepare
 from decaf_ray.factors import Factors, Grads
+from decaf_ray.network import RoundNet
 from decaf_ray.runtime import weights
 from decaf_ray.runtime.ray_host import AgentHost, to_numpy
 from decaf_ray.runtime.loop import RunState, follow, stream
@@ -110,10 +113,10 @@ class RayHosts:
             placement.wait_ready(self.pg, cfg.runtime.placement_timeout_s, what)
         self.hosts = [self._start(k, f"{run_id}/host{k}") for k in range(len(self.members))]
         self.load_s = max(ray.get([h.setup.remote() for h in self.hosts]))
-        self.mix_s = 0.0
+        self.mix_s, self.sent_bytes = 0.0, {}
         self.log: list[tuple[str, tuple]] = []
         self.snapshots = [h.snapshot.remote() for h in self.hosts]
-        self.deferred: tuple[int, int] | None = None
+        self.deferred: tuple[int, int, RoundNet] | None = None
 
     def _start(self, k: int, name: str):
         cfg = self.plan.config
@@ -176,14 +179,14 @@ class RayHosts:
 
     # ------------------------------------------------------------ Hosts protocol
 
-    def local_steps(self, t: int, count: int) -> None:
+    def local_steps(self, t: int, count: int, net: RoundNet) -> None:
         # Communicating algorithms publish right after their quiet steps: the steps then ride
         # in the publish call (one call and one barrier per round instead of two).
         if self.plan.algorithm.communicates:
             self._flush()
-            self.deferred = (t, count)
+            self.deferred = (t, count, net)
         else:
-            self._call("local_steps", t, count)
+            self._call("local_steps", t, count, net)
 
     def _flush(self) -> None:
         """Run deferred local steps now (anything but ``communicate`` must see them done)."""
@@ -191,28 +194,39 @@ class RayHosts:
             steps, self.deferred = self.deferred, None
             self._call("local_steps", *steps)
 
-    def _local_steps(self, t: int, count: int) -> None:
-        ray.get([h.local_steps.remote(t, count) for h in self.hosts])
+    def _active(self, net: RoundNet) -> list[tuple[Any, list[int]]]:
+        """(host, its active agents) of each host that has any this round."""
+        on = set(net.active)
+        return [(h, mine) for h, ids in zip(self.hosts, self.members)
+                if (mine := [i for i in ids if i in on])]
 
-    def communicate(self, t: int, diagnose: bool) -> dict[int, dict[str, float]]:
+    def _local_steps(self, t: int, count: int, net: RoundNet) -> None:
+        ray.get([h.local_steps.remote(t, count, {i: net.steps[i] for i in mine})
+                 for h, mine in self._active(net)])
+
+    def communicate(self, t: int, diagnose: bool, net: RoundNet) -> dict[int, dict[str, float]]:
         steps, self.deferred = self.deferred, None
-        return self._call("communicate", t, diagnose, steps)
+        return self._call("communicate", t, diagnose, net, steps)
 
-    def _communicate(self, t: int, diagnose: bool, steps: tuple[int, int] | None = None
+    def _communicate(self, t: int, diagnose: bool, net: RoundNet,
+                     steps: tuple[int, int, RoundNet] | None = None
                      ) -> dict[int, dict[str, float]]:
         refs: dict[int, Any] = {}
+        sizes = []
+        for h, mine in self._active(net):
+            quiet = None if steps is None else (*steps[:2], {i: net.steps[i] for i in mine})
+            *out, size = h.publish.options(num_returns=len(mine) + 1).remote(t, mine, quiet)
+            refs.update(zip(mine, out))
+            sizes.append(size)
+        inboxes, calls = self.plan.schedule.inboxes(net), []
         for h, ids in zip(self.hosts, self.members):
-            out = h.publish.options(num_returns=len(ids)).remote(t, steps)
-            refs.update(zip(ids, out if len(ids) > 1 else [out]))
-        calls = []
-        for h, ids in zip(self.hosts, self.members):
-            inbox = {}
-            for i in ids:
-                nbrs, weights = self.plan.neighbours(i)
-                inbox[i] = (nbrs, weights, [refs[j] for j in nbrs])
-            calls.append(h.mix_and_apply.remote(t, inbox, diagnose))
+            inbox = {i: (inboxes[i][0], inboxes[i][1], [refs[j] for j in inboxes[i][0]])
+                     for i in ids if i in inboxes}
+            if inbox:
+                calls.append(h.mix_and_apply.remote(t, inbox, diagnose))
         parts = ray.get(calls)
-        self.mix_s = max(s for _, s in parts)  # hosts mix side by side: the slowest counts
+        self.sent_bytes = {i: b for part in ray.get(sizes) for i, b in part.items()}
+        self.mix_s = max((s for _, s in parts), default=0.0)  # side by side: the slowest counts
         return {i: d for part, _ in parts for i, d in part.items()}
 
     def evaluate(self, final: bool = False) -> dict[int, dict[str, Any]]:

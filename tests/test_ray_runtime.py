@@ -124,6 +124,39 @@ def test_a_killed_host_of_a_run_that_folds_comes_back_on_the_same_base(ray_sessi
     assert _values(got) == _values(ref)
 
 
+NETWORK = {"schedule": "one_peer_exponential", "link_failure": 0.3, "participation": 0.7,
+           "stragglers": {"fraction": 0.34, "speed": 0.5},
+           "compress": {"kind": "int8", "error_feedback": True}}
+
+
+def test_ray_routes_each_rounds_network_as_in_process_through_a_hosts_death(ray_session):
+    """A changing graph with failed links, absent agents, stragglers and int8 messages with
+    error feedback: Ray's hosts give the in-process numbers, bytes and trace, also when host 0
+    dies after round 4 and every host is restored to round 3 (residuals included) and replays
+    round 4."""
+    over = {"algorithm": "decaf", "rounds": 6, "eval_every": 2, "network": NETWORK}
+    ref = run(_cfg("inprocess", **over), progress=False)
+    on_rows, done = _kill_at(4, "crash-net", "ray.kill")
+    got = run(_cfg("ray", runtime={"agents_per_host": 3, "checkpoint_every": 3}, **over),
+              progress=False, on_rows=on_rows, run_id="crash-net")
+    assert done.is_set() and got.summary["host_restarts"] == 1
+    assert _values(got) == _values(ref)
+    assert got.summary["network"] == ref.summary["network"]
+    assert min(r[1] for r in ref.summary["network"]["trace"]["rows"]) < 6  # someone was out
+
+
+def test_fedavg_with_partial_participation_on_ray_gives_the_inprocess_numbers(ray_session):
+    """Two hosts of 3 agents; with seed 7, round 2's active agents are 0 and 1 only, so host 1
+    publishes nothing and still takes the server's average."""
+    over = {"algorithm": "fedavg", "rounds": 4, "eval_every": 2, "seed": 7,
+            "network": {"participation": 0.5}}
+    ref = run(_cfg("inprocess", **over), progress=False)
+    assert ref.summary["network"]["trace"]["rows"][1][1] == 2
+    got = run(_cfg("ray", runtime={"agents_per_host": 3}, **over), progress=False)
+    assert _values(got) == _values(ref)
+    assert got.summary["network"] == ref.summary["network"]
+
+
 def test_past_max_host_restarts_the_run_fails_clearly(ray_session):
     from decaf_ray.runtime.ray_runtime import HostFailure
 

@@ -115,13 +115,20 @@ def test_a_killed_host_of_a_run_that_folds_comes_back_on_the_same_base(ray_sessi
     """FedEx-LoRA on Ray gives the in-process numbers, through a host's death: the replacement
     builds its task at W0, and restoring every host to the round-4 snapshot (which carries the
     base delta) and replaying rounds 5-6 puts every base back where it was."""
-    over = {"algorithm": "fedex", "rounds": 8}
+    _killed_at_round_gives_the_inprocess_numbers({"algorithm": "fedex", "rounds": 8}, 6, 4,
+                                                 "crash-fold")
+
+
+def _killed_at_round_gives_the_inprocess_numbers(over, kill, every, run_id):
+    """Host 0 of a Ray run of ``over`` killed after round ``kill``, snapshots every ``every``
+    rounds: one restart, the in-process rows; returns (in-process, Ray) results."""
     ref = run(_cfg("inprocess", **over), progress=False)
-    on_rows, done = _kill_at(6, "crash-fold", "ray.kill")
-    got = run(_cfg("ray", runtime={"agents_per_host": 3, "checkpoint_every": 4}, **over),
-              progress=False, on_rows=on_rows, run_id="crash-fold")
+    on_rows, done = _kill_at(kill, run_id, "ray.kill")
+    got = run(_cfg("ray", runtime={"agents_per_host": 3, "checkpoint_every": every}, **over),
+              progress=False, on_rows=on_rows, run_id=run_id)
     assert done.is_set() and got.summary["host_restarts"] == 1
     assert _values(got) == _values(ref)
+    return ref, got
 
 
 NETWORK = {"schedule": "one_peer_exponential", "link_failure": 0.3, "participation": 0.7,
@@ -135,12 +142,7 @@ def test_ray_routes_each_rounds_network_as_in_process_through_a_hosts_death(ray_
     dies after round 4 and every host is restored to round 3 (residuals included) and replays
     round 4."""
     over = {"algorithm": "decaf", "rounds": 6, "eval_every": 2, "network": NETWORK}
-    ref = run(_cfg("inprocess", **over), progress=False)
-    on_rows, done = _kill_at(4, "crash-net", "ray.kill")
-    got = run(_cfg("ray", runtime={"agents_per_host": 3, "checkpoint_every": 3}, **over),
-              progress=False, on_rows=on_rows, run_id="crash-net")
-    assert done.is_set() and got.summary["host_restarts"] == 1
-    assert _values(got) == _values(ref)
+    ref, got = _killed_at_round_gives_the_inprocess_numbers(over, 4, 3, "crash-net")
     assert got.summary["network"] == ref.summary["network"]
     assert min(r[1] for r in ref.summary["network"]["trace"]["rows"]) < 6  # someone was out
 

@@ -129,6 +129,11 @@ def cmd_describe(args) -> int:
     print("\n# graph")
     for k, v in topology.graph_facts(plan.graph, plan.pi).items():
         print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
+    if not plan.schedule.static:  # what the network section makes of the graph, per round
+        window = max(1, (plan.agents - 1).bit_length())  # ceil(log2 N): one-peer's period
+        print(f"\n# network over {cfg.rounds} rounds (union connectivity over every {window})")
+        for k, v in plan.schedule.describe(cfg.rounds, window).items():
+            print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
     print("\n# label histogram (rows: agents, columns: labels)")
     labels = np.asarray(plan.task.train_labels)
     hist = partition.label_histogram(labels, plan.shards, plan.task.num_classes)

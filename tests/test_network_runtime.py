@@ -218,3 +218,20 @@ def test_resume_with_error_feedback_and_churn_gives_the_uninterrupted_numbers(tm
     del old["network"]
     torch.save(old, path)
     assert checkpoint.load(path).network is None
+
+
+def test_describe_prints_what_a_changing_network_implies(tmp_path, capsys):
+    from decaf_ray.cli import main
+
+    path = tmp_path / "net.yaml"
+    path.write_text("agents: 8\nrounds: 12\ntask: {kind: synthetic}\nnetwork: "
+                    "{schedule: one_peer_exponential, stragglers: {fraction: 0.25}}\n")
+    assert main(["describe", str(path)]) == 0
+    out = capsys.readouterr().out
+    block = out.split("# network over 12 rounds (union connectivity over every 3)\n")[1]
+    assert "schedule: one_peer_exponential\n" in block and "union_connected: True\n" in block
+    # offsets 1, 2, 4 in turn: 8, 8 and 4 edges (4 = N / 2 pairs each agent once)
+    assert "mean_edges_up: 6.66667\n" in block and "stragglers: 2\n" in block
+    path.write_text("agents: 8\nrounds: 12\ntask: {kind: synthetic}\n")
+    assert main(["describe", str(path)]) == 0
+    assert "# network over" not in capsys.readouterr().out

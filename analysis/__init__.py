@@ -12,7 +12,10 @@ On top of it (each takes that frame or a results directory):
   ``fig2``, ``fig3``, ``theory_curves``, ``bytes_vs_accuracy``, ``label_distribution``,
   ``rate_check`` (returns ``(figure, slopes)``), ``refactorization`` (the DeCAF split study),
   ``tsvd_neighbourhood`` (Proposition 1 against |N_b(i)| and rank; ``tsvd_points`` its data),
-  ``consensus_gap`` (consensus distance against the spectral gap; ``gap_points`` its data);
+  ``consensus_gap`` (consensus distance against the spectral gap; ``gap_points`` its data),
+  ``network_curves`` (a metric against bytes sent or simulated time) and ``robustness`` (the
+  final metric against a swept network parameter; ``robustness_points`` its data), in
+  ``analysis.network``;
 - tables (``analysis.tables``; each returns a ``Table`` with ``to_markdown``/``to_latex``):
   ``table2``, ``table3``, ``table5``, ``table6``, ``table7``, ``refactorization_table``, ``results_table``;
 - ``figure(name, results, out)``: write any of them to a file by name (what ``decaf-ray plot
@@ -45,6 +48,7 @@ from analysis.figures import (
     label_distribution,
     refactorization,
 )
+from analysis.network import network_curves, robustness, robustness_points
 from analysis.overview import runs_figure
 from analysis.results_table import results_table
 from analysis.runs import load, load_tidy, run_dirs, summaries
@@ -67,14 +71,16 @@ def plot_runs(path: str | Path, metric: str, out: str | Path) -> Path:
 
 __all__ = ["FIGURES", "NAMES", "TABLES", "Table", "accuracy_gap", "bytes_vs_accuracy",
            "consensus_gap", "fig2", "fig3", "figure", "fit_slope", "gap_points",
-           "label_distribution", "load", "load_tidy", "plot_runs", "rate_check", "rate_points",
-           "refactorization", "refactorization_table", "results_table", "run_dirs", "runs_figure",
+           "label_distribution", "load", "load_tidy", "network_curves", "plot_runs", "rate_check",
+           "rate_points", "refactorization", "refactorization_table", "results_table",
+           "robustness", "robustness_points", "run_dirs", "runs_figure",
            "summaries", "table2", "table3", "table5", "table6", "table7", "theory_curves",
            "tsvd_neighbourhood", "tsvd_points"]
 
 FIGURES = {"fig2": fig2, "fig3": fig3, "theory": theory_curves, "bytes": bytes_vs_accuracy,
            "labels": label_distribution, "rate": rate_check, "refactor": refactorization,
-           "tsvd": tsvd_neighbourhood, "gap": consensus_gap}
+           "tsvd": tsvd_neighbourhood, "gap": consensus_gap, "network": network_curves,
+           "robustness": robustness}
 TABLES = {"table2": table2, "table3": table3, "table5": table5, "table6": table6, "table7": table7,
           "refactor_table": refactorization_table}
 NAMES = tuple(FIGURES) + tuple(TABLES)

@@ -37,7 +37,8 @@ from analysis.names import (
 )
 from analysis.plan_facts import X_LABELS, plan_facts, x_mapper
 from analysis.runs import as_frame
-from analysis.values import agent_stats, curve, final_values, last_common_round
+from analysis.values import (METRIC_X, agent_stats, curve, final_values, last_common_round,
+                             metric_x)
 
 Where = Mapping[str, Any] | None
 
@@ -69,7 +70,9 @@ def curves_panel(ax: Axes, df: pd.DataFrame, runs: pd.DataFrame, key: Sequence[s
                  title: str = "", ignore: Sequence[str] = (), linestyle: str = "-",
                  label_prefix: str = "", colour_by: str | None = None) -> int:
     """Draw one line per condition of ``runs`` (a ``run_table`` subset) by ``key``; returns the
-    number of lines drawn (0: the panel says "no data")."""
+    number of lines drawn (0: the panel says "no data"). ``x``: ``round``, ``step``, ``epoch``
+    (``plan_facts``) or a network metric of ``values.METRIC_X`` (``bytes_sent``,
+    ``sim_time_s``)."""
     if title:
         ax.set_title(title, fontsize=10)
     runs = runs[runs["run"].isin(df.loc[df["metric"] == metric, "run"].unique())]
@@ -79,12 +82,13 @@ def curves_panel(ax: Axes, df: pd.DataFrame, runs: pd.DataFrame, key: Sequence[s
     conds = conditions(runs, key, others=others, ignore=ignore)
     stats = agent_stats(df, metric, conds.runs["run"])
     scale = 100.0 if is_fraction_metric(metric) else 1.0
-    mapper = x_mapper(x)
+    mapper = metric_x(df, x) if x in METRIC_X else x_mapper(x)
     n = 0
     for cond in conds.ordered():
         rows = conds.runs[conds.runs["condition"] == cond]
         members = rows["run"]
-        c = curve(stats, members, x=x if x != "epoch" else "step", band=band, x_of=mapper)
+        c = curve(stats, members, x=x if x in ("round", "step") else "step", band=band,
+                  x_of=mapper).dropna(subset=["x"])
         if c.empty:
             continue
         col = None
@@ -100,7 +104,9 @@ def curves_panel(ax: Axes, df: pd.DataFrame, runs: pd.DataFrame, key: Sequence[s
     if n == 0:
         no_data(ax)
         return 0
-    ax.set_xlabel(X_LABELS[x])
+    ax.set_xlabel(METRIC_X.get(x) or X_LABELS[x])
+    if x == "bytes_sent":
+        ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
     ax.set_ylabel(metric_label(metric))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -261,8 +267,10 @@ def gap_panel(ax: Axes, df: pd.DataFrame, *, metric: str = "test_accuracy",
 def bytes_vs_accuracy(results, *, metric: str = "test_accuracy", by: Sequence[str] = ("algorithm",),
                       bytes_per_float: int = 4, others: str = "hold", band: str = "range",
                       logx: bool = False, where: Where = None) -> Figure:
-    """``metric`` (agent mean) against the cumulative bytes each agent has sent
-    (``floats_sent`` x ``bytes_per_float``, float32 by default), one line per condition."""
+    """``metric`` (agent mean) against the cumulative bytes each agent has sent, one line per
+    condition: a run's ``bytes_sent`` rows (its real encoded messages, ``network.compress``)
+    where it has them, else ``floats_sent`` x ``bytes_per_float`` (float32 by default; runs
+    and tidy CSVs from before ``bytes_sent``)."""
     df = as_frame(results)
     runs = _runs(df, metric, where)
     runs = runs[runs["run"].isin(df.loc[df["metric"] == "floats_sent", "run"].unique())]
@@ -276,6 +284,11 @@ def bytes_vs_accuracy(results, *, metric: str = "test_accuracy", by: Sequence[st
     sent = agent_stats(df, "floats_sent", conds.runs["run"])[["run", "round", "mean"]]
     sent = sent.rename(columns={"mean": "bytes"})
     sent["bytes"] *= bytes_per_float
+    real = df[(df["metric"] == "bytes_sent") & (df["agent"] < 0)]
+    real = real[real["run"].isin(conds.runs["run"])]
+    estimated = (~sent["run"].isin(real["run"])).mean() if len(sent) else 0.0  # share of rows
+    sent = pd.concat([sent[~sent["run"].isin(real["run"])],
+                      real[["run", "round", "value"]].rename(columns={"value": "bytes"})])
     stats = agent_stats(df, metric, conds.runs["run"])
     scale = 100.0 if is_fraction_metric(metric) else 1.0
     for cond in conds.ordered():
@@ -300,7 +313,9 @@ def bytes_vs_accuracy(results, *, metric: str = "test_accuracy", by: Sequence[st
         ax.set_xscale("symlog", linthresh=max(1.0, float(sent["bytes"][sent["bytes"] > 0].min())
                                              if (sent["bytes"] > 0).any() else 1.0))
     ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
-    ax.set_xlabel(f"cumulative bytes sent per agent (float{8 * bytes_per_float})")
+    unit = f"float{8 * bytes_per_float}"
+    ax.set_xlabel("cumulative bytes sent per agent" + ("" if not estimated else f" ({unit})"
+                  if estimated == 1 else f" ({unit} where not recorded)"))
     ax.set_ylabel(metric_label(metric))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

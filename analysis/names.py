@@ -37,9 +37,13 @@ DATASET_NAMES = {"wic": "WIC", "boolq": "BoolQ", "ucf": "UCF", "ucf101": "UCF101
                  "food101": "Food101", "flowers": "Flowers", "flowers102": "Flowers"}
 COLUMN_NAMES = {"lora.rank": "rank", "agents": "N", "topology.name": "topology",
                 "data.partition": "partition", "algorithm": "algorithm", "rounds": "T",
-                "optim.lr": "lr", "dataset": "dataset"}
+                "optim.lr": "lr", "dataset": "dataset", "network.link_failure": "link failure",
+                "network.participation": "participation", "network.schedule": "schedule",
+                "network.compress.kind": "compress"}
 ALIASES = {"rank": "lora.rank", "topology": "topology.name", "partition": "data.partition",
-           "lr": "optim.lr", "T": "rounds"}
+           "lr": "optim.lr", "T": "rounds", "link_failure": "network.link_failure",
+           "participation": "network.participation", "schedule": "network.schedule",
+           "compress": "network.compress.kind"}
 
 STATUS_FLAGS = {"diverged": " (diverged)", "interrupted": " (interrupted)",
                 NO_SUMMARY: " (incomplete)"}

@@ -103,3 +103,24 @@ def last_common_round(df: pd.DataFrame, metric: str, runs: Iterable[str]) -> int
         r = set(g["round"].unique().tolist())
         common = r if common is None else common & r
     return int(max(common)) if common else None
+
+
+METRIC_X = {"bytes_sent": "bytes sent per agent (cumulative, as encoded)",
+            "sim_time_s": "simulated time (s)"}
+"""Network metrics a curve can be drawn against (the x axis), with their axis labels."""
+
+
+def metric_x(df: pd.DataFrame, metric: str) -> Callable[[pd.DataFrame], pd.Series]:
+    """An ``x_of`` for ``curve``: x = the network row (agent -1) of ``metric`` (``METRIC_X``)
+    at each row's round, the mean over the runs ``curve`` is given (seeds of a condition whose
+    bytes or clock differ a little still share one x per round)."""
+    net = df[(df["metric"] == metric) & (df["agent"] < 0)]
+    value = dict(zip(zip(net["run"], net["round"]), net["value"]))
+
+    def of(stats: pd.DataFrame) -> pd.Series:
+        own = pd.Series([value.get(k, float("nan")) for k in zip(stats["run"], stats["round"])],
+                        index=stats.index, dtype=float)
+        return own.groupby(stats["round"]).transform("mean")
+
+    return of
+

@@ -235,3 +235,37 @@ def test_describe_prints_what_a_changing_network_implies(tmp_path, capsys):
     path.write_text("agents: 8\nrounds: 12\ntask: {kind: synthetic}\n")
     assert main(["describe", str(path)]) == 0
     assert "# network over" not in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def network_results(tmp_path_factory):
+    """A tiny study saved as ``decaf-ray run`` saves: DeCAF and DLoRA under link failure 0 and
+    0.5 (two seeds each), and one DeCAF run at participation 0.5 (held out of the link sweep)."""
+    from decaf_ray.results import RunWriter
+
+    root = tmp_path_factory.mktemp("network") / "results"
+    runs = [(alg, {"link_failure": p}, seed) for alg in ("decaf", "dlora")
+            for p in (0.0, 0.5) for seed in (0, 1)] + [("decaf", {"participation": 0.5}, 0)]
+    for k, (alg, net, seed) in enumerate(runs):
+        cfg = _cfg(algorithm=alg, seed=seed, rounds=4, eval_every=2, network=net)
+        writer = RunWriter(root / f"run{k}").open(cfg)
+        writer.close(run(cfg, on_rows=writer.rows, progress=False))
+    return root
+
+
+def test_robustness_and_network_curves_write_their_figures(network_results, tmp_path):
+    import analysis
+
+    pts = analysis.robustness_points(network_results, param="link_failure")
+    assert sorted(zip(pts["algorithm"], pts["network.link_failure"])) == [
+        ("decaf", 0.0), ("decaf", 0.5), ("dlora", 0.0), ("dlora", 0.5)]
+    assert (pts["n"] == 2).all() and (pts["lo"] <= pts["mean"]).all()
+    assert pts.attrs["note"] == "held: participation 1"  # the participation run left out
+    out = analysis.figure("robustness", network_results, tmp_path / "robust.png",
+                          param="network.link_failure")
+    assert out.stat().st_size > 0
+    for x in ("bytes_sent", "sim_time_s"):
+        fig = analysis.network_curves(network_results, x=x)
+        lines = [ln for ln in fig.get_axes()[0].get_lines() if not ln.get_label().startswith("_")]
+        assert lines and all(np.all(np.diff(ln.get_xdata()) > 0) for ln in lines)
+        assert analysis.figure("network", network_results, tmp_path / f"{x}.png", x=x).exists()

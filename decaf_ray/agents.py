@@ -39,6 +39,7 @@ from decaf_ray.algorithms import Algorithm, MixOptions, diagnostics
 from decaf_ray.tracking import tracker_of, with_tracker
 from decaf_ray.factors import Factors, Grads, init_factors, rank_of, truncated
 from decaf_ray.folding import BaseDelta
+from decaf_ray.network_config import CompressConfig
 from decaf_ray.optim import Optimizer, State, apply_updates, refactor_state
 from decaf_ray.seeding import derive_seed
 
@@ -108,10 +109,8 @@ class Agent:
     sampler: Sampler
     pending: Grads | None = None
     losses: list[float] = field(default_factory=list)
-    sent: Factors | None = None
-    """What the agent published this round, exactly (it mixes its own payload uncompressed)."""
-    residual: compress.Payload | None = None
-    """Error feedback: what its compressed messages lost so far (``compress.encode_with_feedback``)."""
+    sent: Factors | None = None  # this round's payload, exact: an agent mixes its own so
+    residual: compress.Payload | None = None  # error feedback: what its messages lost so far
 
 
 class AgentGroup:
@@ -126,10 +125,11 @@ class AgentGroup:
         self.batches = batches or [[a.id] for a in agents]
         self.local_steps = local_steps  # tau: step t belongs to round ceil(t / tau)
         self.base_delta: BaseDelta | None = None  # S, what the folds added to the task's W0
-        self.compression = compression  # network.compress (a CompressConfig); None: float32
-        # Over a graph, a lossy message reaches the neighbours only: each agent mixes its own
-        # payload exactly, so agents that share neighbours and weights no longer share a mix.
-        # A server decodes every upload alike and every agent receives its one average.
+        self.compression = compression or CompressConfig()  # network.compress
+        # Over a graph each agent mixes its own payload exactly and its neighbours' lossy
+        # copies, so agents with equal neighbours and weights no longer share a mix; a server
+        # decodes every upload alike and every agent receives its one average.
+        self.lossy = self.compression.kind != "float32"
         self.exact_own = self.lossy and algorithm.pi == "graph"
 
     @classmethod
@@ -163,11 +163,6 @@ class AgentGroup:
     def _fresh(self) -> bool:
         """The algorithm's fold hands out fresh adapters (FLoRA)."""
         return self.algorithm.fold is not None and self.algorithm.fold.fresh
-
-    @property
-    def lossy(self) -> bool:
-        """Messages travel compressed (``network.compress`` other than float32)."""
-        return self.compression is not None and self.compression.kind != "float32"
 
     def round_of(self, t: int) -> int:
         """The round (1-based) step t belongs to: rounds are ``local_steps`` steps each."""
@@ -210,11 +205,10 @@ class AgentGroup:
             self._step(agent, grads, agent.factors, t)
 
     def quiet_steps(self, t: int, count: int, steps: dict[int, int] | None = None) -> None:
-        """Steps t, ..., t + count - 1 without communication. ``steps`` (``RoundNet.steps``):
-        the local steps of the round's active agents; an agent absent from it takes none, and
-        one with s steps takes the first s - 1 here when the algorithm communicates (its last
-        is the communicating step), the first s otherwise; step numbers stay the same for
-        every agent, so each step's seed does too. None: every agent takes every step."""
+        """Steps t, ..., t + count - 1 without communication. ``steps`` (``RoundNet.steps``,
+        active agents only; None: all take all): an agent with s steps takes the first s - 1
+        here if the algorithm communicates (its last is the communicating step), else s; the
+        step numbers, hence each step's seed, are everyone's."""
         talk = int(self.algorithm.communicates)
         for k in range(count):
             ids = None if steps is None else [i for i in self.agents if steps.get(i, 0) - talk > k]
@@ -248,9 +242,8 @@ class AgentGroup:
         what this message lost as its next."""
         cfg, out = self.compression, {}
         for aid, payload in payloads.items():
-            if cfg is None or not cfg.error_feedback:
-                out[aid] = compress.encode(payload, cfg.kind if cfg else "float32",
-                                           cfg.ratio if cfg else None)
+            if not cfg.error_feedback:
+                out[aid] = compress.encode(payload, cfg.kind, cfg.ratio)
                 continue
             agent = self.agents[aid]
             out[aid], agent.residual = compress.encode_with_feedback(
@@ -275,11 +268,9 @@ class AgentGroup:
         A fold (``Algorithm.fold``) replaces the mix: ``_fold``. A fresh adapter (FLoRA) is
         taken as it is, with the optimizer state of a new one: its step came before publishing.
 
-        ``inbox`` names the agents that mix this round (the network's, ``Schedule.inboxes``);
-        the others are untouched. One without a pending gradient (an inactive agent reached by
-        a server's average) takes the mix and no step. With lossy messages over a graph
-        (``exact_own``) the inbox holds decoded payloads, and each agent's own is replaced by
-        the exact one it published.
+        ``inbox`` names who mixes (``Schedule.inboxes``); one without a pending gradient (an
+        inactive agent a server's average reaches) takes the mix and no step. ``exact_own``:
+        each agent's own decoded payload is replaced by the exact one it published.
         """
         if self.exact_own:
             inbox = {aid: (ids, w, [self.agents[aid].sent if j == aid else p

@@ -166,7 +166,7 @@ class NetworkConfig:
     Always a ``CompressConfig`` once parsed."""
     time: TimeConfig | None = None
     """The simulated clock, ``{step_s: 0.05, latency_s: 0.01, bandwidth_mbps: 100,
-    speed_sigma: 0.0, link_sigma: 0.0}`` (each optional); null: no ``sim_time_s``."""
+    speed_sigma: 0.0, link_sigma: 0.0}`` (each optional); null: the default clock (``TimeConfig()``); ``sim_time_s`` is recorded either way."""
 
     def __post_init__(self):
         require(self.schedule in SCHEDULES, "schedule",

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "decaf_ray"
-CORE = ["topology", "topology_graphs", "consensus", "alignment", "algorithms", "tracking",
+CORE = ["topology", "topology_graphs", "consensus", "alignment", "algorithms", "tracking", "seeding",
         "partition", "factors", "optim", "metrics", "folding", "compress", "simtime",
         "network", "network_graphs"]
 # reading a user-named matrix or edge-list file is topology's one allowed input

@@ -16,8 +16,8 @@ the average of the agents' products B A, and need not score like any one agent.
 
 Runs of an algorithm that folds into the base weights (``fedex``, ``flora``) are refused: their
 model is W0 + S + s B A, the base delta S being the run's too, so no adapter alone on the
-unchanged base is it (FLoRA's adapters are even fresh, B = 0, at the end of every round), and
-a run's results do not keep S.
+unchanged base is it (FLoRA's adapters are even fresh, B = 0, at the end of every round). The
+run keeps S in ``base_delta.safetensors`` (``results``): W0 + S is that run's base.
 
 The base model to load into:
     causal_lm  the run's ``task.model`` (``base_model_name_or_path``, task_type ``CAUSAL_LM``);
@@ -103,8 +103,9 @@ def _run_config(run: Path) -> ExperimentConfig:
                                  "adapter to export (causal_lm and clip runs have one)")
     if ALGORITHMS[cfg.algorithm].fold is not None:
         raise ConfigError("run", f"{cfg.algorithm} folds its server averages into the base "
-                                 "weights, so no adapter on the unchanged base is the run's model: "
-                                 "nothing to export as a PEFT adapter")
+                                 "weights, so no adapter on the unchanged base is the run's model "
+                                 "(its base delta S is in base_delta.safetensors): nothing to "
+                                 "export as a PEFT adapter")
     return cfg
 
 

@@ -19,6 +19,7 @@ from scipy import sparse
 
 from decaf_ray import partition, topology
 from decaf_ray.algorithms import ALGORITHMS, Algorithm
+from decaf_ray.folding import BaseDelta
 from decaf_ray.tracking import tracking
 from decaf_ray.config import ConfigError
 from decaf_ray.experiment_config import ExperimentConfig
@@ -88,6 +89,11 @@ class RunResult:
     """What the task generated at the final evaluation (``evaluate_final``; the instruct task's
     benchmark answers), one record per prompt with its ``agent``; ``results`` writes them to
     ``generations.jsonl``."""
+    base_delta: BaseDelta | None = None
+    """S of a run whose algorithm folds into the base weights (``fedex``, ``flora``): module ->
+    (d, k) float32 tensor, the frozen weights being W0 + S; None for every
+    other algorithm, and for a diverged run whose last finite factors are of an earlier round
+    (its S is not kept). ``results`` writes it to ``base_delta.safetensors``."""
 
 
 def prepare(cfg: ExperimentConfig, task: Task | None = None) -> Plan:

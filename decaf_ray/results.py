@@ -10,6 +10,9 @@ A run directory holds:
   metrics, timing, floats sent, trainable parameters;
 - ``adapters.safetensors``: every agent's final factors, keys ``agent{i}/{module}/A|B``
   (safetensors: reading it back executes no code);
+- ``base_delta.safetensors``: for an algorithm that folds into the base weights (``fedex``,
+  ``flora``), S, keys ``{module}`` ((d, k) float32): the run's frozen weights are W0 + S, its
+  model W0 + S + s B A;
 - ``generations.jsonl``: what the task generated at the final evaluation (the instruct task's
   benchmark answers, and the judge's verdicts where one judged them), one record a line;
 - ``checkpoint/state.pt``: the latest ``RunState`` (every ``runtime.checkpoint_every`` rounds
@@ -38,6 +41,7 @@ from decaf_ray.runtime.loop import RunState
 from decaf_ray.versions import versions
 
 COLUMNS = ("round", "step", "agent", "metric", "value")
+BASE_DELTA = "base_delta.safetensors"
 CHECKPOINT = Path("checkpoint") / checkpoint.FILE
 
 
@@ -101,6 +105,10 @@ class RunWriter:
             shutil.rmtree(self.out / CHECKPOINT.parent, ignore_errors=True)
         _write_json(self.out / "summary.json", summary)
         save_adapters(self.out / "adapters.safetensors", result.factors)
+        if result.base_delta is not None:
+            save_file({n: d.detach().cpu().contiguous() for n, d in result.base_delta.items()},
+                      str(self.out / BASE_DELTA))
+            readable_like_the_rest(self.out / BASE_DELTA)
         if result.generations:
             with open(self.out / "generations.jsonl", "w") as f:
                 f.writelines(json.dumps(g, ensure_ascii=False) + "\n" for g in result.generations)

@@ -67,6 +67,33 @@ def test_run_writes_config_metrics_summary_and_adapters(config, tmp_path):
     assert a.shape == (1, 8) and b.shape == (4, 1)
 
 
+@pytest.mark.parametrize("algorithm", ["fedex", "flora"])
+def test_a_folding_run_keeps_its_base_delta_and_the_model_it_makes(config, tmp_path, algorithm):
+    """A server algorithm that folds into the base weights writes S: W0 + S and an agent's
+    adapter, rebuilt from the run's files alone, score what the run reported for that agent."""
+    from safetensors.torch import load_file
+
+    from decaf_ray.plan import prepare
+
+    out = tmp_path / algorithm
+    res = cli("run", config, "--out", out, "--quiet", "--set", f"algorithm={algorithm}")
+    assert res.returncode == 0, res.stderr
+    base = load_file(str(out / "base_delta.safetensors"))
+    assert list(base) == ["linear"] and base["linear"].shape == (4, 8)
+    assert base["linear"].abs().max() > 0
+    task = prepare(load_run_config(out)).task
+    task.load()
+    task.set_base_delta(base)
+    got = task.evaluate(load_adapters(out / "adapters.safetensors")[2])
+    df = pd.read_csv(out / "metrics.csv")
+    last = df[(df["agent"] == 2) & (df["round"] == 6)].set_index("metric")["value"]
+    assert got["test_loss"] == pytest.approx(last["test_loss"], rel=1e-6)
+    assert got["test_accuracy"] == pytest.approx(last["test_accuracy"])
+    # an algorithm that never folds writes no base delta
+    assert cli("run", config, "--out", tmp_path / "d", "--quiet").returncode == 0
+    assert not (tmp_path / "d" / "base_delta.safetensors").exists()
+
+
 @pytest.mark.parametrize("override, field", [
     ("lora.rank=0", "lora.rank"),
     ("agents=0", "agents"),

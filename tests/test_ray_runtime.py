@@ -54,6 +54,11 @@ def test_ray_gives_the_inprocess_numbers_exactly(ray_session, algorithm, per_hos
     for i in ref.factors:
         for n, (a, b) in ref.factors[i].items():
             assert got.factors[i][n][0].equal(a) and got.factors[i][n][1].equal(b)
+    if algorithm == "flora":  # the base delta S the run keeps, the same from every host
+        assert ref.base_delta and ref.base_delta.keys() == got.base_delta.keys()
+        assert all(got.base_delta[n].equal(d) for n, d in ref.base_delta.items())
+    else:
+        assert got.base_delta is ref.base_delta is None
     assert got.summary["hosts"] == -(-6 // per_host)
 
 

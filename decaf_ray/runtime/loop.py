@@ -155,17 +155,21 @@ def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
         status, diverged = "diverged", {"round": rnd, "step": e.t, "agent": e.agent}
         if e.metric:
             diverged["metric"] = e.metric
+    base = None
     if status == "diverged" and good is not None:
         done, factors = good
         diverged["results_of_round"] = done
     else:
         done, factors = rnd, hosts.factors()
+        if plan.algorithm.fold is not None:  # S is in every agent's snapshot entry once folded
+            base = next((s["base_delta"] for s in hosts.snapshot().values()
+                         if "base_delta" in s), None)
     final = {r["metric"]: r["value"] for r in rows if r["agent"] == -1 and r["round"] == done}
     summary = _summary(plan, status, done, t, diverged, final, time.perf_counter() - start)
     summary.update(clock.summary(getattr(hosts, "load_s", 0.0)))
     summary["network"] = stats.summary()
     yield RunResult(cfg, status, rows, summary, factors,
-                    generations if status == "completed" else [])
+                    generations if status == "completed" else [], base)
 
 
 MAY_BE_NAN = {"spectral_gap"}

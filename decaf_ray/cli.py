@@ -103,8 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("results")
     plot.add_argument("--figure", default=None,
                       help="fig2, fig3, table2, table3, table5, table6, table7, theory, bytes, "
-                           "labels, rate, tsvd, gap, refactor, refactor_table; default: "
-                           "--metric against round for every run")
+                           "labels, rate, tsvd, gap, network, robustness, refactor, "
+                           "refactor_table; default: --metric against round for every run")
     plot.add_argument("--metric", default="test_accuracy")
     plot.add_argument("--out", required=True,
                       help="file to write: .png/.pdf/.svg for figures, .md/.tex for tables")

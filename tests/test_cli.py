@@ -248,3 +248,16 @@ def test_describe_table5_shows_the_papers_model_rank_and_trainable_params():
     assert "model: meta-llama/Llama-2-7b-hf, LoRA on q_proj, v_proj" in out
     assert "trainable params per agent: 8,388,608" in out  # the paper's Table 6, rank 16
     assert "  algorithm=decaf" in out.splitlines()
+
+
+def test_plot_help_names_every_figure_and_table():
+    """The help is written out (importing analysis would make every command pay for
+    matplotlib); this keeps it true to ``analysis.NAMES``."""
+    import analysis
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main(["plot", "--help"])
+    text = " ".join(out.getvalue().split())
+    listed = set(re.findall(r"[a-z0-9_]+", text.split("--figure FIGURE")[-1].split("default:")[0]))
+    assert set(analysis.NAMES) <= listed, set(analysis.NAMES) - listed

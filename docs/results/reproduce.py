@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SWEEPS = ["lab-fig2-synthetic", "lab-fig3-synthetic", "lab-tsvd-synthetic", "lab-rate-synthetic",
           "lab-rankrule-synthetic", "cmp-synthetic", "adam-tracked-cpu", "net-synthetic",
+          "net-synthetic-seeds",
           "pilot-rounds-cpu", "fig2c-cpu", "table2-cpu", "tsvd-standin-cpu", "fig3-cpu",
           "table2-iid-cpu", "fig2ab-cpu", "cmp-standin-cpu", "adam-tracked-standin-cpu",
           "net-standin-cpu",

@@ -77,6 +77,9 @@ def standin_default(fig2c: pd.DataFrame) -> pd.DataFrame:
     runs = fig2c[(fig2c["agent"] == -1) & (fig2c["data.partition"] == "dirichlet")
                  & fig2c["algorithm"].isin(["decaf", "dlora", "dlora_fa"])
                  & ((fig2c["algorithm"] != "decaf") | (fig2c["consensus.split"] == "conserved"))]
+    # only the study's columns: a column the sweep's CSV lacks (lora.rank) would split these
+    # runs from the sweep's in the figures' conditions
+    runs = runs[[c for c in KEEP if c in runs] + ["round", "step", "agent", "metric", "value"]]
     sent = runs[runs["metric"] == "floats_sent"].assign(
         metric="bytes_sent", value=lambda d: 4 * d["value"])
     return pd.concat([runs, sent], ignore_index=True).assign(**DEFAULT)

@@ -290,6 +290,7 @@ def run_sweep(sweep: SweepConfig, storage: str | Path, *, resume: bool = False,
     if resume:
         if not tune.Tuner.can_restore(path):
             raise ConfigError("--resume", f"no sweep to resume at {path}")
+        _same_as_recorded(sweep, None, path, force)  # before Ray starts, where it can tell
     elif sweep_storage.holds_anything(path):
         raise ConfigError("--storage", f"{path} already holds a sweep; use --resume to "
                           "finish it or choose another --storage / name")
@@ -334,18 +335,26 @@ def _plain(sweep: SweepConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(sweep), default=str))
 
 
-def _same_as_recorded(given: SweepConfig, resolved: SweepConfig, path: str, force: bool) -> None:
+def _same_as_recorded(given: SweepConfig, resolved: SweepConfig | None, path: str,
+                      force: bool) -> None:
     """Refuse to resume ``given`` when it differs from the one recorded at ``path``. The record
     holds the sweep as given; one written by an older decaf-ray holds it with its ``pretrain:``
-    stand-in resolved to a cache path (``resolved``, ``_resolve_weights``), and matches too."""
+    stand-in resolved to a cache path (``resolved``, ``_resolve_weights``), and matches too.
+    Before the stand-in is resolved (``resolved`` None) a record whose task weights differ
+    from ``given``'s is left to the check after it."""
     from decaf_ray import sweep_storage
 
     text = sweep_storage.read_text(f"{path}/{RECORD}")
     if text is None or force:
         return  # a sweep recorded before this file existed, or the user's explicit choice
-    recorded = json.loads(text)
-    if recorded not in (_plain(given), _plain(resolved)):
-        diff = first_difference(recorded, _plain(given))
+    recorded, plain = json.loads(text), _plain(given)
+    if recorded != plain and resolved is None:
+        weights = lambda d: [d["base"].get("task", {}).get(k) for k in ("checkpoint",
+                                                                        "model_config")]
+        if weights(recorded) != weights(plain):
+            return
+    if recorded != plain and (resolved is None or recorded != _plain(resolved)):
+        diff = first_difference(recorded, plain)
         raise ConfigError("--resume", f"the sweep differs from the one being resumed ({diff}); "
                           "resume with the same file and --set, or add --force to finish it "
                           "with these")

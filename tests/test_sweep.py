@@ -78,6 +78,15 @@ def test_resume_compares_the_sweep_as_given_with_a_standin_resolved_or_not(tmp_p
         _same_as_recorded(given, resolved, str(tmp_path), force=False)
     assert "base.task.checkpoint: 'pretrain:other' -> 'pretrain:pretrain-fmnist'" in str(e.value)
     _same_as_recorded(given, resolved, str(tmp_path), force=True)
+    # before Ray starts (nothing resolved yet): a difference outside the task's weights is
+    # refused there; one in them waits for the resolved sweep, since an old record holds a path
+    (tmp_path / RECORD).write_text(json.dumps(_plain(resolved)))
+    _same_as_recorded(given, None, str(tmp_path), force=False)
+    (tmp_path / RECORD).write_text(json.dumps(_plain(dataclasses.replace(
+        given, base={**given.base, "rounds": 99}))))
+    with pytest.raises(ConfigError) as e:
+        _same_as_recorded(given, None, str(tmp_path), force=False)
+    assert "base.rounds: 99 ->" in str(e.value)
 
 
 def test_every_shipped_sweep_loads():

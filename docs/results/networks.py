@@ -16,10 +16,11 @@ network rows only (agent -1).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pandas as pd
+
+import regenerate
 
 HERE = Path(__file__).resolve().parent
 SWEEPS = {"net-synthetic": HERE / "net-synthetic.csv.gz",
@@ -28,7 +29,7 @@ SWEEPS = {"net-synthetic": HERE / "net-synthetic.csv.gz",
 """Each sweep's tidy CSV; net-synthetic-seeds (DeCAF and DLoRA, seeds 5-14) joins
 net-synthetic in its table and figures."""
 KEEP = ["run", "status", "algorithm", "seed", "agents", "topology.name", "data.partition",
-        "consensus.split", "rounds", "checkpoint_sha256", *(
+        "consensus.split", "rounds", *(
             f"network.{k}" for k in ("schedule", "participation", "link_failure",
                                      "compress.kind"))]
 METRICS = ["test_accuracy", "test_loss", "consensus_distance", "floats_sent", "bytes_sent",
@@ -38,23 +39,6 @@ DEFAULT = {"network.schedule": "static", "network.participation": 1.0,
 """The default network: every other condition changes one of these."""
 ALGORITHMS = {"decaf": "DeCAF (default split)", "dlora": "DLoRA", "dlora_fa": "DLoRA-FA",
               "fedavg": "FedAvg"}
-
-
-def tidy(storage: Path, sweep: str) -> pd.DataFrame:
-    import analysis
-
-    from regenerate import checkpoint_sha256
-
-    root = storage.resolve()
-    df = analysis.load(root / sweep)
-    out = df[(df["agent"] == -1) & df["metric"].isin(METRICS)].copy()
-    if "task.checkpoint" in out and out["task.checkpoint"].notna().any():
-        digests = {p: checkpoint_sha256(p) for p in out["task.checkpoint"].dropna().unique()}
-        out["checkpoint_sha256"] = out["task.checkpoint"].map(digests)
-    out = out[[c for c in KEEP if c in out] + ["round", "step", "agent", "metric", "value"]]
-    # Tune's trial folder names repeat the config; its trial id is enough to tell runs apart.
-    out["run"] = out["run"].map(lambda p: "_".join(Path(p).relative_to(root).parts[1].split("_")[:3]))
-    return out
 
 
 def joined(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
@@ -79,7 +63,8 @@ def standin_default(fig2c: pd.DataFrame) -> pd.DataFrame:
                  & ((fig2c["algorithm"] != "decaf") | (fig2c["consensus.split"] == "conserved"))]
     # only the study's columns: a column the sweep's CSV lacks (lora.rank) would split these
     # runs from the sweep's in the figures' conditions
-    runs = runs[[c for c in KEEP if c in runs] + ["round", "step", "agent", "metric", "value"]]
+    keep = [c for c in KEEP + ["checkpoint_sha256"] if c in runs]
+    runs = runs[keep + ["round", "step", "agent", "metric", "value"]]
     sent = runs[runs["metric"] == "floats_sent"].assign(
         metric="bytes_sent", value=lambda d: 4 * d["value"])
     return pd.concat([runs, sent], ignore_index=True).assign(**DEFAULT)
@@ -123,10 +108,12 @@ def table(df: pd.DataFrame, title: str) -> str:
     algorithm's own default-network runs of the same seeds (mean ± std of the paired
     differences); then MB sent per agent over the run."""
     f = finals(df)
+    base = f[f["condition"] == "default"].set_index(["algorithm", "seed"])["test_accuracy"]
+    f = f.join(base.rename("default"), on=["algorithm", "seed"])
+    f["change"] = 100 * (f["test_accuracy"] - f["default"])  # paired by seed
     algs = [a for a in ALGORITHMS if a in set(f["algorithm"])]
     conds = [c for c in ORDER if c in set(f["condition"])]
     conds += sorted(set(f["condition"]) - set(conds))
-    base = f[f["condition"] == "default"].set_index(["algorithm", "seed"])["test_accuracy"]
     seeds = f.groupby(["algorithm", "condition"])["seed"].nunique()
     head = "| network | " + " | ".join(ALGORITHMS[a] for a in algs) + " |"
     rule = "|:---|" + "---:|" * len(algs)
@@ -143,8 +130,7 @@ def table(df: pd.DataFrame, title: str) -> str:
             v = 100 * g["test_accuracy"]
             text = f"{v.mean():.1f} ± {v.std():.1f}"
             if c != "default":
-                d = 100 * (g.set_index("seed")["test_accuracy"]
-                           - base.xs(a, level="algorithm")).dropna()
+                d = g["change"].dropna()
                 text += f" ({d.mean():+.1f} ± {d.std():.1f})"
             bad = (g["status"] != "completed").sum()
             cells.append(text + (f", {bad} not completed" if bad else ""))
@@ -155,11 +141,9 @@ def table(df: pd.DataFrame, title: str) -> str:
           "and the seeds where DeCAF's change was the larger:", "",
           "| network | difference (points, mean ± std) | standard error | seeds DeCAF's larger |",
           "|:---|---:|---:|---:|"]
-    drop = {a: 100 * (f[f["algorithm"] == a].set_index(["condition", "seed"])["test_accuracy"]
-                      - base.xs(a, level="algorithm")) for a in ("decaf", "dlora") if a in algs}
-    for c in conds[1:] if len(drop) == 2 else []:
-        d = (drop["decaf"].xs(c, level="condition") - drop["dlora"].xs(c, level="condition")
-             ).dropna()
+    change = f.pivot_table(index=["condition", "seed"], columns="algorithm", values="change")
+    for c in conds[1:] if {"decaf", "dlora"} <= set(algs) else []:
+        d = (change["decaf"] - change["dlora"]).xs(c, level="condition").dropna()
         vs.append(f"| {c} | {d.mean():+.1f} ± {d.std():.1f} | {d.std() / len(d) ** 0.5:.1f} | "
                   f"{(d > 0).sum()} of {len(d)} |")
     n = sorted(set(seeds))
@@ -185,34 +169,18 @@ def figures(df: pd.DataFrame, stem: str) -> None:
         bytes_figure(plain[plain["seed"].isin(set(lossy["seed"]))], HERE / f"{stem}-bytes.png")
 
 
-def bytes_figure(df: pd.DataFrame, path: Path) -> None:
-    """Test accuracy (mean over seeds, band ± std) against the bytes each agent has sent by
-    that round as encoded, log x; colour by algorithm, line style by message format."""
-    import matplotlib.pyplot as plt
-
-    from analysis.names import colour
-
+def bytes_figure(rows: pd.DataFrame, path: Path) -> None:
+    """Accuracy against the bytes sent as encoded (``regenerate.bytes_figure``): colour by
+    algorithm, line style by message format."""
     styles = {"float32": "-", "float16": "--", "bfloat16": "-.", "int8": ":"}
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    wide = df[df["round"] > 0].pivot_table(
-        index=["algorithm", "network.compress.kind", "run", "round"], columns="metric",
-        values="value").reset_index()
-    for (alg, kind), g in wide.groupby(["algorithm", "network.compress.kind"]):
-        c = g.groupby("round").agg(x=("bytes_sent", "mean"), m=("test_accuracy", "mean"),
-                                   s=("test_accuracy", "std")).fillna(0.0)
-        line, = ax.plot(c["x"], 100 * c["m"], styles.get(kind, "-"), color=colour(alg),
-                        label=f"{ALGORITHMS.get(alg, alg)}, {kind}")
-        ax.fill_between(c["x"], 100 * (c["m"] - c["s"]), 100 * (c["m"] + c["s"]),
-                        color=line.get_color(), alpha=0.08, linewidth=0)
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes sent per agent (cumulative, as encoded)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy against bytes sent, by message format", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    wide = rows.pivot_table(index=["algorithm", "network.compress.kind", "run", "round"],
+                            columns="metric", values="value").reset_index()
+    kind = wide["network.compress.kind"]
+    curves = wide.assign(label=wide["algorithm"].map(ALGORITHMS) + ", " + kind,
+                         style=kind.map(styles), bytes=wide["bytes_sent"])
+    regenerate.bytes_figure(curves, path, "accuracy against bytes sent, by message format",
+                            "bytes sent per agent (cumulative, as encoded)", loc="lower right",
+                            ncol=2)
 
 
 STEMS = {"net-synthetic": "networks-synthetic", "net-standin-cpu": "networks-standin"}
@@ -224,19 +192,18 @@ TITLES = {"net-synthetic": "Synthetic lab, non-IID (one class per agent) ring of
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("storage", type=Path, nargs="?", help="the --storage folder the sweeps wrote")
-    p.add_argument("--from-csv", action="store_true", help="read the committed CSVs")
-    args = p.parse_args()
-    if (args.storage is None) == (not args.from_csv):
-        p.error("give the sweeps' storage folder or --from-csv (one of them)")
+    import analysis
+
+    storage = regenerate.command_line(__doc__)
     frames = {}
     for sweep, csv in SWEEPS.items():
-        if args.from_csv:
+        if storage is None:
             if csv.is_file():
                 frames[sweep] = pd.read_csv(csv)
-        elif (args.storage / sweep).is_dir():
-            frames[sweep] = tidy(args.storage, sweep)
+        elif (storage / sweep).is_dir():
+            root = storage.resolve()
+            frames[sweep] = regenerate.tidy(analysis.load(root / sweep), root, agents=False,
+                                            keep=KEEP, metrics=METRICS)
             frames[sweep].to_csv(csv, index=False, float_format="%.6g",
                                  compression={"method": "infer", "mtime": 0})
     frames = joined(frames)

@@ -43,11 +43,12 @@ def checkpoint_sha256(path: str) -> str:
     return checkpoint_digest(path) if Path(path).is_file() else ""
 
 
-def tidy(df: pd.DataFrame, root: Path, agents: bool = True) -> pd.DataFrame:
-    """Network rows of METRICS and (with ``agents``) per-agent test accuracy, KEEP columns, run
-    paths relative, and ``checkpoint_sha256`` where the runs fine-tuned a checkpoint (the CLIP
-    stand-in)."""
-    rows = df[((df["agent"] == -1) & df["metric"].isin(METRICS))
+def tidy(df: pd.DataFrame, root: Path, agents: bool = True, keep: list[str] = KEEP,
+         metrics: list[str] = METRICS) -> pd.DataFrame:
+    """Network rows of ``metrics`` and (with ``agents``) per-agent test accuracy, ``keep``
+    columns, run paths relative, and ``checkpoint_sha256`` where the runs fine-tuned a
+    checkpoint (the CLIP stand-in)."""
+    rows = df[((df["agent"] == -1) & df["metric"].isin(metrics))
               | (agents & (df["agent"] >= 0) & (df["metric"] == "test_accuracy"))]
     if "task.checkpoint" in rows and rows["task.checkpoint"].notna().any():
         digests = {p: checkpoint_sha256(p) for p in rows["task.checkpoint"].dropna().unique()}
@@ -55,7 +56,7 @@ def tidy(df: pd.DataFrame, root: Path, agents: bool = True) -> pd.DataFrame:
     # Every KEEP column, constant or not: figures drawn from several sweeps' CSVs at once
     # (Fig. 3 from fig3b and fig3c) hold conditions by them, and a legend tells a repeated seed
     # from another seed by ``seed``.
-    keep = [c for c in KEEP + ["checkpoint_sha256"] if c in rows]
+    keep = [c for c in keep + ["checkpoint_sha256"] if c in rows]
     cols = keep + ["round", "step", "agent", "metric", "value"]
     out = rows[cols].copy()
     # Tune's trial folder names repeat the config; its trial id is enough to tell trials apart,
@@ -72,21 +73,27 @@ def csv_path(sweep: str) -> Path:
     return HERE / (f"{sweep}.csv.gz" if sweep in LAB else f"{sweep}.csv")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def command_line(doc: str) -> Path | None:
+    """These scripts' command line: the sweeps' storage folder, or None for ``--from-csv``."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("storage", type=Path, nargs="?", help="the --storage folder the sweeps wrote")
     p.add_argument("--from-csv", action="store_true", help="redraw from the CSVs next to this file")
     args = p.parse_args()
     if (args.storage is None) == (not args.from_csv):
         p.error("give the sweeps' storage folder or --from-csv (one of them)")
+    return args.storage
+
+
+def main() -> None:
+    storage = command_line(__doc__)
     frames = {}
     for sweep in ["refactorization-cpu", "refactorization-conserved-cpu", "fig2c-conserved-cpu",
                   *STANDIN, "cmp-standin-cpu", "table5-cpu", *LAB]:
-        if args.from_csv:
+        if storage is None:
             if csv_path(sweep).is_file():
                 frames[sweep] = pd.read_csv(csv_path(sweep))
-        elif (args.storage / sweep).is_dir():
-            root = args.storage.resolve()
+        elif (storage / sweep).is_dir():
+            root = storage.resolve()
             frames[sweep] = analysis.load(root / sweep)
             # the rate sweep evaluates every round: its per-agent rows would be megabytes
             out = tidy(frames[sweep], root, agents=sweep != "lab-rate-synthetic")
@@ -188,8 +195,13 @@ def comparison(frames: dict[str, pd.DataFrame]) -> None:
             values="value").reset_index()
         (HERE / f"{stem}.md").write_text(_comparison_table(net))
         for graph, g in net.groupby("topology.name"):
-            _bytes_figure(g, HERE / f"{stem}-{graph}.png",
-                          f"{stem}: {analysis.names.pretty('topology.name', graph)} graph")
+            # dashed: the paper's DeCAF split; dotted: per-agent ranks
+            style = g["method"].map(lambda m: ":" if "ranks" in m else "--" if "paper" in m
+                                    else "-")
+            bytes_figure(g.assign(label=g["method"], style=style, bytes=4 * g["floats_sent"]),
+                         HERE / f"{stem}-{graph}.png",
+                         f"{stem}: {analysis.names.pretty('topology.name', graph)} graph",
+                         "bytes sent per agent (float32, cumulative)")
 
 
 def _method(df: pd.DataFrame) -> pd.DataFrame:
@@ -230,29 +242,31 @@ def _comparison_table(net: pd.DataFrame) -> str:
     return "\n".join(rows) + "\n"
 
 
-def _bytes_figure(net: pd.DataFrame, path: Path, title: str) -> None:
+def bytes_figure(curves: pd.DataFrame, path: Path, title: str, xlabel: str,
+                 **legend) -> None:
     """Test accuracy (mean over seeds, band ± std) against the bytes each agent has sent by
-    that round, log x, from the first evaluation after round 0; colour by algorithm, dashed
-    for the paper's DeCAF split, dotted for per-agent ranks."""
+    that round, log x, from the first evaluation after round 0. ``curves``: one row per run
+    and round with ``label``, ``algorithm`` (the colour), ``style`` (matplotlib's line
+    style), ``bytes`` and ``test_accuracy``; one line per label. ``legend``: to
+    ``ax.legend``."""
     import matplotlib.pyplot as plt
 
     from analysis.names import colour
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method, g in net[net["round"] > 0].groupby("method"):
-        c = g.groupby("round").agg(x=("floats_sent", "mean"), m=("test_accuracy", "mean"),
+    for (label, alg, style), g in curves[curves["round"] > 0].groupby(
+            ["label", "algorithm", "style"]):
+        c = g.groupby("round").agg(x=("bytes", "mean"), m=("test_accuracy", "mean"),
                                    s=("test_accuracy", "std")).fillna(0.0)
-        style = ":" if "ranks" in method else "--" if "paper" in method else "-"
-        line, = ax.plot(4 * c["x"], 100 * c["m"], style, marker=".", label=method,
-                        color=colour(g["algorithm"].iloc[0]))
-        ax.fill_between(4 * c["x"], 100 * (c["m"] - c["s"]), 100 * (c["m"] + c["s"]),
+        line, = ax.plot(c["x"], 100 * c["m"], style, marker=".", label=label, color=colour(alg))
+        ax.fill_between(c["x"], 100 * (c["m"] - c["s"]), 100 * (c["m"] + c["s"]),
                         color=line.get_color(), alpha=0.12, linewidth=0)
     ax.set_xscale("log")
-    ax.set_xlabel("bytes sent per agent (float32, cumulative)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, **legend)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

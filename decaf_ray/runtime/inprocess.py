@@ -11,6 +11,7 @@ import torch
 
 from decaf_ray import compress, devices
 from decaf_ray.agents import AgentGroup, Inbox
+from decaf_ray.folding import BaseDelta
 from decaf_ray.plan import Plan
 from decaf_ray.factors import Factors, Grads
 from decaf_ray.network import RoundNet
@@ -69,6 +70,9 @@ class InProcessHosts:
 
     def restore(self, agents: dict[int, dict]) -> None:
         self.group.restore(agents)
+
+    def base_delta(self) -> BaseDelta | None:
+        return self.group.base_delta
 
     def close(self) -> None:
         pass

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from decaf_ray import factors as F
 from decaf_ray import metrics
 from decaf_ray.agents import Diverged
+from decaf_ray.folding import BaseDelta
 from decaf_ray.network import RoundNet
 from decaf_ray.plan import Plan, Row, RunResult
 from decaf_ray.runtime.netstats import NetworkStats
@@ -62,6 +63,10 @@ class Hosts(Protocol):
 
     def snapshot(self) -> dict[int, dict]:
         """Every agent's state between rounds (``AgentGroup.snapshot``)."""
+
+    def base_delta(self) -> BaseDelta | None:
+        """S, what a folding algorithm's rounds added to the frozen weights (the same on every
+        host); None before a fold and for every algorithm that does not fold."""
 
     def restore(self, agents: dict[int, dict]) -> None: ...
 
@@ -161,9 +166,8 @@ def stream(plan: Plan, hosts: Hosts, *, resume: RunState | None = None,
         diverged["results_of_round"] = done
     else:
         done, factors = rnd, hosts.factors()
-        if plan.algorithm.fold is not None:  # S is in every agent's snapshot entry once folded
-            base = next((s["base_delta"] for s in hosts.snapshot().values()
-                         if "base_delta" in s), None)
+        if plan.algorithm.fold is not None:
+            base = hosts.base_delta()
     final = {r["metric"]: r["value"] for r in rows if r["agent"] == -1 and r["round"] == done}
     summary = _summary(plan, status, done, t, diverged, final, time.perf_counter() - start)
     summary.update(clock.summary(getattr(hosts, "load_s", 0.0)))

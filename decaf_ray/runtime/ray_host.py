@@ -19,6 +19,7 @@ import torch
 
 from decaf_ray import compress, devices, placement
 from decaf_ray.agents import AgentGroup
+from decaf_ray.folding import BaseDelta
 from decaf_ray.algorithms import ALGORITHMS
 from decaf_ray.experiment_config import load_config
 from decaf_ray.factors import Factors, Grads
@@ -124,3 +125,6 @@ class AgentHost:
 
     def restore(self, snapshot: dict[int, dict]) -> None:
         self.group.restore(snapshot)
+
+    def base_delta(self) -> BaseDelta | None:
+        return self.group.base_delta

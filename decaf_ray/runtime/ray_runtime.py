@@ -36,6 +36,7 @@ import ray
 import torch
 
 from decaf_ray.agents import Diverged
+from decaf_ray.folding import BaseDelta
 from decaf_ray import devices, placement
 from decaf_ray.algorithms import ALGORITHMS
 from decaf_ray.config import ConfigError
@@ -265,6 +266,9 @@ class RayHosts:
 
     def snapshot(self) -> dict[int, dict]:
         return {i: st for part in self._read(lambda h: h.snapshot.remote()) for i, st in part.items()}
+
+    def base_delta(self) -> BaseDelta | None:
+        return self._read(lambda h: h.base_delta.remote())[0]  # every host folded the same S
 
     def restore(self, agents: dict[int, dict]) -> None:
         parts = [{i: agents[i] for i in ids} for ids in self.members]
